@@ -1,0 +1,54 @@
+"""Degree-based masks for autoregressive (MADE) and quasi-autoregressive networks.
+
+Strictly autoregressive conditioners are Pyro's own (``pyro.nn.AutoRegressiveNN`` and
+``ConditionalAutoRegressiveNN``): families reuse them. What Pyro lacks, and QuAR needs, is the
+*quasi-autoregressive* mask of Gao et al.: the first layer allows ``degree(hidden) >= degree(input)``
+(equality included), so output ``i`` depends on inputs ``j <= i`` and the Jacobian is
+lower-triangular *with* a non-zero diagonal. :func:`quasi_autoregressive_masks` builds those masks;
+hidden sizes are multiples ``k * D`` so every coordinate owns ``k`` units in each layer, which is what
+lets the Jacobian diagonal be propagated exactly in one forward pass (units of degree ``i`` only see
+units of degree ``<= i``, and the diagonal term only flows through units of degree exactly ``i``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..validation import check_dim
+
+__all__ = ["quasi_autoregressive_degrees", "quasi_autoregressive_masks"]
+
+
+def quasi_autoregressive_degrees(input_dim: int, hidden_dims):
+    """Degrees of the inputs and of each hidden layer (``k`` units per coordinate, in blocks)."""
+    input_dim = check_dim(input_dim, "input_dim")
+    degrees = [torch.arange(input_dim)]
+    for h in hidden_dims:
+        h = check_dim(h, "hidden dim")
+        if h % input_dim:
+            raise ValueError(
+                f"quasi-autoregressive hidden sizes must be multiples of input_dim={input_dim}, got {h}"
+            )
+        degrees.append(torch.arange(input_dim).repeat_interleave(h // input_dim))
+    return degrees
+
+
+def quasi_autoregressive_masks(input_dim: int, hidden_dims, context_dim: int = 0,
+                               output_multiplier: int = 1):
+    """Masks (``out x in``) of a quasi-autoregressive network ``R^D -> R^(D * output_multiplier)``.
+
+    Output ``m * D + i`` (for ``m < output_multiplier``) may depend on inputs ``j <= i``; ``context_dim``
+    extra inputs (appended after the D inputs of the first layer) are visible to every first-layer
+    unit. Returns ``(masks, degrees)`` where ``degrees[l]`` are the degrees of layer ``l``'s units
+    (``degrees[0]`` the inputs, ``degrees[-1]`` the outputs).
+    """
+    degrees = quasi_autoregressive_degrees(input_dim, hidden_dims)
+    out_deg = torch.arange(input_dim).repeat(check_dim(output_multiplier, "output_multiplier"))
+    degrees.append(out_deg)
+    masks = []
+    for l in range(1, len(degrees)):
+        m = (degrees[l][:, None] >= degrees[l - 1][None, :]).to(torch.get_default_dtype())
+        if l == 1 and context_dim:
+            m = torch.cat([m, torch.ones(m.shape[0], context_dim, dtype=m.dtype)], dim=1)
+        masks.append(m)
+    return masks, degrees

@@ -1,0 +1,1 @@
+"""Family module: not implemented yet (nothing registered)."""

@@ -1,0 +1,86 @@
+"""Tests of the conformance harness itself.
+
+The harness is proven on two of Pyro's own flows (which must pass it) and on deliberately broken
+transforms (which must fail it): a log-det off by 1%, and an inverse that is slightly wrong.
+"""
+
+import pytest
+import torch
+from pyro.distributions import transforms as T
+
+from conformance import (
+    Case,
+    check_context,
+    check_exact,
+    check_float32,
+    check_gradients,
+    check_persistence,
+    check_shapes,
+)
+
+PYRO_CASES = [
+    Case("pyro.affine_autoregressive", lambda d: T.affine_autoregressive(d, hidden_dims=[8, 8]),
+         validates=False),
+    Case("pyro.spline_coupling", lambda d: T.spline_coupling(d, hidden_dims=[8, 8]), validates=False),
+    Case("pyro.conditional_affine_autoregressive",
+         lambda d, c: T.conditional_affine_autoregressive(d, c, hidden_dims=[8, 8]),
+         conditional=True, validates=False, broadcasts_context=False),
+]
+
+
+@pytest.mark.parametrize("scale", [0.3, 2.0])
+@pytest.mark.parametrize("case", PYRO_CASES, ids=str)
+def test_pyro_builtins_pass_exactness(case, scale):
+    torch.set_default_dtype(torch.float64)  # Pyro's inverses allocate in the default dtype
+    check_exact(case, scale)
+
+
+@pytest.mark.parametrize("case", PYRO_CASES, ids=str)
+def test_pyro_builtins_pass_the_rest(case):
+    check_float32(case, 0.3)
+    torch.set_default_dtype(torch.float64)
+    check_shapes(case)
+    check_gradients(case)
+    check_persistence(case)
+    if case.conditional:
+        check_context(case)
+
+
+class WrongLogDet(T.AffineAutoregressive):
+    def log_abs_det_jacobian(self, x, y):
+        return 1.01 * super().log_abs_det_jacobian(x, y)
+
+
+class WrongInverse(T.AffineAutoregressive):
+    def _inverse(self, y):
+        return super()._inverse(y) + 1e-4 * torch.tanh(y)
+
+
+class WrongGradient(T.AffineAutoregressive):
+    """Right values, but the gradient of the output is cut from the parameters."""
+
+    def _call(self, x):
+        y = super()._call(x)
+        return y.detach() + (x - x.detach())
+
+
+def _arn(d):
+    from pyro.nn import AutoRegressiveNN
+
+    return AutoRegressiveNN(d, [8, 8])
+
+
+@pytest.mark.parametrize(
+    "cls, check, message",
+    [
+        (WrongLogDet, lambda c: check_exact(c, 0.3), "log_abs_det_jacobian differs"),
+        (WrongInverse, lambda c: check_exact(c, 0.3), r"f\.inv\(f\(x\)\)"),
+        (WrongGradient, check_gradients, "gradient|derivative"),
+    ],
+    ids=["wrong-logdet", "wrong-inverse", "wrong-gradient"],
+)
+def test_harness_catches_broken_transforms(cls, check, message):
+    torch.set_default_dtype(torch.float64)
+    case = Case(cls.__name__, lambda d: cls(_arn(d)), validates=False)
+    with pytest.raises(AssertionError, match=message):
+        check(case)
