@@ -212,15 +212,17 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
             on sample ``b`` of the input (the last ``event_dims`` dimensions form a sample).
         x0: the starting point.
         event_dims: how many trailing dimensions form one sample (1 for vectors).
-        atol, rtol: per sample, stop when the error bound ``c * max|x_{k+1} - x_k|`` is at most
+        atol, rtol: per sample, stop when the error bound ``c * ||x_{k+1} - x_k||_2`` is at most
             ``atol + rtol * max|x_{k+1}|``, where ``c = L / (1 - L)`` if ``lipschitz=L`` is given (an
-            a-posteriori bound on the distance to the true fixed point) and ``c = 1`` otherwise.
+            a-posteriori bound on the 2-norm distance to the true fixed point) and ``c = 1`` otherwise.
         max_iter: iteration cap.
-        lipschitz: a bound ``L < 1`` on ``Lip(g)`` (float or tensor broadcastable to the batch).
-        accelerate: ``None`` or ``"anderson"`` (Anderson mixing with ``memory`` past iterates; the
-            last iterate is then polished with plain steps so the error bound above still applies).
+        lipschitz: a bound ``L < 1`` on ``Lip(g)`` in the 2-norm over a sample (float, or a tensor
+            of the batch shape for per-sample bounds).
+        accelerate: ``None`` or ``"anderson"`` (Anderson mixing with ``memory`` past iterates). The
+            stopping rule is always evaluated on a plain step ``g(x) - x`` and the plain ``g(x)`` is
+            returned, so the error bound above holds with acceleration too.
         on_fail: ``"warn"``, ``"raise"`` or ``"ignore"``.
-        return_info: also return a :class:`SolverInfo` (residual = the largest ``|g(x) - x|``).
+        return_info: also return a :class:`SolverInfo` (residual = the largest ``||g(x) - x||_2``).
 
     Returns:
         ``x`` (and ``info``), detached; use :func:`implicit_fixed_point` for gradients.
@@ -247,6 +249,9 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
     def amax(t):
         return t.abs().amax(dim=red) if red else t.abs()
 
+    def norm2(t):  # Lipschitz bounds of our layers are spectral (2-norm) bounds
+        return t.pow(2).sum(dim=red).sqrt() if red else t.abs()
+
     with torch.no_grad():
         x = x0
         it = 0
@@ -262,12 +267,12 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
             gx = g(x)
             if not bool(torch.isfinite(gx).all()):
                 raise SolverError(f"fixed_point: the map returned non-finite values at iteration {it}")
-            step = amax(gx - x)
+            step = norm2(gx - x)
             done = c * step <= atol + rtol * amax(gx)
             if bool(done.all()):
                 x = gx
                 break
-            if use_anderson and it < max_iter - 5:
+            if use_anderson:
                 k = (it - 1) % memory
                 X[:, k] = x.reshape(B, d)
                 F[:, k] = gx.reshape(B, d)

@@ -99,7 +99,8 @@ class LipschitzLinear(nn.Module):
             return self._cache[1]
         value = matrix_norm_bound(w[:, : self.mask_columns], self.bound)
         if not need_graph:
-            self._cache = (key, value.detach())
+            value = value.detach()
+            self._cache = (key, value)
         return value
 
     def effective_weight(self):

@@ -1,0 +1,127 @@
+"""Shared layers: guaranteed Lipschitz bounds, quasi-autoregressive masks, activations."""
+
+import pytest
+import torch
+
+from pyro_flows.nn import (
+    ELU,
+    LipSwish,
+    LipschitzLinear,
+    get_activation,
+    matrix_norm_bound,
+    quasi_autoregressive_masks,
+)
+
+f64 = torch.float64
+
+
+def power_iteration(w, steps):
+    v = torch.ones(w.shape[1], dtype=w.dtype)
+    for _ in range(steps):
+        v = w.T @ (w @ v)
+        v = v / v.norm()
+    return (w @ v).norm()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_masked_bound_is_guaranteed_and_tight(seed):
+    torch.manual_seed(seed)
+    masks, _ = quasi_autoregressive_masks(4, [8, 8])
+    for m in masks:
+        layer = LipschitzLinear(m.shape[1], m.shape[0], mask=m).double()
+        with torch.no_grad():
+            layer.weight.mul_(10 * torch.rand(()).item())
+        true = torch.linalg.svdvals(layer.weight * layer.mask)[0]
+        bound = layer.lipschitz()
+        assert true <= bound <= true * (1 + 1e-5)
+        # the bound of W * M is not the bound of W
+        assert not torch.isclose(bound, torch.linalg.svdvals(layer.weight)[0])
+
+
+def test_power_iteration_underestimates_but_bound_does_not():
+    # the reason DESIGN.md forbids power iteration as a bound: it approaches from below
+    torch.manual_seed(0)
+    w = torch.randn(30, 30, dtype=f64)
+    true = torch.linalg.svdvals(w)[0]
+    assert power_iteration(w, 2) < true
+    assert matrix_norm_bound(w) >= true
+
+
+@pytest.mark.parametrize("bound", ["spectral", "frobenius"])
+def test_coeff_normalisation_for_any_weight(bound):
+    layer = LipschitzLinear(5, 7, coeff=0.9, bound=bound).double()
+    for scale in (1e-3, 1.0, 1e3):
+        with torch.no_grad():
+            layer.weight.copy_(scale * torch.randn(7, 5, dtype=f64))
+        w = layer.effective_weight()
+        assert torch.linalg.svdvals(w)[0] <= 0.9 + 1e-12
+        assert layer.lipschitz() <= 0.9 * (1 + 1e-5)
+    # empirical Lipschitz ratio
+    x, y = torch.randn(100, 5, dtype=f64), torch.randn(100, 5, dtype=f64)
+    ratio = (layer(x) - layer(y)).norm(dim=-1) / (x - y).norm(dim=-1)
+    assert ratio.max() <= 0.9 + 1e-12
+
+
+def test_bound_cache_follows_parameter_updates():
+    layer = LipschitzLinear(3, 3).double()
+    with torch.no_grad():
+        b1 = layer.lipschitz()
+        assert layer.lipschitz() is b1  # reused while the weight is unchanged
+        layer.weight.mul_(2.0)
+        b2 = layer.lipschitz()
+    assert torch.isclose(b2, 2 * b1)
+    # with a graph needed, the bound is fresh and differentiable
+    b3 = layer.lipschitz()
+    assert b3.requires_grad
+    b3.backward()
+    assert layer.weight.grad is not None
+
+
+def test_mask_columns_excludes_context():
+    layer = LipschitzLinear(5, 4, mask_columns=3).double()
+    with torch.no_grad():
+        layer.weight[:, 3:] = 1e3
+    assert layer.lipschitz() <= torch.linalg.svdvals(layer.weight[:, :3])[0] * (1 + 1e-5)
+
+
+def test_lipschitz_linear_bad_arguments():
+    with pytest.raises(ValueError, match="mask shape"):
+        LipschitzLinear(3, 4, mask=torch.ones(3, 3))
+    with pytest.raises(ValueError, match="coeff"):
+        LipschitzLinear(3, 4, coeff=0.0)
+    with pytest.raises(ValueError, match="bound"):
+        LipschitzLinear(3, 4, bound="power")
+
+
+def test_quasi_autoregressive_connectivity():
+    D = 4
+    masks, degrees = quasi_autoregressive_masks(D, [8, 12], context_dim=2, output_multiplier=2)
+    conn = masks[0][:, :D]
+    for m in masks[1:]:
+        conn = (m @ conn).clamp(max=1)
+    # output m*D + i depends on inputs j <= i, including j == i
+    expected = torch.tril(torch.ones(D, D)).repeat(2, 1)
+    assert torch.equal(conn, expected)
+    assert masks[0][:, D:].eq(1).all()  # context visible everywhere
+    assert degrees[1].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="multiples"):
+        quasi_autoregressive_masks(4, [6])
+
+
+@pytest.mark.parametrize("act", [LipSwish(3), ELU()], ids=["lipswish", "elu"])
+def test_activation_derivative_and_lipschitz(act):
+    act = act.double()
+    if isinstance(act, LipSwish):
+        with torch.no_grad():
+            act.raw_beta.copy_(torch.tensor([-3.0, 0.5, 4.0], dtype=f64))
+    x = torch.linspace(-20, 20, 4001, dtype=f64)[:, None].expand(-1, 3).clone().requires_grad_()
+    y, dy = act.forward_and_derivative(x)
+    (auto,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(dy, auto, atol=1e-12)
+    assert dy.abs().max() <= 1.0 + 1e-12
+
+
+def test_get_activation():
+    assert isinstance(get_activation("elu"), ELU)
+    with pytest.raises(ValueError, match="unknown activation"):
+        get_activation("relu6")

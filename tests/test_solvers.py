@@ -1,0 +1,202 @@
+"""Unit tests of the shared solvers against closed-form inverses and finite differences."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from pyro_flows.solvers import (
+    ConvergenceWarning,
+    SolverError,
+    default_tolerance,
+    fixed_point,
+    implicit_fixed_point,
+    implicit_monotone_root,
+    monotone_root,
+)
+
+f64 = torch.float64
+
+
+def sinh_map(x):
+    return torch.sinh(x), torch.cosh(x)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e8])
+def test_monotone_root_matches_closed_form_float64(scale):
+    y = scale * torch.randn(2000, dtype=f64)
+    x, info = monotone_root(sinh_map, y, return_info=True)
+    assert info.converged
+    assert (x - torch.asinh(y)).abs().max() < 1e-10 * max(1.0, math.log1p(scale))
+    assert info.iterations < 100
+
+
+def test_monotone_root_cubic_and_initial_guess():
+    y = torch.linspace(-50, 50, 101, dtype=f64)
+    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)  # noqa: E731
+    x = monotone_root(fn, y)
+    assert ((x + x ** 3) - y).abs().max() < 1e-10
+    # a good initial guess converges in fewer iterations than a poor one
+    _, good = monotone_root(fn, y, init=x + 1e-3, return_info=True)
+    _, poor = monotone_root(fn, y, init=torch.zeros_like(y), return_info=True)
+    assert good.iterations <= poor.iterations
+
+
+def test_monotone_root_with_given_bracket_and_flat_regions():
+    # softplus-like map with derivative as small as 1e-6 somewhere: bisection safeguard keeps it exact
+    def fn(x):
+        return 1e-6 * x + torch.nn.functional.softplus(x), 1e-6 + torch.sigmoid(x)
+
+    y = torch.tensor([-1e-5, 1e-3, 0.5, 7.0, 40.0], dtype=f64)
+    x = monotone_root(fn, y, lower=torch.full_like(y, -100.0), upper=torch.full_like(y, 100.0))
+    assert (fn(x)[0] - y).abs().max() < 1e-12
+
+
+def test_monotone_root_float32():
+    y = torch.randn(500) * 10
+    x = monotone_root(sinh_map, y)
+    assert x.dtype == torch.float32
+    assert (x - torch.asinh(y)).abs().max() < 1e-5
+
+
+def test_monotone_root_rejects_non_finite_input():
+    y = torch.tensor([0.0, float("nan")], dtype=f64)
+    with pytest.raises(ValueError, match="non-finite"):
+        monotone_root(sinh_map, y)
+
+
+def test_monotone_root_reports_non_convergence():
+    y = torch.tensor([1e6, 3.0], dtype=f64)
+    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)  # noqa: E731
+    with pytest.warns(ConvergenceWarning, match="residual"):
+        monotone_root(fn, y, max_iter=2)
+    with pytest.raises(SolverError) as e:
+        monotone_root(fn, y, max_iter=2, on_fail="raise")
+    assert e.value.residual > 0 and e.value.iterations == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monotone_root(fn, y, max_iter=2, on_fail="ignore")
+
+
+def test_monotone_root_range_not_covering_target():
+    with pytest.raises(SolverError, match="bracket"):
+        monotone_root(lambda x: (torch.tanh(x), 1 - torch.tanh(x) ** 2), torch.tensor([2.0], dtype=f64))
+
+
+def _linear_problem(batch=(7, 3), d=4, lip=0.9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=f64)
+    A = lip * A / torch.linalg.matrix_norm(A, ord=2)
+    b = torch.randn(*batch, d, generator=g, dtype=f64)
+    exact = torch.linalg.solve(torch.eye(d, dtype=f64) - A, b.unsqueeze(-1)).squeeze(-1)
+    return A, b, exact
+
+
+@pytest.mark.parametrize("accelerate", [None, "anderson"])
+def test_fixed_point_linear_contraction(accelerate):
+    A, b, exact = _linear_problem()
+    x, info = fixed_point(lambda x: x @ A.T + b, torch.zeros_like(b), lipschitz=0.9,
+                          accelerate=accelerate, return_info=True)
+    assert info.converged
+    assert (x - exact).abs().max() < 1e-10
+
+
+def test_anderson_needs_fewer_iterations():
+    A, b, _ = _linear_problem(lip=0.97)
+    g = lambda x: x @ A.T + b  # noqa: E731
+    _, plain = fixed_point(g, torch.zeros_like(b), lipschitz=0.97, return_info=True, max_iter=3000)
+    _, fast = fixed_point(g, torch.zeros_like(b), lipschitz=0.97, accelerate="anderson",
+                          return_info=True, max_iter=3000)
+    assert fast.iterations < plain.iterations / 3
+
+
+def test_fixed_point_error_bound_holds():
+    # with the Lipschitz bound the stopping rule bounds the distance to the true fixed point
+    A, b, exact = _linear_problem(lip=0.99)
+    x = fixed_point(lambda x: x @ A.T + b, torch.zeros_like(b), lipschitz=0.99, atol=1e-8, rtol=0.0,
+                    max_iter=10000)
+    assert (x - exact).pow(2).sum(-1).sqrt().max() < 1e-8
+
+
+def test_fixed_point_bad_input_and_reporting():
+    A, b, _ = _linear_problem()
+    g = lambda x: x @ A.T + b  # noqa: E731
+    with pytest.raises(ValueError, match="non-finite"):
+        fixed_point(g, torch.full_like(b, float("nan")))
+    with pytest.raises(ValueError, match="lipschitz"):
+        fixed_point(g, torch.zeros_like(b), lipschitz=1.0)
+    with pytest.raises(SolverError, match="non-finite"):
+        fixed_point(lambda x: x * float("nan"), torch.ones_like(b))
+    with pytest.warns(ConvergenceWarning, match="residual"):
+        fixed_point(g, torch.zeros_like(b), max_iter=3)
+    with pytest.raises(SolverError):
+        fixed_point(g, torch.zeros_like(b), max_iter=3, on_fail="raise")
+    with pytest.raises(ValueError, match="on_fail"):
+        fixed_point(g, torch.zeros_like(b), on_fail="maybe")
+
+
+def test_fixed_point_per_sample_convergence_in_batch():
+    # samples with very different contraction rates converge together without a loop over the batch
+    rates = torch.tensor([0.1, 0.5, 0.95], dtype=f64)[:, None]
+    b = torch.ones(3, 2, dtype=f64)
+    x = fixed_point(lambda x: rates * torch.sin(x) + b, torch.zeros_like(b), lipschitz=rates)
+    assert (x - (rates * torch.sin(x) + b)).abs().max() < 1e-11
+
+
+def test_implicit_fixed_point_gradient_linear():
+    A, b, exact = _linear_problem(batch=(5,))
+    A = A.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    g = lambda x: x @ A.T + b  # noqa: E731
+    x = fixed_point(g, torch.zeros_like(b), lipschitz=0.9)
+    x = implicit_fixed_point(g, x, lipschitz=0.9)
+    w = torch.randn_like(x)
+    (x * w).sum().backward()
+    eye = torch.eye(4, dtype=f64)
+    # d(w.x*)/db = (I - A)^{-T} w ;  d(w.x*)/dA = sum_b u_b x_b^T with u = (I - A)^{-T} w
+    u = torch.linalg.solve((eye - A.detach()).T, w.T).T
+    assert (b.grad - u).abs().max() < 1e-9
+    assert (A.grad - u.T @ exact).abs().max() < 1e-9
+
+
+def test_implicit_fixed_point_gradient_nonlinear_finite_difference():
+    w = torch.tensor(0.8, dtype=f64, requires_grad=True)
+    c = torch.randn(6, 3, dtype=f64)
+
+    def solve(wv):
+        return fixed_point(lambda x: wv * torch.sin(x) + c, torch.zeros_like(c), lipschitz=0.8)
+
+    g = lambda x: w * torch.sin(x) + c  # noqa: E731
+    x = implicit_fixed_point(g, solve(w.detach()), lipschitz=0.8)
+    x.pow(2).sum().backward()
+    eps = 1e-6
+    fd = (solve(0.8 + eps).pow(2).sum() - solve(0.8 - eps).pow(2).sum()) / (2 * eps)
+    assert abs(w.grad.item() - fd.item()) < 1e-6 * max(1, abs(fd.item()))
+
+
+def test_implicit_fixed_point_without_grad_is_plain_value():
+    b = torch.randn(3, 2, dtype=f64)
+    g = lambda x: 0.5 * torch.tanh(x) + b  # noqa: E731
+    x = fixed_point(g, torch.zeros_like(b), lipschitz=0.5)
+    with torch.no_grad():
+        out = implicit_fixed_point(g, x)
+    assert not out.requires_grad and (out - x).abs().max() < 1e-11
+
+
+def test_implicit_monotone_root_gradients_closed_form():
+    theta = torch.tensor(1.7, dtype=f64, requires_grad=True)
+    y = (5 * torch.randn(10, dtype=f64)).requires_grad_()
+    fn = lambda x: (theta * torch.sinh(x), theta * torch.cosh(x))  # noqa: E731
+    x = implicit_monotone_root(fn, monotone_root(fn, y.detach()), y)
+    assert (x - torch.asinh(y / theta)).abs().max() < 1e-10
+    x.sum().backward()
+    r = y.detach() / 1.7
+    dx_dy = 1 / (1.7 * torch.sqrt(1 + r ** 2))
+    dx_dtheta = (-r / (1.7 * torch.sqrt(1 + r ** 2))).sum()
+    assert (y.grad - dx_dy).abs().max() < 1e-10
+    assert abs(theta.grad - dx_dtheta) < 1e-10
+
+
+def test_default_tolerance():
+    assert default_tolerance(torch.float64) < 1e-10 < default_tolerance(torch.float32) < 1e-4
