@@ -2,7 +2,7 @@
 
 Strictly autoregressive conditioners are Pyro's own (``pyro.nn.AutoRegressiveNN`` and
 ``ConditionalAutoRegressiveNN``): families reuse them. What Pyro lacks, and QuAR needs, is the
-*quasi-autoregressive* mask of Gao et al.: the first layer allows ``degree(hidden) >= degree(input)``
+*quasi-autoregressive* mask of Gopal (QuAR flows): the first layer allows ``degree(hidden) >= degree(input)``
 (equality included), so output ``i`` depends on inputs ``j <= i`` and the Jacobian is
 lower-triangular *with* a non-zero diagonal. :func:`quasi_autoregressive_masks` builds those masks;
 hidden sizes are multiples ``k * D`` so every coordinate owns ``k`` units in each layer, which is what
