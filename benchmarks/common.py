@@ -96,7 +96,7 @@ PYRO_PEERS = {
     "pyro.affine_coupling": lambda d, h: T.affine_coupling(d, hidden_dims=h),
     "pyro.spline_coupling": lambda d, h: T.spline_coupling(d, hidden_dims=h),
     "pyro.spline_autoregressive": lambda d, h: T.spline_autoregressive(d, hidden_dims=h),
-    "pyro.neural_autoregressive": lambda d, h: T.neural_autoregressive(d, hidden_units=h[0]),
+    "pyro.neural_autoregressive": lambda d, h: T.neural_autoregressive(d, hidden_dims=h),
     "pyro.block_autoregressive": lambda d, h: T.block_autoregressive(d),
 }
 

@@ -196,10 +196,18 @@ def _anderson_step(X, F, k, m, lam):
     H = torch.bmm(G, G.transpose(1, 2))
     scale = H.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).unsqueeze(-1)
     tiny = torch.finfo(G.dtype).tiny
+    lam = max(lam, 10 * torch.finfo(G.dtype).eps)  # below eps the regularisation is lost in rounding
     H = H + (lam * scale + tiny) * torch.eye(n, dtype=G.dtype, device=G.device)
     ones = torch.ones(G.shape[0], n, 1, dtype=G.dtype, device=G.device)
-    w = torch.linalg.solve(H, ones)
+    w, info = torch.linalg.solve_ex(H, ones)
     alpha = w / w.sum(1, keepdim=True)  # (B, n, 1)
+    bad = (info != 0) | ~torch.isfinite(alpha).all(1).squeeze(-1)
+    if bool(bad.any()):
+        # a singular system (e.g. a sample whose residuals are all exactly zero, common in float32):
+        # keep that sample's latest iterate instead of failing the whole batch
+        last = torch.zeros_like(alpha)
+        last[:, (k - 1) % m] = 1
+        alpha = torch.where(bad[:, None, None], last, alpha)
     return (alpha * F[:, :n]).sum(1)
 
 

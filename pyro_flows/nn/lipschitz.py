@@ -9,7 +9,8 @@ of ``1e-6`` to cover rounding. For large layers ``bound="frobenius"`` gives a ch
 guaranteed bound (``||W||_2 <= ||W||_F``).
 
 Values are cached between parameter updates: a cached bound is reused when the weight has not changed
-(its ``_version`` counter) and no graph is needed (``torch.no_grad()`` or a frozen weight, as when
+(its ``_version`` counter and its values, compared with a stored copy, since updates through ``p.data``
+do not bump ``_version``) and no graph is needed (``torch.no_grad()`` or a frozen weight, as when
 sampling from a trained flow). In training a fresh, differentiable bound is computed each call.
 """
 
@@ -95,12 +96,15 @@ class LipschitzLinear(nn.Module):
     def _raw_bound(self, w):
         key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device)
         need_graph = torch.is_grad_enabled() and self.weight.requires_grad
-        if not need_graph and self._cache is not None and self._cache[0] == key:
+        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
+        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weight and compares it.
+        if (not need_graph and self._cache is not None and self._cache[0] == key
+                and torch.equal(self._cache[2], self.weight.detach())):
             return self._cache[1]
         value = matrix_norm_bound(w[:, : self.mask_columns], self.bound)
         if not need_graph:
             value = value.detach()
-            self._cache = (key, value)
+            self._cache = (key, value, self.weight.detach().clone())
         return value
 
     def effective_weight(self):

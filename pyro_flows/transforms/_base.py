@@ -52,13 +52,60 @@ class FlowTransform(Transform):
         check_event(x, self.input_dim, name=f"{type(self).__name__} {name}")
         return check_like(x, self._reference(), name=f"{type(self).__name__} {name}")
 
+    # -- caching ----------------------------------------------------------------------------
+    # Pyro's ``cache_size=1`` returns the cached output whenever the *same* tensor object comes
+    # again. In full-batch training (one data tensor, many optimiser steps) that hands back the
+    # previous parameters' output with a freed graph ("backward through the graph a second time"),
+    # or, under ``torch.no_grad()``, a silently stale value. Here a cache entry also records the
+    # version counters of the parameters it was computed with (the module's own, or those of the
+    # conditional module that built this transform), and any in-place update (``optimizer.step()``,
+    # ``load_state_dict``) invalidates it. Updates written through ``p.data`` bypass version
+    # counters (Pyro's ``ClippedAdam`` does this): with such optimisers pass fresh tensors or use
+    # ``cache_size=0``.
+    _derived_caches = ()  # names of family-level caches keyed on (x, y) identity, dropped too
+    _owner = None  # the ConditionalFlowModule that built this transform, if any
+
+    def _signature(self):
+        owner = self if isinstance(self, torch.nn.Module) else self._owner
+        if owner is None:
+            return ()
+        return tuple(p._version for p in owner.parameters())
+
+    def _cache_lookup(self, tensor, position):
+        """The cached partner of ``tensor`` (``position`` 0: an input, 1: an output), or ``None``."""
+        if self._cache_size == 0:
+            return None
+        signature = self._signature()
+        if self.__dict__.get("_cache_signature") != signature:
+            self._cached_x_y = (None, None)
+            for name in self._derived_caches:
+                self.__dict__[name] = (None, None, None)
+            self.__dict__["_cache_signature"] = signature
+            return None
+        cached = self._cached_x_y
+        if tensor is cached[position]:
+            return cached[1 - position]
+        return None
+
     def __call__(self, x):
         self._check(x, "input")
-        return super().__call__(x)
+        hit = self._cache_lookup(x, 0)
+        if hit is not None:
+            return hit
+        y = self._call(x)
+        if self._cache_size:
+            self._cached_x_y = x, y
+        return y
 
     def _inv_call(self, y):
         self._check(y, "inverse input")
-        return super()._inv_call(y)
+        hit = self._cache_lookup(y, 1)
+        if hit is not None:
+            return hit
+        x = self._inverse(y)
+        if self._cache_size:
+            self._cached_x_y = x, y
+        return x
 
     def log_abs_det_jacobian(self, x, y):
         self._check(x, "input")
@@ -73,6 +120,9 @@ class FlowTransform(Transform):
         state = super().__getstate__()
         if "_cached_x_y" in state:
             state["_cached_x_y"] = (None, None)
+        state.pop("_cache_signature", None)
+        for name in self._derived_caches:
+            state.pop(name, None)
         return state
 
 
@@ -90,7 +140,10 @@ class ConditionalFlowModule(ConditionalTransformModule):
         for p in self.parameters():
             check_like(context, p, name=name)
             break
-        return self._condition(context)
+        transform = self._condition(context)
+        if isinstance(transform, FlowTransform):
+            transform._owner = self  # parameter versions guard its cache
+        return transform
 
     def _condition(self, context: torch.Tensor) -> FlowTransform:
         raise NotImplementedError

@@ -1,1 +1,792 @@
-"""Family module: not implemented yet (nothing registered)."""
+r"""QLF blocks: invertible linear map, dual affine coupling, contractive spline activation.
+
+One block of the flow proposed by Liao & He (the "quasi-linear flow" paper) is
+
+.. math:: f = f_\mathrm{act} \circ f_\mathrm{aff} \circ f_\mathrm{lin},
+
+applied in Pyro's direction (``_call`` maps base noise to data). The three parts are transforms of
+their own (:class:`QLFLinear`, :class:`DualAffineCoupling` / :class:`ConditionalDualAffineCoupling`,
+:class:`RQSActivation`), and :class:`QLF` / :class:`ConditionalQLF` compose them into one block with a
+single log-det. Every map below is computed in closed form (no iterative solver): the log-det is the
+exact log-det of the map computed and the inverse is analytic, for any parameter values.
+
+**f_lin** (:class:`QLFLinear`): ``y = L U x + b`` with ``L`` unit lower triangular, ``U`` upper
+triangular with diagonal ``exp(log_diag)`` (positive for any raw value, so the map is invertible for
+any parameters), log-det ``sum(log_diag)``, inverse by two triangular solves. The paper uses a
+(strided) invertible convolution initialised to ``kappa * I``; for vectors that is a ``D x D`` matrix.
+We use a PLU form without a permutation (``P = I``) because the initial value must be exactly
+``kappa * I``; a bias ``b`` (initialised to 0) is added so a block can also translate (the paper's
+multi-scale image model gets that from its coupling shifts only).
+
+**f_aff** (:class:`DualAffineCoupling`): with ``x = (x1, x2)``, ``x1`` the first ``r = max(1, D // 2)``
+coordinates, ``y1 = s1(x2) * x1 + t1(x2)`` then ``y2 = s2(y1) * x2 + t2(y1)`` (paper Eq. 14), so no
+coordinate passes through unchanged. Each conditioner is an MLP with tanh hidden layers (the paper
+uses convolutional ResNets for images; tanh keeps the features ``phi`` in ``[-1, 1]``, so every shift is
+bounded, ``|t| <= ||w_t||_1 + |b_t|``, whatever the input: a ReLU conditioner's shift grows with the
+input, and in stacks with large weights the shifts of the second coupling then compound into
+Jacobians with condition numbers near 1e13) whose last hidden features ``phi`` feed a read-out:
+``log s = mean_m h(w_m phi + b_m)`` with the Mexican hat ``h(u) = (1 - u^2) exp(-u^2 / 2)`` (paper
+Eq. 15) and ``t = w_t phi + b_t``. Since
+``h`` takes values in ``[-2 exp(-3/2), 1]``, ``s`` lies in ``[0.640, 2.718]`` for any parameters (the
+paper's text says (0.5, 3); the exact range is the one above). The read-out weights ``w_m``, ``w_t``
+and ``b_t`` start at zero, so the coupling starts as the linear map ``x -> s0 * x``. The paper does
+not say how the ``M`` biases are initialised beyond "the blockwise volume-preserving rule": equal
+biases would stay equal forever (identical gradients, ``w_m`` start at 0), so we use
+``b_m = c * (0.8 ... 1.2)`` (spread evenly) with ``c`` found by bisection such that
+``mean_m h(b_m) = log s0`` (all ``b_m`` on the decreasing branch ``[0, sqrt 3]`` of ``h``). The
+conditional variant feeds ``cat(x_other, context)`` to both conditioners (the context is broadcast
+against the input batch both ways); the linear layer and the activation stay unconditional.
+For ``D = 1`` the second half is empty: the conditional coupling is then an affine map of the
+context, and the unconditional block drops the coupling (there is nothing to condition on) and puts
+the whole initial expansion into ``kappa``.
+
+**f_act** (:class:`RQSActivation`): an elementwise monotone rational-quadratic spline (Gregory &
+Delbourgo; Durkan et al.) with ``K`` bins per coordinate on a box ``[-w, w]`` (``w = exp(log_width)``
+learnable, paper appendix C), knot derivatives ``alpha_i`` in ``(0, 1)`` (sigmoid, Eq. 32), bin widths
+from a softmax (Eq. 27, with a minimum bin width ``1e-3 * 2w`` so float32 stays safe), and bin slopes
+``delta_k = Delta y_k / Delta x_k`` from a sigmoid (Eq. 28). Outside the box the activation is linear
+with the boundary knot's derivative (continuous derivative); the y-range is centred so that the
+spline is ``beta * x`` when all slopes equal ``beta``. Evaluation per bin is Eq. 16-17 and the inverse
+solves the bin's quadratic with the cancellation-free root ``2c / (-b - sqrt(b^2 - 4ac))``.
+
+*Contractivity.* The paper claims ``alpha_i, delta_k in (0, 1)`` make ``d f_act / dx <= 1``. That is
+false: with ``delta = 1`` and ``alpha_k = alpha_{k+1} -> 0`` the derivative at the bin centre tends to
+``2``; over ``(0, 1)^3`` the supremum is about 1.9. We therefore cap each bin slope by
+``delta_k < (1 + min(alpha_k, alpha_{k+1})) / 2``. What holds:
+
+(i) for ``alpha_k = alpha_{k+1} = a`` the bound is proven. With
+``t = 2 xi (1 - xi) / (xi^2 + (1 - xi)^2) in [0, 1]`` the derivative is
+``delta^2 (a + delta t)(1 + t) / (delta + a t)^2``, and ``f' <= 1`` iff
+``P(t) = delta^2 (1 - a) + delta (2a - a delta - delta^2) t + (a^2 - delta^3) t^2 >= 0``.
+``P(0) >= 0``; ``P(1) = (delta + a)(delta + a - 2 delta^2) >= 0`` because ``delta <= (1 + a) / 2``
+implies ``2 delta^2 <= delta + a`` for ``a <= 1``; and ``P`` is either concave (so ``>= 0`` between its
+non-negative ends) or convex, in which case ``a >= delta^(3/2)`` gives
+``a (2 - delta) >= delta^(3/2) >= delta^2``, a non-negative linear coefficient, so ``P`` increases.
+
+(ii) for unequal knot derivatives it is verified numerically, not proven: on a grid of 200 x 200
+knot-derivative pairs x 1000 slopes x 201 positions the largest admissible slope is never below
+``(1 + min) / 2`` (to the grid step); 2e7 random draws below the cap (biased towards the corners) give
+a largest derivative of 0.999999; ``tests/test_qlf.py`` checks ``sup f' <= 1`` at the cap on a grid
+and on random and extreme parameters. The cap is tight where both knot derivatives vanish
+(``delta = 1/2`` gives sup ``f' = 1``).
+
+The tails have slopes ``alpha_0, alpha_K < 1``. The bound is what the paper's stability argument
+needs; it plays no role in exactness.
+
+Pyro's ``_monotonic_rational_spline`` cannot be reused: it fixes the box to ``[-B, B]^2`` with identity
+tails and boundary derivatives 1 and builds its knots from raw parameters internally, whereas here
+the box height, the boundary derivatives (tail slopes) and the slope caps are part of the
+parameterisation.
+
+**Blockwise volume-preserving initialisation** (paper Sec. 3.2, Eq. 18): every part starts linear,
+``f_lin = kappa I``, ``f_aff = s0 I`` and ``f_act = beta I``, with ``kappa * s0 = 1 / beta`` so the block
+starts as the identity with log-det exactly 0 (``beta`` in ``(0, 1)``; ``beta = 1`` would need a
+saturated sigmoid). By default the expansion ``-log beta`` is split evenly,
+``log kappa = log s0 = -log(beta) / 2`` (``log s0`` capped at 0.5, the rest going to ``kappa``); pass
+``kappa`` to choose the split (``log s0 = -log(beta) - log(kappa)`` must lie in the range the bias rule
+reaches, about ``(-0.31, 1)`` for ``M > 1``; a ``ValueError`` names it otherwise).
+
+**Stacking.** ``flow("qlf", ...)`` puts no permutation between blocks (registered with
+``permutation=None``): the dual coupling transforms both halves in every block and the learnable
+linear layer mixes coordinates across the split, so a fixed permutation adds nothing.
+
+References:
+    Huadong Liao, Jiawei He. Jacobian Determinant of Normalizing Flows. arXiv:2102.06539, 2021.
+
+    Conor Durkan, Artur Bekasov, Iain Murray, George Papamakarios. Neural Spline Flows. NeurIPS 2019.
+
+    Diederik P. Kingma, Prafulla Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions.
+    NeurIPS 2018.
+
+    J. A. Gregory, R. Delbourgo. Piecewise rational quadratic interpolation to monotonic data. IMA
+    Journal of Numerical Analysis, 1982.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions.torch_transform import TransformModule
+from torch import nn
+
+from ..registry import register_flow
+from ..validation import broadcast_context, check_dim
+from ._base import ConditionalFlowModule, FlowTransform
+
+__all__ = [
+    "mexican_hat",
+    "ConditionedQLFLinear",
+    "QLFLinear",
+    "ConditionedDualAffineCoupling",
+    "DualAffineCoupling",
+    "ConditionalDualAffineCoupling",
+    "ConditionedRQSActivation",
+    "RQSActivation",
+    "ConditionedQLF",
+    "QLF",
+    "ConditionalQLF",
+    "qlf",
+    "conditional_qlf",
+]
+
+#: range of the Mexican hat h(u) = (1 - u^2) exp(-u^2/2): [H_MIN, 1], H_MIN = h(sqrt 3)
+H_MIN = -2.0 * math.exp(-1.5)
+_MIN_UNIT = 1e-3  # floor of the sigmoid-parameterised knot derivatives and slope fractions
+_MIN_BIN_WIDTH = 1e-3  # fraction of the box width
+
+
+def mexican_hat(u: torch.Tensor) -> torch.Tensor:
+    """``(1 - u^2) exp(-u^2 / 2)``: values in ``[-2 exp(-3/2), 1]`` (about ``[-0.446, 1]``)."""
+    u2 = u * u
+    return (1 - u2) * torch.exp(-0.5 * u2)
+
+
+def _check_positive(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _hidden_dims(hidden_dims, default):
+    if hidden_dims is None:
+        return [default, default]
+    hidden_dims = list(hidden_dims)
+    if not hidden_dims:
+        raise ValueError("hidden_dims must name at least one hidden layer, got []")
+    return [check_dim(h, "hidden_dims entry") for h in hidden_dims]
+
+
+def _hat_spread(num_hats):
+    if num_hats == 1:
+        return [1.0]
+    return [0.8 + 0.4 * m / (num_hats - 1) for m in range(num_hats)]
+
+
+def _log_scale_range(num_hats):
+    """The open interval of initial log-scales the bias rule can reach (all b_m in [0, sqrt 3])."""
+    spread = _hat_spread(num_hats)
+    c_max = math.sqrt(3.0) / max(spread)
+    low = sum((1 - (c * c_max) ** 2) * math.exp(-0.5 * (c * c_max) ** 2) for c in spread) / num_hats
+    return low, 1.0
+
+
+def mexican_hat_biases(log_scale: float, num_hats: int) -> list:
+    """Distinct biases ``b_m`` with ``mean_m h(b_m) = log_scale`` (bisection on a common factor)."""
+    low, high = _log_scale_range(num_hats)
+    if not low < log_scale < high:
+        raise ValueError(
+            f"initial log-scale {log_scale:.4g} of the coupling is outside ({low:.4g}, {high:.4g}), "
+            f"the range the Mexican-hat read-out can start from; choose beta/kappa differently"
+        )
+    spread = _hat_spread(num_hats)
+
+    def mean_h(c):
+        return sum((1 - (c * s) ** 2) * math.exp(-0.5 * (c * s) ** 2) for s in spread) / num_hats
+
+    lo, hi = 0.0, math.sqrt(3.0) / max(spread)  # mean_h decreasing on [lo, hi]
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mean_h(mid) > log_scale:
+            lo = mid
+        else:
+            hi = mid
+    c = 0.5 * (lo + hi)
+    return [c * s for s in spread]
+
+
+# =================================================================================================
+# log-det cache shared by the parts and the block
+# =================================================================================================
+class _LogDetCache:
+    """Keeps the log-det computed alongside the last ``_call``/``_inverse`` (like Pyro's splines).
+
+    Subclasses implement ``_forward(x) -> (y, logdet)`` and ``_backward(y) -> (x, logdet)`` where
+    ``logdet`` is always the forward log-det at ``x``.
+    """
+
+    _ld_cache = (None, None, None)
+
+    def _call(self, x):
+        y, ld = self._forward(x)
+        self._ld_cache = (x, y, ld)
+        return y
+
+    def _inverse(self, y):
+        x, ld = self._backward(y)
+        self._ld_cache = (x, y, ld)
+        return x
+
+    def _log_abs_det_jacobian(self, x, y):
+        cx, cy, ld = self._ld_cache
+        if x is cx and y is cy:
+            return ld
+        return self._forward(x)[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_ld_cache", None)
+        return state
+
+
+# =================================================================================================
+# f_lin: invertible linear map
+# =================================================================================================
+class ConditionedQLFLinear(_LogDetCache, FlowTransform):
+    """``y = L U x + b`` with parameters from ``params() -> (lower, upper, log_diag, bias)``.
+
+    ``lower``/``upper`` hold the strictly lower/upper triangular entries (``D (D - 1) / 2`` each, in
+    ``torch.tril_indices``/``triu_indices`` order); see :class:`QLFLinear`.
+    """
+
+    def __init__(self, input_dim, params, cache_size=1, context=None):
+        super().__init__(input_dim, cache_size=cache_size, context=context)
+        self._params = params
+
+    def _factors(self):
+        lower, upper, log_diag, bias = self._params()
+        d = self.input_dim
+        eye = torch.eye(d, dtype=log_diag.dtype, device=log_diag.device)
+        L = eye
+        U = torch.diag_embed(log_diag.exp())
+        if d > 1:
+            li = torch.tril_indices(d, d, -1, device=log_diag.device)
+            ui = torch.triu_indices(d, d, 1, device=log_diag.device)
+            L = L.index_put((li[0], li[1]), lower)
+            U = U.index_put((ui[0], ui[1]), upper)
+        return L, U, log_diag, bias
+
+    def weight(self) -> torch.Tensor:
+        """The matrix ``L U``."""
+        L, U, _, _ = self._factors()
+        return L @ U
+
+    def _forward(self, x):
+        L, U, log_diag, bias = self._factors()
+        y = x @ (L @ U).transpose(-1, -2) + bias
+        return y, log_diag.sum().expand(x.shape[:-1])
+
+    def _backward(self, y):
+        L, U, log_diag, bias = self._factors()
+        rhs = (y - bias).reshape(-1, self.input_dim).transpose(0, 1)
+        z = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(U, z, upper=True)
+        x = x.transpose(0, 1).reshape(y.shape)
+        return x, log_diag.sum().expand(y.shape[:-1])
+
+
+class QLFLinear(ConditionedQLFLinear, TransformModule):
+    r"""Invertible linear map ``y = L U x + b`` (f_lin of a QLF block), initialised to ``kappa * I``.
+
+    ``L`` is unit lower triangular, ``U`` upper triangular with diagonal ``exp(log_diag)``: invertible
+    for any parameter values, log-det ``sum(log_diag)``, inverse by two triangular solves.
+
+    Arguments:
+        input_dim (int): the event size D.
+        kappa (float): the initial scale (``W = kappa * I``); default 1.
+        cache_size (int): Pyro's transform cache size (0 or 1).
+
+    Example:
+        >>> import torch
+        >>> from pyro_flows.transforms.qlf import QLFLinear
+        >>> t = QLFLinear(3, kappa=2.0)
+        >>> x = torch.randn(4, 3)
+        >>> t.log_abs_det_jacobian(x, t(x))  # log det(2 I) = 3 log 2
+        tensor([2.0794, 2.0794, 2.0794, 2.0794], grad_fn=<ExpandBackward0>)
+    """
+
+    def __init__(self, input_dim, kappa=1.0, cache_size=1):
+        input_dim = check_dim(input_dim, "input_dim")
+        kappa = _check_positive(kappa, "kappa")
+        super().__init__(input_dim, self._get_params, cache_size=cache_size)
+        n = input_dim * (input_dim - 1) // 2
+        self.lower = nn.Parameter(torch.zeros(n)) if n else None
+        self.upper = nn.Parameter(torch.zeros(n)) if n else None
+        self.log_diag = nn.Parameter(torch.full((input_dim,), math.log(kappa)))
+        self.bias = nn.Parameter(torch.zeros(input_dim))
+
+    def _get_params(self):
+        return self.lower, self.upper, self.log_diag, self.bias
+
+
+# =================================================================================================
+# f_aff: dual affine coupling with Mexican-hat log-scales
+# =================================================================================================
+class MexicanHatNN(nn.Module):
+    """Conditioner of the dual coupling: MLP features ``phi``, then ``(log s, t)`` (paper Eq. 15).
+
+    ``log s = mean_m h(w_m phi + b_m)`` with ``h`` the Mexican hat, ``t = w_t phi + b_t``; ``w_m``,
+    ``w_t`` and ``b_t`` start at zero and ``b_m`` at :func:`mexican_hat_biases` of ``log_scale_init``.
+
+    Arguments:
+        in_features (int): size of the conditioning input (other half, plus the context if any).
+        out_features (int): size of the half being transformed.
+        hidden_dims (list of int): MLP hidden sizes (tanh).
+        num_hats (int): M, the number of Mexican-hat responses averaged.
+        log_scale_init (float): the initial ``log s`` (in the reachable range, see module docstring).
+    """
+
+    def __init__(self, in_features, out_features, hidden_dims, num_hats=4, log_scale_init=0.0):
+        super().__init__()
+        in_features = check_dim(in_features, "in_features")
+        out_features = check_dim(out_features, "out_features")
+        num_hats = check_dim(num_hats, "num_hats")
+        layers, prev = [], in_features
+        for h in hidden_dims:
+            layers += [nn.Linear(prev, h), nn.Tanh()]
+            prev = h
+        self.features = nn.Sequential(*layers)
+        self.scale_weight = nn.Parameter(torch.zeros(num_hats, out_features, prev))
+        biases = torch.tensor(mexican_hat_biases(float(log_scale_init), num_hats))
+        self.scale_bias = nn.Parameter(biases.unsqueeze(-1).repeat(1, out_features))
+        self.shift = nn.Linear(prev, out_features)
+        nn.init.zeros_(self.shift.weight)
+        nn.init.zeros_(self.shift.bias)
+
+    def forward(self, z, context=None):
+        if context is not None:
+            z = torch.cat([z, context], dim=-1)
+        phi = self.features(z)
+        pre = torch.einsum("...h,moh->...mo", phi, self.scale_weight) + self.scale_bias
+        return mexican_hat(pre).mean(-2), self.shift(phi)
+
+
+class ConditionedDualAffineCoupling(_LogDetCache, FlowTransform):
+    """Dual affine coupling (paper Eq. 14) with conditioners ``nn1(x2, ctx)``, ``nn2(y1, ctx)``.
+
+    Each conditioner returns ``(log_scale, shift)``; ``nn2`` is ``None`` when the second half is
+    empty (``D = 1``). ``context`` (if given) is broadcast against the input batch. See
+    :class:`DualAffineCoupling`.
+    """
+
+    def __init__(self, input_dim, nn1, nn2, cache_size=1, context=None):
+        super().__init__(input_dim, cache_size=cache_size, context=context)
+        self.split = max(1, self.input_dim // 2)
+        self.nn1 = nn1
+        self.nn2 = nn2
+
+    def _prepare(self, x):
+        if self._context is None:
+            return x, None
+        return broadcast_context(x, self._context)
+
+    def _forward(self, x):
+        x, ctx = self._prepare(x)
+        x1, x2 = x[..., : self.split], x[..., self.split:]
+        log_s1, t1 = self.nn1(x2, ctx)
+        y1 = torch.exp(log_s1) * x1 + t1
+        ld = log_s1.sum(-1)
+        if self.nn2 is None:
+            return y1, ld
+        log_s2, t2 = self.nn2(y1, ctx)
+        y2 = torch.exp(log_s2) * x2 + t2
+        return torch.cat([y1, y2], dim=-1), ld + log_s2.sum(-1)
+
+    def _backward(self, y):
+        y, ctx = self._prepare(y)
+        y1, y2 = y[..., : self.split], y[..., self.split:]
+        if self.nn2 is None:
+            x2, ld = y2, 0.0
+        else:
+            log_s2, t2 = self.nn2(y1, ctx)
+            x2 = (y2 - t2) * torch.exp(-log_s2)
+            ld = log_s2.sum(-1)
+        log_s1, t1 = self.nn1(x2, ctx)
+        x1 = (y1 - t1) * torch.exp(-log_s1)
+        return torch.cat([x1, x2], dim=-1), ld + log_s1.sum(-1)
+
+
+def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init):
+    split = max(1, input_dim // 2)
+    rest = input_dim - split
+    hidden = _hidden_dims(hidden_dims, max(32, 4 * input_dim))
+    nn1 = MexicanHatNN(rest + context_dim, split, hidden, num_hats, log_scale_init)
+    nn2 = MexicanHatNN(split + context_dim, rest, hidden, num_hats, log_scale_init) if rest else None
+    return nn1, nn2
+
+
+class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
+    r"""Dual affine coupling with Mexican-hat log-scales (f_aff of a QLF block).
+
+    ``y1 = s1(x2) * x1 + t1(x2)``, ``y2 = s2(y1) * x2 + t2(y1)`` with ``x1`` the first
+    ``max(1, D // 2)`` coordinates; every scale lies in ``[0.640, 2.718]`` for any parameters
+    (``log s`` is a mean of Mexican hats). Starts as ``x -> exp(log_scale_init) * x``.
+
+    Arguments:
+        input_dim (int): the event size D (at least 2).
+        hidden_dims (list of int): hidden sizes of each conditioner; default ``[max(32, 4D)] * 2``.
+        num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
+        log_scale_init (float): initial ``log s`` of every coordinate (default 0, volume preserving).
+        cache_size (int): Pyro's transform cache size (0 or 1).
+
+    Example:
+        >>> import torch
+        >>> from pyro_flows.transforms.qlf import DualAffineCoupling
+        >>> t = DualAffineCoupling(4, hidden_dims=[16])
+        >>> x = torch.randn(8, 4)
+        >>> torch.allclose(t.inv(t(x).clone()), x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, input_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0, cache_size=1):
+        input_dim = check_dim(input_dim, "input_dim")
+        if input_dim < 2:
+            raise ValueError(
+                f"DualAffineCoupling needs input_dim >= 2 (nothing to condition on), got {input_dim}; "
+                f"use ConditionalDualAffineCoupling for a 1-D event with a context"
+            )
+        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init)
+        super().__init__(input_dim, None, None, cache_size=cache_size)
+        self.nn1, self.nn2 = nn1, nn2
+
+
+class ConditionalDualAffineCoupling(ConditionalFlowModule):
+    r"""Dual affine coupling whose conditioners also see a context: ``s1(x2, c)``, ``s2(y1, c)``, ...
+
+    Arguments:
+        input_dim (int): the event size D (1 allowed: then ``y = s(c) x + t(c)``).
+        context_dim (int): the context size C.
+        hidden_dims (list of int): hidden sizes of each conditioner; default ``[max(32, 4D)] * 2``.
+        num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
+        log_scale_init (float): initial ``log s`` of every coordinate (default 0).
+
+    Example:
+        >>> import torch
+        >>> from pyro_flows.transforms.qlf import ConditionalDualAffineCoupling
+        >>> m = ConditionalDualAffineCoupling(3, 2, hidden_dims=[16])
+        >>> m.condition(torch.randn(5, 2))(torch.randn(5, 3)).shape
+        torch.Size([5, 3])
+    """
+
+    def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0):
+        super().__init__(input_dim, context_dim)
+        self.nn1, self.nn2 = _coupling_nets(
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init
+        )
+
+    def _condition(self, context):
+        return ConditionedDualAffineCoupling(self.input_dim, self.nn1, self.nn2, context=context)
+
+
+# =================================================================================================
+# f_act: contractive monotone rational-quadratic spline activation
+# =================================================================================================
+def _unit(theta):
+    """Sigmoid into ``(_MIN_UNIT, 1)``."""
+    return _MIN_UNIT + (1 - _MIN_UNIT) * torch.sigmoid(theta)
+
+
+def _unit_inv(value):
+    v = (value - _MIN_UNIT) / (1 - _MIN_UNIT)
+    return math.log(v / (1 - v))
+
+
+def rqs_knots(theta_x, theta_y, theta_a, log_width):
+    """Knots of the activation from raw parameters (shapes ``(D, K)``, ``(D, K)``, ``(D, K+1)``, ``(D,)``).
+
+    Returns ``(xk, yk, alpha, delta)``: knot positions ``(D, K+1)`` in x and y, knot derivatives
+    ``(D, K+1)`` in ``(0, 1)``, bin slopes ``(D, K)`` below ``(1 + min(alpha_k, alpha_{k+1})) / 2``.
+    """
+    K = theta_x.shape[-1]
+    width = log_width.exp().unsqueeze(-1)  # half-width of the box
+    frac = _MIN_BIN_WIDTH + (1 - _MIN_BIN_WIDTH * K) * torch.softmax(theta_x, dim=-1)
+    dx = 2 * width * frac
+    alpha = _unit(theta_a)
+    cap = 0.5 * (1 + torch.minimum(alpha[..., :-1], alpha[..., 1:]))
+    delta = _unit(theta_y) * cap
+    dy = delta * dx
+    xk = F.pad(torch.cumsum(dx, -1), (1, 0)) - width
+    xk = torch.cat([xk[..., :-1], width], dim=-1)  # the last knot exactly at +w
+    yk = F.pad(torch.cumsum(dy, -1), (1, 0))
+    yk = yk - 0.5 * yk[..., -1:]
+    return xk, yk, alpha, delta
+
+
+def _gather(t, idx):
+    return torch.gather(t, 1, idx)
+
+
+def rqs_forward(x, xk, yk, alpha, delta):
+    """Activation and log-derivative at ``x`` (``(N, D)``); knots as from :func:`rqs_knots`."""
+    xt = x.transpose(0, 1)  # (D, N)
+    K = delta.shape[-1]
+    lo, hi = xk[:, :1], xk[:, -1:]
+    xc = torch.minimum(torch.maximum(xt, lo), hi)
+    idx = (torch.searchsorted(xk.contiguous(), xc.contiguous()) - 1).clamp(0, K - 1)
+    x0, w = _gather(xk[:, :-1], idx), _gather(xk[:, 1:] - xk[:, :-1], idx)
+    y0, h = _gather(yk[:, :-1], idx), _gather(yk[:, 1:] - yk[:, :-1], idx)
+    a0, a1, d = _gather(alpha[:, :-1], idx), _gather(alpha[:, 1:], idx), _gather(delta, idx)
+    xi = ((xc - x0) / w).clamp(0, 1)
+    s = xi * (1 - xi)
+    den = d + (a0 + a1 - 2 * d) * s
+    y_in = y0 + h * (d * xi * xi + a0 * s) / den
+    dlog_in = 2 * torch.log(d) + torch.log(a1 * xi * xi + 2 * d * s + a0 * (1 - xi) ** 2) \
+        - 2 * torch.log(den)
+    a_lo, a_hi = alpha[:, :1], alpha[:, -1:]
+    below, above = xt < lo, xt > hi
+    y = torch.where(below, yk[:, :1] + a_lo * (xt - lo),
+                    torch.where(above, yk[:, -1:] + a_hi * (xt - hi), y_in))
+    dlog = torch.where(below, torch.log(a_lo).expand_as(xt),
+                       torch.where(above, torch.log(a_hi).expand_as(xt), dlog_in))
+    return y.transpose(0, 1), dlog.transpose(0, 1)
+
+
+def rqs_inverse(y, xk, yk, alpha, delta):
+    """Inverse activation at ``y`` (``(N, D)``) and the forward log-derivative at the result."""
+    yt = y.transpose(0, 1)
+    K = delta.shape[-1]
+    lo, hi = yk[:, :1], yk[:, -1:]
+    yc = torch.minimum(torch.maximum(yt, lo), hi)
+    idx = (torch.searchsorted(yk.contiguous(), yc.contiguous()) - 1).clamp(0, K - 1)
+    x0, w = _gather(xk[:, :-1], idx), _gather(xk[:, 1:] - xk[:, :-1], idx)
+    y0, h = _gather(yk[:, :-1], idx), _gather(yk[:, 1:] - yk[:, :-1], idx)
+    a0, a1, d = _gather(alpha[:, :-1], idx), _gather(alpha[:, 1:], idx), _gather(delta, idx)
+    r = (yc - y0).clamp(min=0)
+    rho = a0 + a1 - 2 * d
+    qa = h * (d - a0) + r * rho
+    qb = h * a0 - r * rho
+    qc = -d * r
+    disc = (qb * qb - 4 * qa * qc).clamp(min=0)
+    xi = ((2 * qc) / (-qb - torch.sqrt(disc))).clamp(0, 1)
+    s = xi * (1 - xi)
+    den = d + rho * s
+    x_in = x0 + xi * w
+    dlog_in = 2 * torch.log(d) + torch.log(a1 * xi * xi + 2 * d * s + a0 * (1 - xi) ** 2) \
+        - 2 * torch.log(den)
+    a_lo, a_hi = alpha[:, :1], alpha[:, -1:]
+    below, above = yt < lo, yt > hi
+    x = torch.where(below, xk[:, :1] + (yt - lo) / a_lo,
+                    torch.where(above, xk[:, -1:] + (yt - hi) / a_hi, x_in))
+    dlog = torch.where(below, torch.log(a_lo).expand_as(yt),
+                       torch.where(above, torch.log(a_hi).expand_as(yt), dlog_in))
+    return x.transpose(0, 1), dlog.transpose(0, 1)
+
+
+class ConditionedRQSActivation(_LogDetCache, FlowTransform):
+    """Elementwise spline activation with raw parameters from
+    ``params() -> (theta_x, theta_y, theta_a, log_width)``; see :class:`RQSActivation`."""
+
+    def __init__(self, input_dim, params, cache_size=1, context=None):
+        super().__init__(input_dim, cache_size=cache_size, context=context)
+        self._params = params
+
+    def knots(self):
+        """``(xk, yk, alpha, delta)``, see :func:`rqs_knots`."""
+        return rqs_knots(*self._params())
+
+    def _forward(self, x):
+        flat = x.reshape(-1, self.input_dim)
+        y, dlog = rqs_forward(flat, *self.knots())
+        return y.reshape(x.shape), dlog.sum(-1).reshape(x.shape[:-1])
+
+    def _backward(self, y):
+        flat = y.reshape(-1, self.input_dim)
+        x, dlog = rqs_inverse(flat, *self.knots())
+        return x.reshape(y.shape), dlog.sum(-1).reshape(y.shape[:-1])
+
+
+class RQSActivation(ConditionedRQSActivation, TransformModule):
+    r"""Contractive elementwise rational-quadratic spline activation (f_act of a QLF block).
+
+    Per coordinate: ``num_bins`` bins on a learnable box ``[-w, w]``, knot derivatives in ``(0, 1)``,
+    bin slopes capped by ``(1 + min(alpha_k, alpha_{k+1})) / 2`` so that the derivative stays
+    ``<= 1`` (see the module docstring for what is proven), linear tails outside the box with the
+    boundary derivative as slope, analytic inverse. Starts as ``x -> beta * x``.
+
+    Arguments:
+        input_dim (int): the event size D.
+        num_bins (int): bins per coordinate, K (default 8; the paper uses 16).
+        bound (float): initial half-width ``w`` of the box (default 3).
+        beta (float): the initial slope, in ``(0, 1)`` (default 0.8).
+        cache_size (int): Pyro's transform cache size (0 or 1).
+
+    Example:
+        >>> import torch
+        >>> from pyro_flows.transforms.qlf import RQSActivation
+        >>> t = RQSActivation(2, beta=0.5)
+        >>> t(torch.tensor([[1.0, -4.0]])).detach()  # beta * x at init, tails included
+        tensor([[ 0.5000, -2.0000]])
+    """
+
+    def __init__(self, input_dim, num_bins=8, bound=3.0, beta=0.8, cache_size=1):
+        input_dim = check_dim(input_dim, "input_dim")
+        num_bins = check_dim(num_bins, "num_bins")
+        bound = _check_positive(bound, "bound")
+        beta = _check_beta(beta)
+        super().__init__(input_dim, self._get_params, cache_size=cache_size)
+        self.num_bins = num_bins
+        self.theta_x = nn.Parameter(torch.zeros(input_dim, num_bins))
+        # all slopes beta: alpha = beta and delta = beta = unit(theta_y) * (1 + beta) / 2
+        self.theta_y = nn.Parameter(torch.full((input_dim, num_bins), _unit_inv(2 * beta / (1 + beta))))
+        self.theta_a = nn.Parameter(torch.full((input_dim, num_bins + 1), _unit_inv(beta)))
+        self.log_width = nn.Parameter(torch.full((input_dim,), math.log(bound)))
+
+    def _get_params(self):
+        return self.theta_x, self.theta_y, self.theta_a, self.log_width
+
+
+def _check_beta(beta):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 2 * _MIN_UNIT < beta < 1:
+        raise ValueError(f"beta must be a number in (0, 1) (and above {2 * _MIN_UNIT}), got {beta!r}")
+    return float(beta)
+
+
+# =================================================================================================
+# the block
+# =================================================================================================
+class ConditionedQLF(_LogDetCache, FlowTransform):
+    """One QLF block ``f_act o f_aff o f_lin`` from three conditioned parts (``coupling`` may be
+    ``None`` for ``D = 1`` without a context); see :class:`QLF`."""
+
+    def __init__(self, linear, coupling, activation, cache_size=1, context=None):
+        FlowTransform.__init__(self, linear.input_dim, cache_size=cache_size, context=context)
+        self.linear = linear
+        self.coupling = coupling
+        self.activation = activation
+
+    def _forward(self, x):
+        h, ld = self.linear._forward(x)
+        if self.coupling is not None:
+            h, ld_aff = self.coupling._forward(h)
+            ld = ld + ld_aff
+        y, ld_act = self.activation._forward(h)
+        return y, ld + ld_act
+
+    def _backward(self, y):
+        h, ld = self.activation._backward(y)
+        if self.coupling is not None:
+            h, ld_aff = self.coupling._backward(h)
+            ld = ld + ld_aff
+        x, ld_lin = self.linear._backward(h)
+        return x, ld + ld_lin
+
+
+def _split_expansion(beta, kappa, num_hats, has_coupling):
+    """``(kappa, log s0)`` with ``kappa * s0 * beta = 1`` (blockwise volume preservation)."""
+    beta = _check_beta(beta)
+    total = -math.log(beta)
+    if not has_coupling:
+        if kappa is not None and not math.isclose(kappa, 1 / beta):
+            raise ValueError(f"without a coupling (D = 1) kappa must be 1/beta = {1 / beta:.6g}, got {kappa}")
+        return 1 / beta, 0.0
+    if kappa is None:
+        log_s0 = min(0.5 * total, 0.5)
+        kappa = math.exp(total - log_s0)
+    else:
+        kappa = _check_positive(kappa, "kappa")
+        log_s0 = total - math.log(kappa)
+    low, high = _log_scale_range(num_hats)
+    if not low < log_s0 < high:
+        raise ValueError(
+            f"kappa={kappa:.6g} with beta={beta:.6g} needs an initial coupling log-scale "
+            f"{log_s0:.4g} outside the reachable ({low:.4g}, {high:.4g})"
+        )
+    return kappa, log_s0
+
+
+class QLF(ConditionedQLF, TransformModule):
+    r"""One QLF block ``f_act o f_aff o f_lin`` (Liao & He), blockwise volume preserving at init.
+
+    ``f_lin`` is :class:`QLFLinear` (``kappa * I`` at init), ``f_aff`` a :class:`DualAffineCoupling`
+    (``s0 * I`` at init) and ``f_act`` an :class:`RQSActivation` (``beta * I`` at init), with
+    ``kappa * s0 * beta = 1``: the block starts as the identity with log-det 0, an expansion followed
+    by a contraction. The parts are the submodules ``linear``, ``coupling`` and ``activation``.
+
+    Arguments:
+        input_dim (int): the event size D.
+        hidden_dims (list of int): hidden sizes of each coupling conditioner; default
+            ``[max(32, 4D)] * 2``.
+        num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
+        num_bins (int): spline bins per coordinate (default 8).
+        bound (float): initial half-width of the spline box (default 3).
+        beta (float): the activation's initial slope, in ``(0, 1)`` (default 0.8; the paper advises
+            ``[0.5, 1]``).
+        kappa (float or None): initial scale of the linear layer; default splits the expansion
+            ``1 / beta`` evenly between ``kappa`` and the coupling scale.
+        cache_size (int): Pyro's transform cache size (0 or 1).
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> from pyro_flows.transforms.qlf import QLF
+        >>> block = QLF(2, hidden_dims=[16])
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> d = dist.TransformedDistribution(base, [block])
+        >>> d.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, input_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0, beta=0.8,
+                 kappa=None, cache_size=1):
+        input_dim = check_dim(input_dim, "input_dim")
+        num_hats = check_dim(num_hats, "num_hats")
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1)
+        linear = QLFLinear(input_dim, kappa=kappa, cache_size=0)
+        coupling = None
+        if input_dim > 1:
+            coupling = DualAffineCoupling(input_dim, hidden_dims, num_hats, log_s0, cache_size=0)
+        activation = RQSActivation(input_dim, num_bins, bound, beta, cache_size=0)
+        ConditionedQLF.__init__(self, linear, coupling, activation, cache_size=cache_size)
+
+
+class ConditionalQLF(ConditionalFlowModule):
+    r"""Conditional QLF block: the context enters both coupling conditioners.
+
+    The linear layer and the activation are shared by every context (unconditional), as in the
+    issue's design: the coupling is where a context can act without changing the exact log-det
+    structure.
+
+    Arguments:
+        input_dim (int): the event size D.
+        context_dim (int): the context size C.
+        hidden_dims, num_hats, num_bins, bound, beta, kappa: as for :class:`QLF`.
+
+    Example:
+        >>> import torch
+        >>> from pyro_flows.transforms.qlf import ConditionalQLF
+        >>> m = ConditionalQLF(3, 2, hidden_dims=[16])
+        >>> t = m.condition(torch.randn(2))
+        >>> t(torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0,
+                 beta=0.8, kappa=None):
+        super().__init__(input_dim, context_dim)
+        num_hats = check_dim(num_hats, "num_hats")
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, True)
+        self.linear = QLFLinear(self.input_dim, kappa=kappa, cache_size=0)
+        self.coupling = ConditionalDualAffineCoupling(
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0
+        )
+        self.activation = RQSActivation(self.input_dim, num_bins, bound, beta, cache_size=0)
+
+    def _condition(self, context):
+        return ConditionedQLF(self.linear, self.coupling.condition(context), self.activation,
+                              context=context)
+
+
+def qlf(input_dim, hidden_dims=None, **kwargs):
+    """A :class:`QLF` block (``hidden_dims=None``: ``[max(32, 4D)] * 2``); kwargs as for :class:`QLF`.
+
+    Example:
+        >>> import pyro_flows
+        >>> t = pyro_flows.flow("qlf", 2, num_layers=3, hidden_dims=[16])
+    """
+    return QLF(input_dim, hidden_dims=hidden_dims, **kwargs)
+
+
+def conditional_qlf(input_dim, context_dim, hidden_dims=None, **kwargs):
+    """A :class:`ConditionalQLF` block; kwargs as for :class:`QLF`."""
+    return ConditionalQLF(input_dim, context_dim, hidden_dims=hidden_dims, **kwargs)
+
+
+register_flow(
+    "qlf",
+    qlf,
+    conditional_qlf,
+    permutation=None,
+    test_kwargs={"hidden_dims": [8], "num_hats": 2, "num_bins": 4},
+)

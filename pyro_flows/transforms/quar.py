@@ -1,1 +1,339 @@
-"""Family module: not implemented yet (nothing registered)."""
+"""QuAR flows: quasi-autoregressive residual flows with an exact log-determinant.
+
+One QuAR layer is the residual map ``r(u) = u + F(u)`` where ``F`` is a
+:class:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet`: a masked network whose Jacobian is
+lower-triangular with a non-zero diagonal, whose diagonal is propagated exactly in the same forward
+pass, and whose Lipschitz constant is ``<= sigma < 1`` for every parameter value (guaranteed per-layer
+spectral norms composed with the paper's "Lipschitz trick"). Hence ``r`` is a bijection of ``R^D``,
+``J_r = I + J_F`` is lower-triangular and ``log|det J_r(u)| = sum_i log1p(dF_i/du_i)`` exactly
+(each ``1 + dF_i/du_i >= 1 - sigma > 0``).
+
+Choices made where the paper is silent or loose (this module is the reference implementation):
+
+* **Direction.** The paper's residual map is the *normalizing* direction (data -> base): density
+  evaluation is one network pass, sampling needs the fixed-point inverse. Pyro's ``_call`` maps base
+  to data, so by default (``direction="normalizing"``) the residual map is ``_inverse`` and ``_call`` is
+  the numerical inverse: ``log_prob`` of data is one exact pass (the paper's speed claim), ``rsample``
+  solves. ``direction="generative"`` puts the residual map on ``_call`` instead (fast ``rsample`` and
+  log-prob of own samples, e.g. for guides; density of external data then solves).
+* **Inverse.** Solving ``u + F(u) = v`` starts with the paper's Algorithm 1, the Banach iteration
+  ``u <- v - F(u)`` run by :func:`pyro_flows.solvers.fixed_point` with the guaranteed ``Lip(F)`` bound
+  ``L`` as its contraction constant, to a coarse tolerance (error bound ``<= 0.1 (1 + max|u|)``).
+  Near a trained model's solution Algorithm 1 contracts slowly (the true ``Lip(F)`` approaches the
+  bound ``sigma`` in training), so it is then *finished* with
+  Newton steps that use the exact diagonal: ``u <- u - (u + F(u) - v) / (1 + diag J_F(u))``. For a
+  lower-triangular system the linearised error map of this step, ``I - diag(J)^{-1} J``, is strictly
+  lower-triangular (nilpotent), so the finish converges in at most ``D`` steps of the linearisation
+  and, locally, quadratically per coordinate (coordinate 1 is a scalar Newton solve, coordinate ``i``
+  one once coordinates ``< i`` are exact). Every iterate is *certified* per sample with the a-posteriori bound
+  ``||u - u*||_2 <= ||u + F(u) - v||_2 / (1 - L)`` (``r`` is ``(1 - L)``-co-Lipschitz). Samples not
+  certified after ``D + 8`` Newton steps (not observed in stress runs with D up to 32 and parameters
+  perturbed by up to N(0, 5^2), but Newton has no global guarantee; the path is tested by forcing it)
+  fall back to the fixed-point iteration from their best iterate, to full tolerance, which is
+  guaranteed to converge; if that stops short a :class:`~pyro_flows.solvers.ConvergenceWarning` is
+  emitted.
+* **Tolerances.** ``atol``/``rtol`` default to ``max(default_tolerance(dtype), 64 * eps / (1 - sigma))``:
+  1e-12 in float64; in float32 about 8e-5 for ``sigma = 0.9``, because the residual itself is only
+  known to a few ulps and the certificate divides it by ``1 - L``.
+* **Gradients through the inverse** use :func:`pyro_flows.solvers.implicit_fixed_point` on
+  ``u = v - F(u)`` (adjoint solved by the same contraction), never unrolled iterations.
+* **Log-det caching.** The residual pass returns the log-det; it is kept (with the input and output
+  tensors, like Pyro's autoregressive transforms) so ``log_abs_det_jacobian`` of the pair just
+  computed costs nothing. Any other pair is recomputed from the residual side's input.
+* **Conditional variant.** The context is appended to the input of the first masked layer
+  (seen by every first-layer unit); the triangular structure in ``x`` and ``Lip_x(F) <= sigma`` hold for
+  every context (see :mod:`pyro_flows.nn.quasi_autoregressive`).
+* **Elementwise affine.** A QuAR residual can change ``log|det|`` by at most ``D * log(1 + sigma)``
+  per layer and shifts only through the scaled network output, so the paper sandwiches QuAR flows
+  between affine transforms (section 5.1.1, appendix A.1). Each layer here therefore ends with an
+  elementwise affine ``v -> exp(log_scale) * v + shift`` on the residual's output side (parameters
+  initialised at the identity, learnt freely; ``affine=False`` gives the bare residual layer). It keeps
+  the Jacobian lower-triangular: the layer's residual-side map is ``R(u) = exp(s) * (u + F(u)) + t``
+  with ``log|det J_R| = sum(s) + sum_i log1p(diag_i)``, inverted by solving ``u + F(u) = (v - t) exp(-s)``.
+  In the conditional variant these two vectors are unconditional parameters.
+* **Between layers** ``pyro_flows.flow("quar", ...)`` reverses the coordinates (a triangular map can only
+  mix "downwards").
+
+References:
+    A. Gopal, "Quasi-Autoregressive Residual (QuAR) Flows", ICML 2020 INNF+ workshop, arXiv:2009.07419.
+
+    J. Behrmann, W. Grathwohl, R. T. Q. Chen, D. Duvenaud, J.-H. Jacobsen, "Invertible Residual
+    Networks", ICML 2019 (Algorithm 1, fixed-point inverse).
+
+    R. T. Q. Chen, J. Behrmann, D. Duvenaud, J.-H. Jacobsen, "Residual Flows for Invertible Generative
+    Modeling", NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import nn
+
+from ..nn.quasi_autoregressive import QuasiAutoregressiveNet
+from ..registry import register_flow
+from ..solvers import default_tolerance, fixed_point, implicit_fixed_point
+from ..validation import broadcast_context, check_dim, check_finite
+from ._base import ConditionalFlowModule, FlowTransform
+
+__all__ = ["ConditionedQuAR", "QuAR", "ConditionalQuAR", "quar", "conditional_quar"]
+
+_DIRECTIONS = ("normalizing", "generative")
+#: Algorithm 1 runs until its a-posteriori error bound is below ``0.1 * (1 + max|u|)``; the Newton
+#: finish takes over from there (measured on a trained 8-layer 8gaussians flow, float64, 2048 points:
+#: about 100 network passes over the 8 layers for the whole inverse, against 381 with a 1e-6 hand-over
+#: and 749 for Algorithm 1 alone to 1e-12).
+_COARSE = 0.1
+
+
+def _check_direction(direction):
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    return direction
+
+
+class ConditionedQuAR(FlowTransform):
+    """A QuAR layer with a given network (and context): the maths of the family.
+
+    Arguments:
+        input_dim: D.
+        net: a :class:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet` (or any callable
+            ``net(u, context) -> (F(u), diag J_F(u))`` with a ``lipschitz()`` bound ``< 1`` and a
+            lower-triangular ``J_F``).
+        context: the context (``None`` for an unconditional layer).
+        direction: ``"normalizing"`` (default: the residual map is ``_inverse``, data -> base) or
+            ``"generative"`` (the residual map is ``_call``, base -> data).
+        atol, rtol: tolerances of the numerical inverse (``None``: see the module docstring).
+        max_iter: iteration cap of each fixed-point stage.
+        log_scale, shift: ``(D,)`` tensors of the elementwise affine on the residual's output side
+            (``None``: no affine).
+        cache_size: Pyro's transform cache (0 or 1).
+
+    Example:
+        >>> import torch
+        >>> from pyro_flows.nn.quasi_autoregressive import QuasiAutoregressiveNet
+        >>> t = ConditionedQuAR(2, QuasiAutoregressiveNet(2, hidden_factors=(4,)))
+        >>> x = torch.randn(3, 2)
+        >>> bool((t.inv(t(x)) - x).abs().max() < 1e-4)
+        True
+    """
+
+    def __init__(self, input_dim, net=None, context=None, *, direction="normalizing", atol=None,
+                 rtol=None, max_iter=500, log_scale=None, shift=None, cache_size=1):
+        super().__init__(input_dim, cache_size=cache_size, context=context)
+        self.direction = _check_direction(direction)
+        for name, v in (("atol", atol), ("rtol", rtol)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v!r}")
+        self.atol, self.rtol = atol, rtol
+        self.max_iter = check_dim(max_iter, "max_iter")
+        self.net = net
+        if (log_scale is None) != (shift is None):
+            raise ValueError("give both log_scale and shift, or neither")
+        self.log_scale, self.shift = log_scale, shift
+        self._logdet_cache = None  # (residual input, residual output, log-det)
+
+    # -- the residual map and its numerical inverse --------------------------------------------
+    def _net(self, u):
+        return self.net(u, self._context) if self._context is not None else self.net(u)
+
+    def _expand(self, u):
+        if self._context is None:
+            return u
+        return broadcast_context(u, self._context)[0]
+
+    def _residual(self, u):
+        """``v = R(u) = exp(s) * (u + F(u)) + t`` and ``log|det dv/du|``; cached for ``log_abs_det_jacobian``."""
+        out, diag = self._net(u)
+        v = u + out
+        logdet = torch.log1p(diag).sum(-1)
+        if self.log_scale is not None:
+            v = v * self.log_scale.exp() + self.shift
+            logdet = logdet + self.log_scale.sum()
+        self._logdet_cache = (u, v, logdet)
+        return v, logdet
+
+    def _residual_logdet(self, u, v):
+        cache = self._logdet_cache
+        if cache is not None and cache[0] is u and cache[1] is v:
+            return cache[2]
+        _, diag = self._net(u)
+        logdet = torch.log1p(diag).sum(-1)
+        if self.log_scale is not None:
+            logdet = logdet + self.log_scale.sum()
+        return logdet
+
+    def _tolerances(self, dtype):
+        eps = torch.finfo(dtype).eps
+        sigma = getattr(self.net, "sigma", 0.9)
+        floor = max(default_tolerance(dtype), 64 * eps / (1 - sigma))
+        return (floor if self.atol is None else self.atol), (floor if self.rtol is None else self.rtol)
+
+    def _solve(self, v):
+        """``u`` with ``u + F(u) = v``: Algorithm 1 (fixed point), a certified Newton finish, fallback."""
+        check_finite(v, f"{type(self).__name__} inverse input")
+        v = self._expand(v)
+        if self.log_scale is not None:
+            v = (v - self.shift) * torch.exp(-self.log_scale)
+        with torch.no_grad():
+            lip = float(self.net.lipschitz())
+        atol, rtol = self._tolerances(v.dtype)
+
+        def g(u):
+            return v - self._net(u)[0]
+
+        with torch.no_grad():
+            vd = v.detach()
+            coarse = max(_COARSE, atol, rtol)
+            u = fixed_point(lambda u: vd - self._net(u)[0], vd, lipschitz=lip, atol=coarse, rtol=coarse,
+                            max_iter=self.max_iter)
+            u, certified = self._newton_finish(u, vd, lip, atol, rtol)
+            if not certified:
+                u = fixed_point(lambda u: vd - self._net(u)[0], u, lipschitz=lip, atol=atol, rtol=rtol,
+                                max_iter=self.max_iter)
+        # value g(u) (one more contraction step); gradients by the implicit function theorem
+        return implicit_fixed_point(g, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter)
+
+    def _newton_finish(self, u, v, lip, atol, rtol):
+        best = u
+        best_res = torch.full(u.shape[:-1], float("inf"), dtype=u.dtype, device=u.device)
+        done = torch.zeros(u.shape[:-1], dtype=torch.bool, device=u.device)
+        for _ in range(self.input_dim + 8):
+            out, diag = self._net(u)
+            r = u + out - v
+            res = r.pow(2).sum(-1).sqrt()
+            if not bool(torch.isfinite(res).all()):
+                break
+            better = res < best_res
+            best = torch.where(better[..., None], u, best)
+            best_res = torch.where(better, res, best_res)
+            done = best_res / (1 - lip) <= atol + rtol * best.abs().amax(-1)
+            if bool(done.all()):
+                return best, True
+            u = torch.where(done[..., None], best, u - r / (1 + diag))
+        return best, bool(done.all())
+
+    # -- Transform interface ----------------------------------------------------------------------
+    def _call(self, x):
+        if self.direction == "generative":
+            return self._residual(x)[0]
+        return self._solve(x)
+
+    def _inverse(self, y):
+        if self.direction == "normalizing":
+            return self._residual(y)[0]
+        return self._solve(y)
+
+    def _log_abs_det_jacobian(self, x, y):
+        if self.direction == "generative":
+            return self._residual_logdet(x, y)
+        return -self._residual_logdet(y, x)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_logdet_cache"] = None
+        return state
+
+
+class QuAR(ConditionedQuAR, TransformModule):
+    """A learnable QuAR layer (``TransformModule``).
+
+    Arguments:
+        input_dim: D.
+        hidden_dims: hidden sizes, multiples of D (``None``: ``hidden_factors`` or the default, two
+            layers of ``max(4, ceil(64 / D))`` units per coordinate).
+        hidden_factors: units per coordinate of each hidden layer (alternative to ``hidden_dims``).
+        activation: ``"elu"`` (default, as in the paper) or ``"lipswish"``.
+        sigma: the fixed bound ``0 < sigma < 1`` on ``Lip(F)`` (default 0.9).
+        lipschitz_trick: learn ``theta >= 0`` (default ``True``).
+        direction: ``"normalizing"`` (default; fast ``log_prob``) or ``"generative"`` (fast ``rsample``).
+        affine: end the layer with a learnable elementwise affine (default ``True``; see the module
+            docstring).
+        bound: per-layer Lipschitz bound, ``"spectral"`` (exact spectral norm of ``W * mask`` by SVD,
+            default) or ``"frobenius"`` (cheaper to train with, looser; both guaranteed).
+        atol, rtol, max_iter, cache_size: see :class:`ConditionedQuAR`.
+
+    Example:
+        >>> import torch, pyro.distributions as dist
+        >>> t = QuAR(2, hidden_factors=(8, 8))
+        >>> d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [t])
+        >>> d.log_prob(torch.randn(4, 2)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, input_dim, hidden_dims=None, *, hidden_factors=None, activation="elu", sigma=0.9,
+                 lipschitz_trick=True, direction="normalizing", affine=True, bound="spectral", atol=None,
+                 rtol=None, max_iter=500, cache_size=1):
+        super().__init__(input_dim, None, direction=direction, atol=atol, rtol=rtol, max_iter=max_iter,
+                         cache_size=cache_size)
+        self.net = QuasiAutoregressiveNet(input_dim, hidden_dims, hidden_factors=hidden_factors,
+                                          activation=activation, sigma=sigma,
+                                          lipschitz_trick=lipschitz_trick, bound=bound)
+        if affine:
+            self.log_scale = nn.Parameter(torch.zeros(input_dim))
+            self.shift = nn.Parameter(torch.zeros(input_dim))
+
+
+class ConditionalQuAR(ConditionalFlowModule):
+    """A conditional QuAR layer: ``condition(context)`` gives a :class:`ConditionedQuAR`.
+
+    The context enters the first masked layer of the network; the Jacobian in ``x`` stays
+    lower-triangular and ``Lip_x(F) <= sigma < 1`` for every context.
+
+    Arguments:
+        input_dim: D.
+        context_dim: C.
+        (the other arguments as in :class:`QuAR`)
+
+    Example:
+        >>> import torch
+        >>> t = ConditionalQuAR(2, 3, hidden_factors=(8, 8))
+        >>> t.condition(torch.randn(4, 3))(torch.randn(4, 2)).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, input_dim, context_dim, hidden_dims=None, *, hidden_factors=None, activation="elu",
+                 sigma=0.9, lipschitz_trick=True, direction="normalizing", affine=True, bound="spectral",
+                 atol=None, rtol=None, max_iter=500, cache_size=1):
+        super().__init__(input_dim, context_dim)
+        self.direction = _check_direction(direction)
+        self.atol, self.rtol, self.max_iter, self.cache_size = atol, rtol, max_iter, cache_size
+        self.net = QuasiAutoregressiveNet(input_dim, hidden_dims, hidden_factors=hidden_factors,
+                                          context_dim=context_dim, activation=activation, sigma=sigma,
+                                          lipschitz_trick=lipschitz_trick, bound=bound)
+        if affine:
+            self.log_scale = nn.Parameter(torch.zeros(input_dim))
+            self.shift = nn.Parameter(torch.zeros(input_dim))
+        else:
+            self.log_scale = self.shift = None
+
+    def _condition(self, context):
+        return ConditionedQuAR(self.input_dim, self.net, context, direction=self.direction, atol=self.atol,
+                               rtol=self.rtol, max_iter=self.max_iter, log_scale=self.log_scale,
+                               shift=self.shift, cache_size=self.cache_size)
+
+
+def quar(input_dim, hidden_dims=None, **kwargs):
+    """A :class:`QuAR` layer (``hidden_dims=None``: the default size). See :class:`QuAR`.
+
+    Example:
+        >>> t = quar(3, hidden_factors=(4, 4))
+        >>> type(t).__name__
+        'QuAR'
+    """
+    return QuAR(input_dim, hidden_dims, **kwargs)
+
+
+def conditional_quar(input_dim, context_dim, hidden_dims=None, **kwargs):
+    """A :class:`ConditionalQuAR` layer. See :class:`ConditionalQuAR`.
+
+    Example:
+        >>> t = conditional_quar(3, 2, hidden_factors=(4, 4))
+        >>> type(t).__name__
+        'ConditionalQuAR'
+    """
+    return ConditionalQuAR(input_dim, context_dim, hidden_dims, **kwargs)
+
+
+register_flow("quar", quar, conditional_quar, permutation="reverse",
+              test_kwargs={"hidden_factors": (2, 2)})
