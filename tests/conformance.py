@@ -345,3 +345,36 @@ def check_cuda(case: Case):
     for a, b in zip(cpu, gpu):
         assert b.device.type == "cuda"
         assert torch.allclose(a, b.cpu(), atol=1e-6), "CUDA result differs from CPU"
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. the cache never hands back a stale result
+# ----------------------------------------------------------------------------------------------
+def check_cache_follows_updates(case: Case):
+    """Full-batch training reuses one data tensor: each step must see the current parameters."""
+    module = perturb(build(case), 0.3)
+    ctx = contexts((B,)) if case.conditional else None
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), torch.ones(D, dtype=torch.float64)).to_event(1)
+    data = inputs((B,))
+    opt = torch.optim.SGD(module.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        d = dist.TransformedDistribution(base, [transform_of(case, module, ctx)])
+        loss = -d.log_prob(data).mean()
+        loss.backward()  # a stale cached graph would fail here on the second pass
+        opt.step()
+        fresh_value = -d.log_prob(fresh(data)).mean()
+        again = -d.log_prob(data).mean()  # same tensor, parameters changed by opt.step()
+        assert torch.allclose(again, fresh_value, atol=1e-10), "cached result outlived a parameter update"
+    # no_grad: a cached inverse must not survive an in-place parameter change either
+    t = transform_of(case, module, ctx)
+    with torch.no_grad():
+        x1 = t.inv(data)
+        for p in module.parameters():
+            p.add_(0.05)
+        x2 = t.inv(data)
+        x_new = t.inv(fresh(data))
+        assert torch.equal(x2, x_new) or torch.allclose(x2, x_new, atol=1e-10), (
+            "cached inverse outlived an in-place parameter change"
+        )
+        assert x1.shape == x2.shape

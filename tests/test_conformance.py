@@ -12,6 +12,7 @@ from pyro_flows.registry import get_flow
 from conformance import (
     Case,
     check_bad_input,
+    check_cache_follows_updates,
     check_context,
     check_cuda,
     check_exact,
@@ -81,6 +82,11 @@ def test_bad_input(case):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_persistence(case):
     check_persistence(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cache_follows_parameter_updates(case):
+    check_cache_follows_updates(case)
 
 
 @pytest.mark.cuda

@@ -62,7 +62,6 @@ class FlowTransform(Transform):
     # ``load_state_dict``) invalidates it. Updates written through ``p.data`` bypass version
     # counters (Pyro's ``ClippedAdam`` does this): with such optimisers pass fresh tensors or use
     # ``cache_size=0``.
-    _derived_caches = ()  # names of family-level caches keyed on (x, y) identity, dropped too
     _owner = None  # the ConditionalFlowModule that built this transform, if any
 
     def _signature(self):
@@ -78,8 +77,6 @@ class FlowTransform(Transform):
         signature = self._signature()
         if self.__dict__.get("_cache_signature") != signature:
             self._cached_x_y = (None, None)
-            for name in self._derived_caches:
-                self.__dict__[name] = (None, None, None)
             self.__dict__["_cache_signature"] = signature
             return None
         cached = self._cached_x_y
@@ -107,9 +104,21 @@ class FlowTransform(Transform):
             self._cached_x_y = x, y
         return x
 
+    def _remember_logdet(self, x, y, logdet):
+        """Keep the forward log-det computed alongside ``_call``/``_inverse`` for that same pair.
+
+        ``log_abs_det_jacobian(x, y)`` returns it when called with these very tensors and unchanged
+        parameters (as in ``TransformedDistribution.log_prob`` right after the inverse), and
+        recomputes it otherwise.
+        """
+        self.__dict__["_logdet_memo"] = (x, y, logdet, self._signature())
+
     def log_abs_det_jacobian(self, x, y):
         self._check(x, "input")
         self._check(y, "output")
+        memo = self.__dict__.get("_logdet_memo")
+        if memo is not None and memo[0] is x and memo[1] is y and memo[3] == self._signature():
+            return memo[2]
         return self._log_abs_det_jacobian(x, y)
 
     def _log_abs_det_jacobian(self, x, y):
@@ -121,8 +130,7 @@ class FlowTransform(Transform):
         if "_cached_x_y" in state:
             state["_cached_x_y"] = (None, None)
         state.pop("_cache_signature", None)
-        for name in self._derived_caches:
-            state.pop(name, None)
+        state.pop("_logdet_memo", None)
         return state
 
 

@@ -289,7 +289,6 @@ class _AUTMBase(FlowTransform):
         self.tail_bound = settings["tail_bound"]
         self.log_scale_bound = settings["log_scale_bound"]
         self.step_bound = settings["step_bound"]
-        self._ld_cache = None  # (x, y, log-det) of the last computed pair
         #: iterations the last inverse's bracketed solves needed (largest over passes)
         self.last_inverse_iterations = 0
 
@@ -342,22 +341,11 @@ class _AUTMBase(FlowTransform):
 
         return implicit_monotone_root(fn_graph, x, target)
 
-    def _store(self, x, y, ld):
-        self._ld_cache = (x, y, ld)
-
     def _log_abs_det_jacobian(self, x, y):
-        cached = self._ld_cache
-        if cached is not None and cached[0] is x and cached[1] is y:
-            return cached[2]
         return self._log_det(x)
 
     def _log_det(self, x):
         raise NotImplementedError
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_ld_cache"] = None
-        return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +398,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         x_in = x  # the cache is keyed by the caller's tensors, not their broadcast views
         x, raw = self._raw(x)
         y, logd = self._map(x, self._coefficients(raw))
-        self._store(x_in, y, logd.sum(-1))
+        self._remember_logdet(x_in, y, logd.sum(-1))
         return y
 
     def _inverse(self, y):
@@ -429,7 +417,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         x = torch.stack(cols, -1)
         # the last pass saw every coordinate its conditioner depends on: its coefficients are final
         _, logd = self._map(x, coeffs)
-        self._store(x, y_in, logd.sum(-1))
+        self._remember_logdet(x, y_in, logd.sum(-1))
         return x
 
     def _log_det(self, x):
@@ -604,7 +592,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
         x1, raw = self._raw(x1)
         y2, logd = self._map(x2, self._coefficients(raw))
         y = torch.cat([x1, y2], -1)
-        self._store(x, y, logd.sum(-1))
+        self._remember_logdet(x, y, logd.sum(-1))
         return y
 
     def _inverse(self, y):
@@ -616,7 +604,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
         x2 = self._solve(y2.expand(y1.shape[:-1] + y2.shape[-1:]), coeffs)
         x = torch.cat([y1, x2], -1)
         _, logd = self._map(x2, coeffs)
-        self._store(x, y, logd.sum(-1))
+        self._remember_logdet(x, y, logd.sum(-1))
         return x
 
     def _log_det(self, x):

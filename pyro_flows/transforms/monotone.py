@@ -70,10 +70,8 @@ Choices where the paper (slides) is vague or numerically loose, and why:
   :class:`~pyro_flows.solvers.SolverInfo` of the latest solve (iterations, residual).
 * **Initialisation:** the output layer's weight is scaled by 0.1, so ``G`` starts near 0 and the
   block near the identity (``F = Id`` when ``G = 0``).
-* **Cache:** Pyro's ``cache_size=1`` returns the cached output whenever the *same* input tensor
-  comes again, which in full-batch training (the same data tensor every step) returns the previous
-  step's output with a freed graph. The cache here is dropped whenever a parameter of ``G`` changed
-  in place (their ``_version`` counters), so it only ever short-cuts genuinely repeated calls.
+* **Cache:** the transform cache (``cache_size=1``) is guarded by parameter version counters in
+  ``FlowTransform``: it only ever short-cuts genuinely repeated calls with unchanged parameters.
 
 References:
     Ahn, Kim, Hong, Kim. Invertible Monotone Operators for Normalizing Flows. NeurIPS 2022.
@@ -346,23 +344,6 @@ class ConditionedMonotone(FlowTransform):
         # the adjoint solve (backward) is linear; plain iterations, always convergent for Lip < 1
         return implicit_fixed_point(g, w0, max_iter=self.max_iter, **kwargs), rhs
 
-    # -- cache that follows parameter updates ----------------------------------------------------
-    def _refresh_cache(self):
-        # Pyro's cache returns the old output whenever the *same* input tensor comes again; in
-        # full-batch training (the same data tensor every step) that would be the output of the old
-        # parameters with a freed graph. Drop the cache when any parameter of G changed in place.
-        key = tuple(p._version for p in self.net.parameters()) if self.net is not None else ()
-        if self.__dict__.get("_cache_key") != key:
-            self._cached_x_y = (None, None)
-            self.__dict__["_cache_key"] = key
-
-    def __call__(self, x):
-        self._refresh_cache()
-        return super().__call__(x)
-
-    def _inv_call(self, y):
-        self._refresh_cache()
-        return super()._inv_call(y)
 
     # -- Transform API --------------------------------------------------------------------------
     def _call(self, x):

@@ -202,34 +202,24 @@ def mexican_hat_biases(log_scale: float, num_hats: int) -> list:
 # log-det cache shared by the parts and the block
 # =================================================================================================
 class _LogDetCache:
-    """Keeps the log-det computed alongside the last ``_call``/``_inverse`` (like Pyro's splines).
+    """Computes each log-det alongside its map and hands it to ``FlowTransform``'s memo.
 
     Subclasses implement ``_forward(x) -> (y, logdet)`` and ``_backward(y) -> (x, logdet)`` where
     ``logdet`` is always the forward log-det at ``x``.
     """
 
-    _ld_cache = (None, None, None)
-
     def _call(self, x):
         y, ld = self._forward(x)
-        self._ld_cache = (x, y, ld)
+        self._remember_logdet(x, y, ld)
         return y
 
     def _inverse(self, y):
         x, ld = self._backward(y)
-        self._ld_cache = (x, y, ld)
+        self._remember_logdet(x, y, ld)
         return x
 
     def _log_abs_det_jacobian(self, x, y):
-        cx, cy, ld = self._ld_cache
-        if x is cx and y is cy:
-            return ld
         return self._forward(x)[1]
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_ld_cache", None)
-        return state
 
 
 # =================================================================================================

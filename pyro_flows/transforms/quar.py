@@ -131,7 +131,6 @@ class ConditionedQuAR(FlowTransform):
         if (log_scale is None) != (shift is None):
             raise ValueError("give both log_scale and shift, or neither")
         self.log_scale, self.shift = log_scale, shift
-        self._logdet_cache = None  # (residual input, residual output, log-det)
 
     # -- the residual map and its numerical inverse --------------------------------------------
     def _net(self, u):
@@ -143,20 +142,16 @@ class ConditionedQuAR(FlowTransform):
         return broadcast_context(u, self._context)[0]
 
     def _residual(self, u):
-        """``v = R(u) = exp(s) * (u + F(u)) + t`` and ``log|det dv/du|``; cached for ``log_abs_det_jacobian``."""
+        """``v = R(u) = exp(s) * (u + F(u)) + t`` and ``log|det dv/du|``."""
         out, diag = self._net(u)
         v = u + out
         logdet = torch.log1p(diag).sum(-1)
         if self.log_scale is not None:
             v = v * self.log_scale.exp() + self.shift
             logdet = logdet + self.log_scale.sum()
-        self._logdet_cache = (u, v, logdet)
         return v, logdet
 
     def _residual_logdet(self, u, v):
-        cache = self._logdet_cache
-        if cache is not None and cache[0] is u and cache[1] is v:
-            return cache[2]
         _, diag = self._net(u)
         logdet = torch.log1p(diag).sum(-1)
         if self.log_scale is not None:
@@ -216,23 +211,22 @@ class ConditionedQuAR(FlowTransform):
     # -- Transform interface ----------------------------------------------------------------------
     def _call(self, x):
         if self.direction == "generative":
-            return self._residual(x)[0]
+            y, logdet = self._residual(x)
+            self._remember_logdet(x, y, logdet)
+            return y
         return self._solve(x)
 
     def _inverse(self, y):
         if self.direction == "normalizing":
-            return self._residual(y)[0]
+            x, logdet = self._residual(y)
+            self._remember_logdet(x, y, -logdet)
+            return x
         return self._solve(y)
 
     def _log_abs_det_jacobian(self, x, y):
         if self.direction == "generative":
             return self._residual_logdet(x, y)
         return -self._residual_logdet(y, x)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_logdet_cache"] = None
-        return state
 
 
 class QuAR(ConditionedQuAR, TransformModule):

@@ -274,7 +274,6 @@ class ConditionedSinusoidal(FlowTransform):
         self.shift_tol = shift_tol
         self.on_fail = on_fail
         self.last_inverse_info = None
-        self._lad_cache = (None, None)
 
     # -- the analytic LDU map (data -> noise) ---------------------------------------------------
     def _prepare(self, x):
@@ -369,39 +368,33 @@ class ConditionedSinusoidal(FlowTransform):
         return x, lad
 
     # -- Pyro's Transform interface -------------------------------------------------------------
-    def _remember(self, data, lad):
-        # the log-det of the last map, keyed by its data-side tensor (like Pyro's own transform cache)
-        if self._cache_size:
-            self._lad_cache = (data, lad)
-
+    # ``lad`` below is always the log-det of the data -> noise LDU map at its data-side point, so the
+    # forward log-det is ``-lad`` when ``_call`` is the numerical (noise -> data) direction.
     def _call(self, x):
         if self.fast_direction == "inverse":
             y, lad = self._ldu_inverse(x)
-            self._remember(y, lad)
+            self._remember_logdet(x, y, -lad)
         else:
             y, lad = self._ldu(x)
-            self._remember(x, lad)
+            self._remember_logdet(x, y, lad)
         return y
 
     def _inverse(self, y):
         if self.fast_direction == "inverse":
             x, lad = self._ldu(y)
-            self._remember(y, lad)
+            self._remember_logdet(x, y, -lad)
         else:
             x, lad = self._ldu_inverse(y)
-            self._remember(x, lad)
+            self._remember_logdet(x, y, lad)
         return x
 
     def _log_abs_det_jacobian(self, x, y):
         data, sign = (y, -1.0) if self.fast_direction == "inverse" else (x, 1.0)
-        key, lad = self._lad_cache
-        if key is not data:
-            _, lad = self._ldu(data, output=False)
+        _, lad = self._ldu(data, output=False)
         return sign * lad
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_lad_cache"] = (None, None)
         state["last_inverse_info"] = None
         return state
 
