@@ -50,10 +50,10 @@ Choices made where the paper is vague or numerically loose (all documented here,
   ``u <- z - s_L(u)`` started at ``z``. Because the Jacobian of ``s_L`` is strictly triangular
   (nilpotent), the ``k``-th iterate is exact in its first ``k`` coordinates, so the iteration is capped
   at ``D`` iterations, where it is exact whatever the network's Lipschitz constant (the paper's "Algorithm
-  1" has no guarantee for the shifts). It stops earlier once the step is below ``shift_tol``
-  (default: :func:`~pyro_flows.solvers.default_tolerance` of the dtype); the error left is then about
-  ``||(I + J_s)^{-1}|| * step``. ``shift_tol=0`` always runs the guaranteed ``D`` passes (stopping only on
-  an exactly zero step). Each D-scale is inverted by Banach iteration (:func:`~pyro_flows.solvers.fixed_point`
+  1" has no guarantee for the shifts). By default (``shift_tol=0``) it stops earlier only on an exactly
+  repeated iterate, which is then an exact fixed point; ``shift_tol=None`` stops once the step is below
+  :func:`~pyro_flows.solvers.default_tolerance` of the dtype, which is faster but leaves an error of
+  about ``||(I + J_s)^{-1}|| * step`` that no a-priori bound controls, so it is opt-in. Each D-scale is inverted by Banach iteration (:func:`~pyro_flows.solvers.fixed_point`
   with the elementwise ``lipschitz=|alpha|``, so the stopping rule bounds the true error) for at most
   ``max_iter`` iterations. It is skipped when ``max|alpha|`` predicts more than ``max_iter`` steps or a
   stopping rule that rounding cannot meet (``|alpha|/(1-|alpha|) > tol / (4 eps_dtype)``, i.e.
@@ -238,8 +238,10 @@ class ConditionedSinusoidal(FlowTransform):
         fast_direction: ``"inverse"`` (the paper's: ``log_prob`` analytic, sampling numerical) or
             ``"forward"`` (sampling analytic, ``log_prob`` numerical).
         max_iter: Banach iterations per D-scale before finishing with bracketed Newton.
-        shift_tol: early-stopping tolerance of the shift inversions (``None``: dtype default; ``0``:
-            always ``D`` exact passes).
+        shift_tol: early-stopping tolerance of the shift inversions. ``0`` (default): stop only on an
+            exactly repeated iterate or after the ``D`` passes that make the result exact; ``None``:
+            stop once the step is below the dtype's default tolerance (faster, but the error left,
+            about ``||(I + J_s)^{-1}|| * step``, has no a-priori bound).
         on_fail: what the final Newton solve does if it stops short (``"warn"`` or ``"raise"``).
         cache_size: Pyro's transform cache size.
 
@@ -260,7 +262,7 @@ class ConditionedSinusoidal(FlowTransform):
     """
 
     def __init__(self, input_dim, upper, lower, scales, context=None, *, fast_direction="inverse",
-                 max_iter=100, shift_tol=None, on_fail="warn", cache_size=1):
+                 max_iter=100, shift_tol=0.0, on_fail="warn", cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         if fast_direction not in _DIRECTIONS:
             raise ValueError(f"fast_direction must be one of {_DIRECTIONS}, got {fast_direction!r}")
@@ -426,7 +428,7 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
     """
 
     def __init__(self, input_dim, hidden_dims=None, num_scales=4, num_sinusoids=4, shift=True, eps=1e-3,
-                 fast_direction="inverse", max_iter=100, shift_tol=None, on_fail="warn",
+                 fast_direction="inverse", max_iter=100, shift_tol=0.0, on_fail="warn",
                  nonlinearity=None, cache_size=1):
         hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction,
                                   max_iter, shift_tol)
@@ -483,7 +485,7 @@ class ConditionalSinusoidal(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_scales=4, num_sinusoids=4, shift=True,
-                 eps=1e-3, fast_direction="inverse", max_iter=100, shift_tol=None, on_fail="warn",
+                 eps=1e-3, fast_direction="inverse", max_iter=100, shift_tol=0.0, on_fail="warn",
                  nonlinearity=None, cache_size=1):
         hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction,
                                   max_iter, shift_tol)
