@@ -1,0 +1,53 @@
+"""Flows in Pyro inference: an autoguide, conditional (amortised) flow distributions, diagnostics.
+
+Public names:
+
+* :class:`AutoFlow` (``AutoFlow(model, flow="<family>", num_layers=4, **kwargs)``), a flow autoguide
+  with an affine layer initialised at the model's initial point; :func:`make_flow`;
+  :func:`clear_transform_cache` (the transform cache and its stale-graph pitfall are documented in
+  :mod:`pyro_flows.infer.autoguide`).
+* :class:`ConditionalFlow` / :func:`conditional_flow_distribution`: ``q(y | context)`` whose
+  ``condition(ctx)`` has batch shape ``ctx.shape[:-1]``, for amortised guides and conditional
+  density estimation inside a data plate.
+* Diagnostics: :func:`importance_log_weights`, :func:`psis_khat`, :func:`elbo_estimate`,
+  :func:`guide_draws`, :func:`to_inference_data`, :func:`flatten_draws`, :func:`compare_draws`.
+* :mod:`pyro_flows.infer.posteriordb`: Pyro models and reference draws of the posteriordb subset.
+
+Example:
+    >>> import torch, pyro, pyro.distributions as dist
+    >>> from pyro.distributions.transforms import affine_autoregressive
+    >>> from pyro_flows.infer import AutoFlow
+    >>> pyro.clear_param_store()
+    >>> def model():
+    ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    >>> guide = AutoFlow(model, affine_autoregressive)  # or a family name: AutoFlow(model, "sinusoidal")
+    >>> guide()["x"].shape
+    torch.Size([2])
+"""
+
+from .autoguide import AutoFlow, clear_transform_cache, make_flow
+from .conditional import ConditionalFlow, conditional_flow_distribution
+from .diagnostics import (
+    compare_draws,
+    elbo_estimate,
+    flatten_draws,
+    guide_draws,
+    importance_log_weights,
+    psis_khat,
+    to_inference_data,
+)
+
+__all__ = [
+    "AutoFlow",
+    "make_flow",
+    "clear_transform_cache",
+    "ConditionalFlow",
+    "conditional_flow_distribution",
+    "importance_log_weights",
+    "psis_khat",
+    "elbo_estimate",
+    "guide_draws",
+    "to_inference_data",
+    "flatten_draws",
+    "compare_draws",
+]
