@@ -35,23 +35,12 @@ import time
 import pyro.distributions as dist
 import torch
 
-from common import machine_line, markdown_table, pyro_peer, standard_normal, time_fn, write_result
+from common import (density_step, machine_line, make_data, markdown_table, pyro_peer, standard_normal,
+                    time_fn, write_result)
 
 import pyro_flows
-from pyro_flows.datasets import toy_sample
 
 PEERS = ("pyro.affine_autoregressive", "pyro.spline_autoregressive")
-
-
-def make_data(dim, n, seed):
-    if dim == 2:
-        return toy_sample("8gaussians", n, seed=seed)
-    g = torch.Generator().manual_seed(1234)  # the same rotation for every split
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    g = torch.Generator().manual_seed(seed)
-    sign = torch.randint(0, 2, (n, dim), generator=g) * 2 - 1
-    s = 1.5 * sign + 0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
-    return (s @ q / 1.58).float()
 
 
 def build(name, dim, layers, hidden):
@@ -68,15 +57,7 @@ def measure(name, dim, args):
     torch.manual_seed(0)
     module, d = build(name, dim, args.layers, args.hidden)
     train, test = make_data(dim, 20_000, seed=0), make_data(dim, 2000, seed=1)
-    opt = torch.optim.Adam(module.parameters(), lr=args.lr)
-    g = torch.Generator().manual_seed(0)
-
-    def step():
-        x = train[torch.randint(0, len(train), (256,), generator=g)]
-        loss = -d.log_prob(x).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    step = density_step(d, module, train, lr=args.lr)
 
     t0 = time.perf_counter()
     for _ in range(args.steps):

@@ -107,6 +107,37 @@ def pyro_peer(name, dim, num_layers=4, hidden=(64, 64)):
     return _pyro_stack(functools.partial(lambda d, f: f(d, hidden), f=PYRO_PEERS[name]), dim, num_layers)
 
 
+def make_data(dim, n, seed):
+    """Benchmark data in D dimensions: 8gaussians for D = 2; otherwise a fixed rotation of a product
+    of bimodal marginals (2^D well-separated modes), the same rotation for every split."""
+    from pyro_flows.datasets import toy_sample
+
+    if dim == 2:
+        return toy_sample("8gaussians", n, seed=seed)
+    g = torch.Generator().manual_seed(1234)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, (n, dim), generator=g) * 2 - 1
+    s = 1.5 * sign + 0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return (s @ q / 1.58).float()
+
+
+def density_step(d, module, train, batch=256, lr=1e-3, seed=0):
+    """A closure doing one maximum-likelihood Adam step of ``d`` on a random minibatch of ``train``."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+
+    def step():
+        x = train[torch.randint(0, len(train), (batch,), generator=g)]
+        loss = -d.log_prob(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def zuko_available():
     try:
         import zuko  # noqa: F401
