@@ -378,3 +378,34 @@ def check_cache_follows_updates(case: Case):
             "cached inverse outlived an in-place parameter change"
         )
         assert x1.shape == x2.shape
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. nothing is created on the default device or in the default dtype behind the user's back
+# ----------------------------------------------------------------------------------------------
+def check_default_device_and_dtype(case: Case):
+    """With the default device set to ``meta`` and the default dtype to float64, a float32 CPU flow
+    must still compute on CPU in float32: any tensor allocated without ``device=``/``dtype=`` would be
+    a meta (or float64) tensor and fail or leak into the result. This is the CPU stand-in for
+    ``torch.set_default_device("cuda")`` with a flow on another device."""
+    module = perturb(build(case, dtype=torch.float32), 0.3)
+    ctx = contexts((B,), dtype=torch.float32) if case.conditional else None
+    x = inputs((B,), dtype=torch.float32)
+    dtype, device = torch.get_default_dtype(), torch.get_default_device()
+    torch.set_default_dtype(torch.float64)
+    torch.set_default_device("meta")
+    try:
+        t = transform_of(case, module, ctx)
+        y = t(x)
+        lad = t.log_abs_det_jacobian(x, y)
+        x_rec = t.inv(fresh(y))
+        (y.sum() + lad.sum() + x_rec.sum()).backward()
+    except RuntimeError as e:
+        raise AssertionError(f"the flow allocated on the default device or dtype: {e}") from e
+    finally:
+        torch.set_default_device(device)
+        torch.set_default_dtype(dtype)
+    for out in (y, lad, x_rec):
+        assert out.device.type == "cpu" and out.dtype == torch.float32, (out.device, out.dtype)
+    for name, p in module.named_parameters():
+        assert p.grad is None or p.grad.device.type == "cpu", f"gradient of {name} left the CPU"

@@ -13,6 +13,7 @@ from conformance import (
     Case,
     check_bad_input,
     check_cache_follows_updates,
+    check_default_device_and_dtype,
     check_context,
     check_cuda,
     check_exact,
@@ -87,6 +88,11 @@ def test_persistence(case):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cache_follows_parameter_updates(case):
     check_cache_follows_updates(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_default_device_and_dtype_are_not_used(case):
+    check_default_device_and_dtype(case)
 
 
 @pytest.mark.cuda

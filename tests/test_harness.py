@@ -11,6 +11,7 @@ from pyro.distributions import transforms as T
 from conformance import (
     Case,
     check_context,
+    check_default_device_and_dtype,
     check_exact,
     check_float32,
     check_gradients,
@@ -64,6 +65,13 @@ class WrongGradient(T.AffineAutoregressive):
         return y.detach() + (x - x.detach())
 
 
+class DefaultDeviceAllocation(T.AffineAutoregressive):
+    """Allocates a tensor without ``device=``/``dtype=``: follows the default device, not the input."""
+
+    def _call(self, x):
+        return super()._call(x) + torch.zeros(x.shape[-1])
+
+
 def _arn(d):
     from pyro.nn import AutoRegressiveNN
 
@@ -76,8 +84,9 @@ def _arn(d):
         (WrongLogDet, lambda c: check_exact(c, 0.3), "log_abs_det_jacobian differs"),
         (WrongInverse, lambda c: check_exact(c, 0.3), r"f\.inv\(f\(x\)\)"),
         (WrongGradient, check_gradients, "gradient|derivative"),
+        (DefaultDeviceAllocation, check_default_device_and_dtype, "device"),
     ],
-    ids=["wrong-logdet", "wrong-inverse", "wrong-gradient"],
+    ids=["wrong-logdet", "wrong-inverse", "wrong-gradient", "default-device"],
 )
 def test_harness_catches_broken_transforms(cls, check, message):
     torch.set_default_dtype(torch.float64)
