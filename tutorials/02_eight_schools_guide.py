@@ -1,0 +1,130 @@
+"""Tutorial 2: a flow guide for a hierarchical model (eight schools), with diagnostics.
+
+Run:  python tutorials/02_eight_schools_guide.py                 (every family: several minutes on one core)
+      python tutorials/02_eight_schools_guide.py --smoke         (a few seconds)
+      python tutorials/02_eight_schools_guide.py --family qlf    (pick the family)
+
+The model
+---------
+Eight schools (Rubin 1981): school j reports a coaching effect y_j with standard error sigma_j; the true
+effects theta_j share a population mean mu and spread tau:
+
+    mu ~ Normal(0, 5),  tau ~ HalfCauchy(5),  theta_j = mu + tau * eta_j,  eta_j ~ Normal(0, 1),
+    y_j ~ Normal(theta_j, sigma_j).
+
+We use this *non-centred* form; the posterior over (mu, log tau, eta) is still skewed and has a funnel-like
+dependence between tau and the eta's, which a mean-field Gaussian (``AutoNormal``) cannot represent.
+
+The guides
+----------
+* ``AutoNormal``: independent Gaussians (Pyro's default);
+* ``AutoMultivariateNormal``: a full-covariance Gaussian;
+* ``pyro_flows.infer.AutoFlow(model, "<family>")``: ``z = loc + scale * f(eps)`` with ``f`` a stack of a
+  pyro_flows family (``pyro.infer.autoguide.AutoNormalizingFlow(model, functools.partial(pyro_flows.flow,
+  name, num_layers=4))`` also works; AutoFlow adds the affine layer and sensible initialisation).
+
+The diagnostics
+---------------
+* ELBO: the mean of the log importance weights ``log p(y, z) - log q(z)``, z ~ q: higher is better, and
+  ``log p(y) - ELBO = KL(q || posterior) >= 0``;
+* PSIS k-hat (Yao et al. 2018): the Pareto tail index of the importance weights: below 0.5 the guide is
+  good enough to be corrected by importance sampling, above 0.7 its estimates are unreliable;
+* ArviZ: guide draws as ``InferenceData`` (``pyro_flows.infer.to_inference_data``) for ``az.summary``.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+import pyro
+import pyro.distributions as dist
+import pyro_flows
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from pyro_flows.infer import AutoFlow, guide_draws, importance_log_weights, psis_khat, to_inference_data
+
+Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def model(y, sigma):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", y.shape[-1]):
+        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+        theta = pyro.deterministic("theta", mu + tau * eta)
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def train(guide, steps, lr):
+    """SVI with 4 vectorised particles per step (flows handle the (N, 1, D) particle batch)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)}), elbo)
+    for step in range(steps):
+        loss = svi.step(Y, SIGMA)
+        if step % max(1, steps // 4) == 0:
+            print(f"  step {step:4d}  ELBO {-loss:9.2f}")
+    return guide
+
+
+def diagnose(name, guide, num_samples):
+    with torch.no_grad():
+        lw = importance_log_weights(model, guide, Y, SIGMA, num_samples=num_samples, max_plate_nesting=1)
+        khat = psis_khat(log_weights=lw)
+        draws = guide_draws(model, guide, Y, SIGMA, num_samples=num_samples, sites=["mu", "tau", "theta"])
+    # self-normalised importance weights correct the guide's moments towards the exact posterior
+    w = torch.softmax(lw, 0)
+    tau_is = (w * draws["tau"]).sum().item()
+    return {"guide": name, "elbo": lw.mean().item(), "khat": khat, "mu": draws["mu"].mean().item(),
+            "tau": draws["tau"].mean().item(), "tau_is": tau_is, "draws": draws}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny run to check that everything works")
+    p.add_argument("--family", default=None, help="pyro_flows family (default: every registered one)")
+    p.add_argument("--steps", type=int, default=None, help="SVI steps (default 500; 5 with --smoke)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    steps = args.steps or (5 if args.smoke else 500)
+    n = 100 if args.smoke else 2000
+    families = [args.family] if args.family else list(pyro_flows.FLOWS)
+    guides = [("AutoNormal", lambda: AutoNormal(model), 3e-2),
+              ("AutoMultivariateNormal", lambda: AutoMultivariateNormal(model), 1e-2)]
+    for f in families:
+        guides.append((f"AutoFlow({f})", lambda f=f: AutoFlow(model, f, num_layers=2 if args.smoke else 4), 1e-2))
+    results = []
+    for name, make, lr in guides:
+        print(f"{name}:")
+        t0 = time.perf_counter()
+        guide = train(make(), steps, lr)
+        r = diagnose(name, guide, n)
+        r["seconds"] = time.perf_counter() - t0
+        results.append(r)
+    print("\n| guide | ELBO | PSIS k-hat | E[mu] | E[tau] | E[tau] importance-corrected | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['guide']} | {r['elbo']:.2f} | {r['khat']:.2f} | {r['mu']:.2f} | {r['tau']:.2f} | "
+              f"{r['tau_is']:.2f} | {r['seconds']:.1f} |")
+    print("\nk-hat < 0.5: good; 0.5-0.7: usable; > 0.7: unreliable. The reference posterior (posteriordb, "
+          "10,000 NUTS draws) has E[mu] about 4.4 and E[tau] about 3.6.")
+
+    # ArviZ: summary statistics of the best guide's draws (4 pseudo-chains of independent draws)
+    best = max(results, key=lambda r: r["elbo"])
+    try:
+        import arviz as az
+
+        idata = to_inference_data({k: v for k, v in best["draws"].items()})
+        print(f"\nArviZ summary of {best['guide']} (the highest ELBO):")
+        print(az.summary(idata, var_names=["mu", "tau"], kind="stats").to_string())
+    except ImportError:
+        print("(install arviz for the summary table)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
