@@ -188,7 +188,8 @@ def fit_density(name, train, test, steps=500, num_layers=4, batch_size=256, lr=5
     for step in range(steps):
         idx = torch.randint(0, train.shape[0], (batch_size,), generator=gen).to(train.device)
         loss = -model.log_prob(train[idx]).mean()
-        if not torch.isfinite(loss):
+        value = loss.item()  # the one host sync per step: the progress bar and the finiteness check
+        if not math.isfinite(value):
             status = f"non-finite loss at step {step}"
             break
         opt.zero_grad()
@@ -202,10 +203,10 @@ def fit_density(name, train, test, steps=500, num_layers=4, batch_size=256, lr=5
             frac = max(frac, (time.perf_counter() - t0) / time_budget)
         for group in opt.param_groups:
             group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        losses.append(loss.item())
+        losses.append(value)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(nll=f"{losses[-1]:.3f}")
+            bar.set_postfix(nll=f"{value:.3f}")
         if time_budget and time.perf_counter() - t0 > time_budget and step + 1 < steps:
             status = f"time share ({time_budget:.1f}s) used"
             break
