@@ -16,7 +16,7 @@ import torch
 
 from ..validation import check_dim
 
-__all__ = ["quasi_autoregressive_degrees", "quasi_autoregressive_masks"]
+__all__ = ["quasi_autoregressive_degrees", "quasi_autoregressive_masks", "autoregressive_masks"]
 
 
 def quasi_autoregressive_degrees(input_dim: int, hidden_dims):
@@ -52,3 +52,30 @@ def quasi_autoregressive_masks(input_dim: int, hidden_dims, context_dim: int = 0
             m = torch.cat([m, torch.ones(m.shape[0], context_dim, dtype=m.dtype)], dim=1)
         masks.append(m)
     return masks, degrees
+
+
+def autoregressive_masks(input_dim: int, hidden_dims, context_dim: int = 0,
+                         output_multiplier: int = 1):
+    """Masks (``out x in``) of a *strictly* autoregressive (MADE) network ``R^D -> R^(D * m)``.
+
+    Output ``k * D + i`` (for ``k < output_multiplier``) depends on inputs ``j < i`` only (output ``0``
+    is a constant: its bias). Hidden units get degrees ``0 .. D - 2`` cyclically; ``context_dim``
+    extra inputs (appended after the D inputs) are visible to every first-layer unit.
+    """
+    input_dim = check_dim(input_dim, "input_dim")
+    top = max(input_dim - 1, 1)
+    degrees = [torch.arange(input_dim)]
+    for h in hidden_dims:
+        degrees.append(torch.arange(check_dim(h, "hidden dim")) % top)
+    out_deg = torch.arange(input_dim).repeat(check_dim(output_multiplier, "output_multiplier"))
+    masks = []
+    for l in range(1, len(degrees)):
+        m = (degrees[l][:, None] >= degrees[l - 1][None, :]).to(torch.get_default_dtype())
+        if l == 1 and context_dim:
+            m = torch.cat([m, torch.ones(m.shape[0], context_dim, dtype=m.dtype)], dim=1)
+        masks.append(m)
+    last = (out_deg[:, None] > degrees[-1][None, :]).to(torch.get_default_dtype())
+    if len(degrees) == 1 and context_dim:
+        last = torch.cat([last, torch.ones(last.shape[0], context_dim, dtype=last.dtype)], dim=1)
+    masks.append(last)
+    return masks

@@ -8,7 +8,7 @@ Every family follows Pyro's three-class pattern:
 
 :class:`FlowTransform` validates what comes in (event size, dtype, device) in one place, so every
 family raises the same ``ValueError`` naming expected and actual sizes. Families implement
-``_call``, ``_inverse`` and ``_log_abs_det_jacobian``.
+``_call_and_ladj`` and ``_inverse_and_ladj`` (see :class:`FlowTransform`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,25 @@ __all__ = ["FlowTransform", "ConditionalFlowModule", "Permute"]
 
 
 class FlowTransform(Transform):
-    """A bijection of R^D (``event_dim=1``) with input validation.
+    """A bijection of R^D (``event_dim=1``) with input validation and one map-and-log-det protocol.
 
-    Subclasses set ``self.input_dim`` (via ``__init__``) and implement ``_call``, ``_inverse`` and
-    ``_log_abs_det_jacobian(x, y)``. When built from a context (``Conditional<X>.condition``) they
-    store it in ``self._context`` so inputs are checked against its dtype and device.
+    **The protocol.** A family implements two methods, each returning the map *and* the forward
+    log-determinant computed in the same pass (zuko's ``call_and_ladj`` is the model):
+
+    * ``_call_and_ladj(x) -> (y, log|det dy/dx|)`` (Pyro's direction: base noise to data);
+    * ``_inverse_and_ladj(y) -> (x, log|det dy/dx| at that x)`` (the *forward* log-det, so
+      ``log_abs_det_jacobian(x, y)`` is the same quantity whichever direction produced the pair).
+
+    Everything else is derived here: ``__call__``/``_inv_call`` validate the input, consult the
+    cache and remember the log-det of the pair they produced, so ``log_abs_det_jacobian(x, y)`` on
+    that very pair (as in ``TransformedDistribution.log_prob`` right after the inverse) costs nothing.
+    For any other pair, ``_log_abs_det_jacobian(x, y)`` computes it; the default runs
+    ``_call_and_ladj(x)``, and a family whose inverse is the cheap direction overrides it.
+
+    The public :meth:`call_and_ladj` and :meth:`inverse_and_ladj` give both at once.
+
+    When built from a context (``Conditional<X>.condition``) a transform stores it in
+    ``self._context`` so inputs are checked against its dtype and device.
     """
 
     domain = constraints.independent(constraints.real, 1)
@@ -40,6 +54,32 @@ class FlowTransform(Transform):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_dim(input_dim, "input_dim")
         self._context = context
+
+    # -- the protocol (families implement these two) -------------------------------------------
+    # TRANSITIONAL (remove when every family implements the protocol): a family that still
+    # overrides ``_call``/``_inverse`` gets ``ladj=None`` here, and the log-det comes from its
+    # ``_remember_logdet`` record or ``_log_abs_det_jacobian``.
+    def _call_and_ladj(self, x: torch.Tensor):
+        if type(self)._call is FlowTransform._call:
+            raise NotImplementedError(f"{type(self).__name__} must implement _call_and_ladj")
+        return self._call(x), None
+
+    def _inverse_and_ladj(self, y: torch.Tensor):
+        if type(self)._inverse is FlowTransform._inverse:
+            raise NotImplementedError(f"{type(self).__name__} must implement _inverse_and_ladj")
+        return self._inverse(y), None
+
+    def _remember_logdet(self, x, y, logdet):  # TRANSITIONAL, see above
+        self._remember(x, y, logdet)
+
+    def _call(self, x):
+        return self._call_and_ladj(x)[0]
+
+    def _inverse(self, y):
+        return self._inverse_and_ladj(y)[0]
+
+    def _log_abs_det_jacobian(self, x, y):
+        return self._call_and_ladj(x)[1]
 
     # -- validation -------------------------------------------------------------------------
     def _reference(self) -> torch.Tensor | None:
@@ -56,12 +96,19 @@ class FlowTransform(Transform):
     # Pyro's ``cache_size=1`` returns the cached output whenever the *same* tensor object comes
     # again. In full-batch training (one data tensor, many optimiser steps) that hands back the
     # previous parameters' output with a freed graph ("backward through the graph a second time"),
-    # or, under ``torch.no_grad()``, a silently stale value. Here a cache entry also records the
-    # version counters of the parameters it was computed with (the module's own, or those of the
-    # conditional module that built this transform), and any in-place update (``optimizer.step()``,
-    # ``load_state_dict``) invalidates it. Updates written through ``p.data`` bypass version
-    # counters (Pyro's ``ClippedAdam`` does this): with such optimisers pass fresh tensors or use
-    # ``cache_size=0``.
+    # or, under ``torch.no_grad()``, a silently stale value. Here an entry is keyed on
+    #   * the parameter version counters (the module's own, or those of the conditional module that
+    #     built this transform): an optimiser step or ``load_state_dict`` invalidates it;
+    #   * the version counters of both tensors of the pair: an in-place edit of either
+    #     (``z.add_(1)``) invalidates it;
+    #   * the grad mode: a result computed under ``torch.no_grad()`` carries no graph and is never
+    #     handed to a caller that needs one.
+    # Updates written through ``p.data`` bypass version counters (Pyro's ``ClippedAdam`` does
+    # this): with such optimisers pass fresh tensors or use ``cache_size=0``.
+    #
+    # One record, ``(x, y, ladj, key)``, serves both the cache (``cache_size=1``: the inverse of the
+    # last output is the last input) and the log-det of the last pair (always, whatever the
+    # ``cache_size``), so nothing is computed twice.
     _owner = None  # the ConditionalFlowModule that built this transform, if any
 
     def _signature(self):
@@ -70,67 +117,69 @@ class FlowTransform(Transform):
             return ()
         return tuple(p._version for p in owner.parameters())
 
-    def _cache_lookup(self, tensor, position):
-        """The cached partner of ``tensor`` (``position`` 0: an input, 1: an output), or ``None``."""
-        if self._cache_size == 0:
+    def _key(self, x, y):
+        return (x._version, y._version, torch.is_grad_enabled(), self._signature())
+
+    def _remember(self, x, y, ladj):
+        if ladj is None:  # TRANSITIONAL: keep a log-det recorded by _remember_logdet for this pair
+            last = self.__dict__.get("_last_pair")
+            if last is not None and last[0] is x and last[1] is y:
+                ladj = last[2]
+        self.__dict__["_last_pair"] = (x, y, ladj, self._key(x, y))
+
+    def _lookup(self, tensor, position):
+        """The remembered pair if ``tensor`` is its element ``position`` (0: x, 1: y) and still valid."""
+        last = self.__dict__.get("_last_pair")
+        if last is None or last[position] is not tensor:
             return None
-        signature = self._signature()
-        if self.__dict__.get("_cache_signature") != signature:
-            self._cached_x_y = (None, None)
-            self.__dict__["_cache_signature"] = signature
+        if self._key(last[0], last[1]) != last[3]:
             return None
-        cached = self._cached_x_y
-        if tensor is cached[position]:
-            return cached[1 - position]
-        return None
+        return last
 
     def __call__(self, x):
         self._check(x, "input")
-        hit = self._cache_lookup(x, 0)
-        if hit is not None:
-            return hit
-        y = self._call(x)
         if self._cache_size:
-            self._cached_x_y = x, y
+            hit = self._lookup(x, 0)
+            if hit is not None:
+                return hit[1]
+        y, ladj = self._call_and_ladj(x)
+        self._remember(x, y, ladj)
         return y
 
     def _inv_call(self, y):
         self._check(y, "inverse input")
-        hit = self._cache_lookup(y, 1)
-        if hit is not None:
-            return hit
-        x = self._inverse(y)
         if self._cache_size:
-            self._cached_x_y = x, y
+            hit = self._lookup(y, 1)
+            if hit is not None:
+                return hit[0]
+        x, ladj = self._inverse_and_ladj(y)
+        self._remember(x, y, ladj)
         return x
 
-    def _remember_logdet(self, x, y, logdet):
-        """Keep the forward log-det computed alongside ``_call``/``_inverse`` for that same pair.
+    def call_and_ladj(self, x: torch.Tensor):
+        """``(y, log|det dy/dx|)`` for ``y = self(x)``, computed in one pass."""
+        y = self(x)
+        return y, self.log_abs_det_jacobian(x, y)
 
-        ``log_abs_det_jacobian(x, y)`` returns it when called with these very tensors and unchanged
-        parameters (as in ``TransformedDistribution.log_prob`` right after the inverse), and
-        recomputes it otherwise.
-        """
-        self.__dict__["_logdet_memo"] = (x, y, logdet, self._signature())
+    def inverse_and_ladj(self, y: torch.Tensor):
+        """``(x, log|det dy/dx|)`` for ``x = self.inv(y)``: the *forward* log-det at that pair."""
+        x = self._inv_call(y)
+        return x, self.log_abs_det_jacobian(x, y)
 
     def log_abs_det_jacobian(self, x, y):
         self._check(x, "input")
         self._check(y, "output")
-        memo = self.__dict__.get("_logdet_memo")
-        if memo is not None and memo[0] is x and memo[1] is y and memo[3] == self._signature():
-            return memo[2]
+        last = self._lookup(x, 0)
+        if last is not None and last[1] is y and last[2] is not None:
+            return last[2]
         return self._log_abs_det_jacobian(x, y)
-
-    def _log_abs_det_jacobian(self, x, y):
-        raise NotImplementedError
 
     # TransformModule subclasses are nn.Modules; keep the Transform cache out of pickles/state
     def __getstate__(self):
         state = super().__getstate__()
         if "_cached_x_y" in state:
             state["_cached_x_y"] = (None, None)
-        state.pop("_cache_signature", None)
-        state.pop("_logdet_memo", None)
+        state.pop("_last_pair", None)
         return state
 
 
@@ -183,11 +232,11 @@ class Permute(FlowTransform, TransformModule):
             )
         return x
 
-    def _call(self, x):
-        return x.index_select(-1, self.permutation)
+    def _call_and_ladj(self, x):
+        return x.index_select(-1, self.permutation), x.new_zeros(x.shape[:-1])
 
-    def _inverse(self, y):
-        return y.index_select(-1, self.inv_permutation)
+    def _inverse_and_ladj(self, y):
+        return y.index_select(-1, self.inv_permutation), y.new_zeros(y.shape[:-1])
 
     def _log_abs_det_jacobian(self, x, y):
         return x.new_zeros(x.shape[:-1])
