@@ -42,6 +42,8 @@ class FlowSpec:
         permutation: what ``flow()`` puts between layers by default: ``"reverse"``, ``"random"``
             or ``None`` (the family mixes coordinates itself).
         test_kwargs: small keyword arguments the conformance suite uses to keep it fast.
+        has_single_pass: the family's two directions differ in cost and its constructors accept the
+            direction switch ``single_pass`` (see :data:`pyro_flows.validation.SINGLE_PASS`).
     """
 
     name: str
@@ -49,16 +51,19 @@ class FlowSpec:
     conditional: Callable
     permutation: str | None = "reverse"
     test_kwargs: dict = field(default_factory=dict)
+    has_single_pass: bool = False
 
 
 _REGISTRY: dict[str, FlowSpec] = {}
 
 
-def register_flow(name, constructor, conditional, *, permutation="reverse", test_kwargs=None):
+def register_flow(name, constructor, conditional, *, permutation="reverse", test_kwargs=None,
+                  has_single_pass=False):
     """Register a family. Called by the family modules at import time."""
     if permutation not in _PERMUTATIONS:
         raise ValueError(f"permutation must be one of {_PERMUTATIONS}, got {permutation!r}")
-    spec = FlowSpec(name, constructor, conditional, permutation, dict(test_kwargs or {}))
+    spec = FlowSpec(name, constructor, conditional, permutation, dict(test_kwargs or {}),
+                    bool(has_single_pass))
     _REGISTRY[name] = spec
     return spec
 

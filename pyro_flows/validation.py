@@ -18,7 +18,22 @@ __all__ = [
     "check_like",
     "check_finite",
     "broadcast_context",
+    "SINGLE_PASS",
+    "check_single_pass",
 ]
+
+#: values of the direction switch ``single_pass`` that every family whose two directions differ in
+#: cost accepts: ``"log_prob"`` makes the inverse (data -> noise, ``log_prob`` of external data) the
+#: single-pass direction, for density estimation; ``"sample"`` makes ``_call`` (noise -> data,
+#: ``rsample`` and ``log_prob`` of the flow's own samples) single-pass, for guides.
+SINGLE_PASS = ("log_prob", "sample")
+
+
+def check_single_pass(value) -> str:
+    """Check the direction switch ``single_pass`` (one of :data:`SINGLE_PASS`) and return it."""
+    if value not in SINGLE_PASS:
+        raise ValueError(f"single_pass must be one of {SINGLE_PASS}, got {value!r}")
+    return value
 
 
 def check_dim(value, name: str, minimum: int = 1) -> int:
