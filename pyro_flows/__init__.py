@@ -2,7 +2,8 @@
 
 Public names: ``FLOWS`` (the registered family names), ``flow(name, input_dim, num_layers=...,
 context_dim=None, **kwargs)`` and, for each family ``F`` in ``FLOWS``, the constructors ``F(input_dim,
-**kwargs)`` and ``conditional_F(input_dim, context_dim, **kwargs)``.
+**kwargs)`` and ``conditional_F(input_dim, context_dim, **kwargs)``, with the family's classes
+``<X>`` (a ``TransformModule``) and ``Conditional<X>`` (a ``ConditionalTransformModule``) beside them.
 
 Example:
     >>> import torch, pyro.distributions as dist, pyro_flows
@@ -13,19 +14,63 @@ Example:
 """
 
 from ._version import __version__
-from . import transforms as _transforms  # noqa: F401  (imports the families; they register)
-from .registry import flow, get_flow, registered_flows
+from .registry import get_flow, registered_flows
+from .stacking import flow
+from .transforms.autm import (
+    AUTMAutoregressive,
+    AUTMCoupling,
+    ConditionalAUTMAutoregressive,
+    ConditionalAUTMCoupling,
+    autm_autoregressive,
+    autm_coupling,
+    conditional_autm_autoregressive,
+    conditional_autm_coupling,
+)
+from .transforms.monotone import (
+    ConditionalMonotone,
+    Monotone,
+    conditional_monotone,
+    monotone,
+)
+from .transforms.qlf import QLF, ConditionalQLF, conditional_qlf, qlf
+from .transforms.quar import ConditionalQuAR, QuAR, conditional_quar, quar
+from .transforms.sinusoidal import (
+    ConditionalSinusoidal,
+    Sinusoidal,
+    conditional_sinusoidal,
+    sinusoidal,
+)
 
+#: the registered family names, in the order of DESIGN.md.
 FLOWS = registered_flows()
 
-
-def _export():
-    for name in FLOWS:
-        spec = get_flow(name)
-        globals()[name] = spec.constructor
-        globals()["conditional_" + name] = spec.conditional
-
-
-_export()
-
-__all__ = ["__version__", "FLOWS", "flow"] + [n for f in FLOWS for n in (f, "conditional_" + f)]
+__all__ = [
+    "FLOWS",
+    "QLF",
+    "AUTMAutoregressive",
+    "AUTMCoupling",
+    "ConditionalAUTMAutoregressive",
+    "ConditionalAUTMCoupling",
+    "ConditionalMonotone",
+    "ConditionalQLF",
+    "ConditionalQuAR",
+    "ConditionalSinusoidal",
+    "Monotone",
+    "QuAR",
+    "Sinusoidal",
+    "__version__",
+    "autm_autoregressive",
+    "autm_coupling",
+    "conditional_autm_autoregressive",
+    "conditional_autm_coupling",
+    "conditional_monotone",
+    "conditional_qlf",
+    "conditional_quar",
+    "conditional_sinusoidal",
+    "flow",
+    "get_flow",
+    "monotone",
+    "qlf",
+    "quar",
+    "sinusoidal",
+]

@@ -29,6 +29,28 @@ ATOL_INV = 1e-6
 ATOL_LOGDET = 1e-6
 
 
+# ----------------------------------------------------------------------------------------------
+# cases that fail until the family branches are merged (the coordinator empties these after the
+# merge; each entry is checked with ``xfail(strict=True)``, so a fixed case turns the run red until
+# it is removed here)
+# ----------------------------------------------------------------------------------------------
+PENDING_REASON = "bounded-conditioning fix pending merge"
+PENDING_REASON_API = "family constructor fix pending merge"
+#: family constructors that do not accept ``cache_size`` yet (``flow(name, D, cache_size=0)``);
+#: entries are ``"<family>"`` or ``"conditional_<family>"``.
+PENDING_CACHE_SIZE: set = {
+    "autm_autoregressive",
+    "conditional_autm_autoregressive",
+    "autm_coupling",
+    "conditional_autm_coupling",
+    "conditional_qlf",
+}
+#: check 8 (default sizes, moved parameters): ``"<case>-D<d>-s<s>"``.
+PENDING_BOUNDED: set = set()
+#: GPU-ready checks (tests/test_gpu_ready.py): ``"<family>-<single_pass>-<check>"``.
+PENDING_GPU_READY: set = set()
+
+
 @dataclass
 class Case:
     name: str

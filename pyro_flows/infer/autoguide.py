@@ -47,6 +47,20 @@ written through ``p.data``, as Pyro's ``ClippedAdam`` does, bypass those counter
 clearing covers every optimiser and Pyro's built-in transforms too.) Code that keeps a distribution
 object alive across optimiser steps should call :func:`clear_transform_cache` after each step.
 
+Saving and loading. ``pyro.get_param_store().save(path)`` then, in a new session,
+``pyro.get_param_store().load(path)`` and a new ``AutoFlow`` with the same model and flow: the guide
+takes the trained tensors from the store when it builds its flow (its first call). Pyro's own
+``AutoNormalizingFlow`` does not: ``pyro.module`` keeps the freshly initialised flow and leaves the
+trained tensors unused in the store, silently. Its recipe is to build the guide with one call, then
+swap the stored tensors in::
+
+    pyro.get_param_store().load(path)
+    guide = AutoNormalizingFlow(model, init_transform_fn)
+    guide(*args)  # builds guide.transform
+    pyro.module("AutoNormalizingFlow.transform", guide.transform, update_module_params=True)
+
+(or save and load ``guide.state_dict()`` with ``torch.save`` / ``guide.load_state_dict``).
+
 References:
     Rezende and Mohamed, "Variational inference with normalizing flows", ICML 2015.
     Kingma et al., "Improved variational inference with inverse autoregressive flow", NeurIPS 2016.
@@ -58,16 +72,18 @@ from __future__ import annotations
 import numbers
 import weakref
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import AffineTransform, ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.params import param_with_module_name
 from pyro.distributions import constraints
 from torch.distributions import Transform, biject_to
 
-from ..registry import flow as _stack_flow
+from ..stacking import flow as _stack_flow
 from ..registry import get_flow
 
 __all__ = ["AutoFlow", "clear_transform_cache", "make_flow"]
@@ -158,6 +174,26 @@ def make_flow(flow, input_dim: int, num_layers: int = 4, context_dim: int | None
     raise ValueError(f"flow must be a family name or a callable, got {type(flow).__name__}")
 
 
+def _load_from_param_store(name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Make ``module`` use the tensors the param store holds under ``name`` (after ``load``).
+
+    Pyro registers a plain ``nn.Module`` inside a guide with ``pyro.module(name, module)``, which
+    puts *new* parameters in the store but leaves the module's own tensors in place when the store
+    already holds trained ones: after ``pyro.get_param_store().load(...)`` a freshly built guide
+    would silently keep its untrained flow. ``update_module_params=True`` swaps the stored tensors
+    into the module; a stored tensor of another shape (a different model or flow) is an error.
+    """
+    store = pyro.get_param_store()
+    for pname, p in module.named_parameters():
+        key = param_with_module_name(name, pname)
+        if key in store and store[key].shape != p.shape:
+            raise ValueError(
+                f"the param store holds {key!r} with shape {tuple(store[key].shape)}, but the flow "
+                f"built here has shape {tuple(p.shape)}; clear the store or build the same flow"
+            )
+    return pyro.module(name, module, update_module_params=True)
+
+
 class AutoFlow(AutoContinuous):
     """A normalizing-flow guide over all continuous latents: ``z = loc + scale * f(eps)``.
 
@@ -227,6 +263,7 @@ class AutoFlow(AutoContinuous):
             module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **self._flow_kwargs)
         if isinstance(module, torch.nn.Module):
             module = module.to(device=init_loc.device, dtype=init_loc.dtype)
+            _load_from_param_store(self._pyro_get_fullname("transform"), module)
         self.transform = module
 
     def get_base_dist(self):
