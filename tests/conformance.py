@@ -402,6 +402,54 @@ def check_cache_follows_updates(case: Case):
         assert x1.shape == x2.shape
 
 
+def check_cache_follows_input_edits(case: Case):
+    """An in-place edit of the input (``z.add_(1)``) is seen: ``log_prob(z)`` gives the new value."""
+    module = perturb(build(case), 0.3)
+    ctx = contexts((B,)) if case.conditional else None
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), torch.ones(D, dtype=torch.float64)).to_event(1)
+    d = dist.TransformedDistribution(base, [transform_of(case, module, ctx)])
+    with torch.no_grad():
+        z = d.sample()  # fills the cache with (x, z)
+        before = d.log_prob(z)
+        z.add_(1.0)
+        after = d.log_prob(z)
+        expected = d.log_prob(fresh(z))
+    assert torch.allclose(after, expected, atol=1e-8), (
+        f"log_prob after an in-place edit of its input is {after.tolist()}, expected {expected.tolist()}"
+    )
+    assert not torch.allclose(after, before), "the in-place edit did not change log_prob"
+    # the forward direction too: y = t(x), x.add_(1), t(x) is recomputed
+    t = transform_of(case, module, ctx)
+    with torch.no_grad():
+        x = inputs((B,))
+        t(x)
+        x.add_(1.0)
+        assert torch.allclose(t(x), t(fresh(x)), atol=1e-10), "t(x) after x.add_(1) came from the cache"
+
+
+def check_cache_follows_grad_mode(case: Case):
+    """``log_prob(z)`` under ``no_grad`` then with gradients on the same tensor carries a graph."""
+    module = perturb(build(case), 0.3)
+    ctx = contexts((B,)) if case.conditional else None
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), torch.ones(D, dtype=torch.float64)).to_event(1)
+    d = dist.TransformedDistribution(base, [transform_of(case, module, ctx)])
+    z = inputs((B,))
+    with torch.no_grad():
+        no_graph = d.log_prob(z)
+    lp = d.log_prob(z)
+    assert lp.requires_grad and lp.grad_fn is not None, "log_prob with gradients on returned no graph"
+    assert torch.allclose(lp.detach(), no_graph, atol=1e-10)
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(lp.sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in grads), "no gradient reaches the parameters"
+    # and the forward direction
+    t = transform_of(case, module, ctx)
+    x = inputs((B,), seed=8)
+    with torch.no_grad():
+        t(x)
+    assert t(x).requires_grad, "t(x) with gradients on came from a no_grad cache entry"
+
+
 # ----------------------------------------------------------------------------------------------
 # 9. nothing is created on the default device or in the default dtype behind the user's back
 # ----------------------------------------------------------------------------------------------

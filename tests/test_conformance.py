@@ -16,6 +16,8 @@ from conformance import (
     contexts,
     inputs,
     check_bad_input,
+    check_cache_follows_grad_mode,
+    check_cache_follows_input_edits,
     check_cache_follows_updates,
     check_default_device_and_dtype,
     check_context,
@@ -92,6 +94,16 @@ def test_persistence(case):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cache_follows_parameter_updates(case):
     check_cache_follows_updates(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cache_follows_input_edits(case):
+    check_cache_follows_input_edits(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cache_follows_grad_mode(case):
+    check_cache_follows_grad_mode(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
