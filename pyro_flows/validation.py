@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from pyro.distributions import is_validation_enabled
 
 __all__ = [
     "check_dim",
@@ -62,9 +63,21 @@ def check_event(x, expected: int, name: str = "input") -> torch.Tensor:
     return x
 
 
-def check_context(context, expected: int, name: str = "context") -> torch.Tensor:
-    """Check a context tensor: floating point, last dimension ``expected``."""
-    return check_event(context, expected, name=name)
+def check_context(context, expected: int, name: str = "context", finite: bool | None = None) -> torch.Tensor:
+    """Check a context tensor: floating point, last dimension ``expected``, and finite.
+
+    The finiteness check reads the tensor's values back to the host (a synchronisation on a GPU),
+    so it follows Pyro's convention for argument checks: it runs when ``finite=True``, or, with the
+    default ``finite=None``, when Pyro's validation is on
+    (:func:`pyro.distributions.is_validation_enabled`, on by default). Turn it off for speed with
+    ``pyro.enable_validation(False)`` once the pipeline is known to be clean.
+    """
+    check_event(context, expected, name=name)
+    if finite is None:
+        finite = is_validation_enabled()
+    if finite:
+        check_finite(context, name=name)
+    return context
 
 
 def check_like(x: torch.Tensor, ref: torch.Tensor | None, name: str = "input") -> torch.Tensor:
@@ -85,12 +98,16 @@ def check_like(x: torch.Tensor, ref: torch.Tensor | None, name: str = "input") -
 
 
 def check_finite(x: torch.Tensor, name: str = "input") -> torch.Tensor:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (used before iterative solves)."""
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (used before iterative solves).
+
+    One host synchronisation (the ``bool`` of a reduction); the count in the message is computed
+    only when the check fails.
+    """
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(
             f"{name}: expected finite values, got {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
-            f"(shape {tuple(x.shape)}); an iterative inverse cannot be computed for them"
+            f"(shape {tuple(x.shape)})"
         )
     return x
 

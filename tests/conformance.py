@@ -331,6 +331,33 @@ def check_bad_input(case: Case):
         assert not torch.isfinite(out[0]).all(), "a NaN input produced a finite output"
 
 
+def check_bad_context(case: Case):
+    """A NaN or infinite context raises a ``ValueError`` naming the context while Pyro's validation
+    is on; with validation off nothing is checked (no host synchronisation)."""
+    import pyro
+
+    module = build(case)
+    x = inputs((B,))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        ctx = contexts((B,))
+        ctx[1, 0] = value
+        try:
+            t = module.condition(ctx)
+            t(x)
+            t.inv(fresh(x))
+        except ValueError as e:
+            assert "context" in str(e), f"the error for a {value} context does not name the context: {e}"
+        else:
+            raise AssertionError(f"no ValueError for a context holding {value}")
+    ctx = contexts((B,))
+    ctx[1, 0] = float("nan")
+    pyro.enable_validation(False)
+    try:
+        module.condition(ctx)  # no check, no error: the user asked for speed
+    finally:
+        pyro.enable_validation(True)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. persistence and devices
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from conformance import (
     Case,
     contexts,
     inputs,
+    check_bad_context,
     check_bad_input,
     check_cache_follows_grad_mode,
     check_cache_follows_input_edits,
@@ -84,6 +85,11 @@ def test_gradients(case):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_bad_input(case):
     check_bad_input(case)
+
+
+@pytest.mark.parametrize("case", CONDITIONAL, ids=str)
+def test_bad_context(case):
+    check_bad_context(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -683,3 +683,17 @@ def test_cache_size_reaches_autoflow_and_conditional_flow(name):
     t = cf.flow.condition(torch.randn(5, 3))
     assert all(p._cache_size == 0 for p in t.parts)
     assert cf.condition(torch.randn(5, 3)).log_prob(torch.randn(5, 2)).shape == (5,)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conditional_flow_rejects_non_finite_context(name):
+    cf = conditional_flow(name, 2, 3)
+    ctx = torch.randn(5, 3)
+    ctx[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="ConditionalFlow context: expected finite values"):
+        cf.condition(ctx)
+    ctx[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="context"):
+        cf.condition(ctx)
+    with pytest.raises(ValueError, match="context: expected event size 3"):
+        cf.condition(torch.randn(5, 4))

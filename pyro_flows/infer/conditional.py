@@ -13,6 +13,11 @@ so it can be used directly at a ``pyro.sample`` site inside a plate over context
 * conditional density estimation in a model:
   ``with pyro.plate("data", N): pyro.sample("y", cflow.condition(x), obs=y)``.
 
+Contexts are checked where they enter (``condition``): a wrong size names the expected and actual
+sizes, and a NaN or infinite context raises ``ValueError`` naming the context while Pyro's validation
+is enabled (the default; the check reads the values back to the host, so
+``pyro.enable_validation(False)`` skips it for speed).
+
 Register it with ``pyro.module("name", cflow)`` in the model or guide so SVI trains its parameters.
 
 By default (``affine=True``) a learnable conditional affine layer follows the flow:
@@ -41,6 +46,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.transforms import AffineTransform
 
 from ..distributions import ConditionalTransformedDistribution
+from ..validation import check_context
 from .autoguide import make_flow
 
 __all__ = ["ConditionalFlow", "ConditionalAffine", "conditional_flow_distribution"]
@@ -70,8 +76,7 @@ class ConditionalAffine(ConditionalTransformModule):
         torch.nn.init.zeros_(self.net.bias)
 
     def condition(self, context):
-        if context.shape[-1:] != (self.context_dim,):
-            raise ValueError(f"expected a context of size {self.context_dim}, got shape {tuple(context.shape)}")
+        check_context(context, self.context_dim, name="ConditionalAffine context")
         loc, log_scale = self.net(context).split(self.input_dim, dim=-1)
         return AffineTransform(loc, log_scale.exp(), event_dim=1)
 
@@ -127,9 +132,7 @@ class ConditionalFlow(torch.nn.Module):
     def _check_context(self, context):
         if not isinstance(context, torch.Tensor):
             raise ValueError(f"context must be a tensor, got {type(context).__name__}")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(f"expected a context of size {self.context_dim} in its last dimension, "
-                             f"got shape {tuple(context.shape)}")
+        check_context(context, self.context_dim, name="ConditionalFlow context")
 
     def condition(self, context: torch.Tensor) -> dist.TransformedDistribution:
         """``q(. | context)`` with batch shape ``context.shape[:-1]`` and event shape ``(D,)``."""

@@ -192,6 +192,8 @@ class ConditionalFlowModule(ConditionalTransformModule):
         self.context_dim = check_dim(context_dim, "context_dim")
 
     def condition(self, context: torch.Tensor) -> FlowTransform:
+        """The transform for ``context``, after checking it (see :func:`~pyro_flows.validation.check_context`:
+        size, dtype and device always; finiteness while Pyro's validation is enabled)."""
         name = f"{type(self).__name__} context"
         check_context(context, self.context_dim, name=name)
         for p in self.parameters():
