@@ -88,6 +88,18 @@ def _check_on_fail(on_fail):
         raise ValueError(f"on_fail must be one of {ON_FAIL}, got {on_fail!r}")
 
 
+def _refuse_jit_trace(name):
+    """An iterative solve cannot be recorded by ``torch.jit.trace`` (e.g. Pyro's ``JitTrace_ELBO``):
+    the trace would freeze the iteration count and every convergence test at their trace-time
+    values, so the replay would return unconverged results silently."""
+    if torch.jit.is_tracing():
+        raise SolverError(
+            f"{name}: an iterative inverse cannot be traced by torch.jit (JitTrace_ELBO, "
+            "torch.jit.trace): the trace would freeze its iteration count. Use Trace_ELBO, or build "
+            "the flow so this direction is single-pass (single_pass='sample' for a guide)"
+        )
+
+
 def _report(name, converged, residual, iterations, tol, on_fail):
     info = SolverInfo(iterations, residual, converged)
     if converged or on_fail == "ignore":
@@ -147,6 +159,7 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
         :func:`implicit_monotone_root` on the result.
     """
     _check_on_fail(on_fail)
+    _refuse_jit_trace("monotone_root")
     target = check_finite(target.detach(), "monotone_root target")
     tol = default_tolerance(target.dtype)
     atol = tol if atol is None else atol
@@ -236,6 +249,7 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
         ``x`` (and ``info``), detached; use :func:`implicit_fixed_point` for gradients.
     """
     _check_on_fail(on_fail)
+    _refuse_jit_trace("fixed_point")
     if accelerate not in (None, "anderson"):
         raise ValueError(f"accelerate must be None or 'anderson', got {accelerate!r}")
     x0 = check_finite(x0.detach(), "fixed_point start")
@@ -295,11 +309,18 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
-    """Identity in forward; backward solves ``u = grad + J_g^T u`` at the fixed point."""
+    """Identity in forward; backward solves ``u = grad + J_g^T u`` at the fixed point.
+
+    Backward needs ``J_g^T u`` at ``z``: from the graph of ``gz = g(z)`` built in forward when it is
+    there, otherwise by calling ``g`` again. The graph is absent when the forward was replayed by a
+    JIT trace (``torch.jit.trace``, Pyro's ``JitTrace_ELBO``): a trace records ``detach`` but not
+    ``requires_grad_``, so in the replay ``gz`` does not depend on ``z``.
+    """
 
     @staticmethod
-    def forward(ctx, gz, z, solver_kwargs):
+    def forward(ctx, gz, z, g, solver_kwargs):
         ctx.save_for_backward(gz, z)
+        ctx.g = g
         ctx.solver_kwargs = solver_kwargs
         return gz.detach().clone()
 
@@ -307,6 +328,10 @@ class _ImplicitAdjoint(torch.autograd.Function):
     def backward(ctx, grad):
         gz, z = ctx.saved_tensors
         kwargs = dict(ctx.solver_kwargs)
+        if not (z.requires_grad and gz.requires_grad):
+            with torch.enable_grad():
+                z = z.detach().requires_grad_(True)
+                gz = ctx.g(z)
 
         def adjoint(u):
             with torch.enable_grad():
@@ -314,7 +339,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
             return grad + vjp
 
         u = fixed_point(adjoint, grad, **kwargs)
-        return u, None, None
+        return u, None, None, None
 
 
 def implicit_fixed_point(g, x_star, **solver_kwargs):
@@ -330,7 +355,7 @@ def implicit_fixed_point(g, x_star, **solver_kwargs):
         return g(x_star.detach())
     z = x_star.detach().requires_grad_(True)
     gz = g(z)
-    return _ImplicitAdjoint.apply(gz, z, solver_kwargs)
+    return _ImplicitAdjoint.apply(gz, z, g, solver_kwargs)
 
 
 def implicit_monotone_root(fn, x_star, target):

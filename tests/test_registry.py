@@ -120,3 +120,53 @@ def test_conditional_distribution_batch_shape_follows_context():
     z = ours.base_dist.sample()
     assert z.shape == (5, 2) and not torch.allclose(z[0], z[1])
     assert ours.log_prob(s).shape == (4, 5)
+
+
+@pytest.fixture
+def recording_family():
+    """A family with a direction switch that records the keywords each layer was built with."""
+    name, seen = "_test_recording", []
+
+    def make(d, single_pass="log_prob", cache_size=1, **kw):
+        seen.append(("plain", single_pass, cache_size))
+        return T.affine_autoregressive(d, hidden_dims=[6])
+
+    def make_conditional(d, c, single_pass="log_prob", cache_size=1, **kw):
+        seen.append(("conditional", single_pass, cache_size))
+        return T.conditional_affine_autoregressive(d, c, hidden_dims=[6])
+
+    registry.register_flow(name, make, make_conditional, has_single_pass=True)
+    yield name, seen
+    registry._REGISTRY.pop(name)
+
+
+def test_direction_defaults_of_flow_autoflow_and_conditional_flow(recording_family, toy_family):
+    import pyro
+    from pyro_flows.infer import AutoFlow, ConditionalFlow
+
+    name, seen = recording_family
+    pyro_flows.flow(name, 3, num_layers=2)
+    assert seen == [("plain", "log_prob", 1)] * 2  # density estimation by default
+    seen.clear()
+    t = pyro_flows.flow(name, 3, num_layers=2, single_pass="sample", cache_size=0, context_dim=2)
+    assert seen == [("conditional", "sample", 0)] * 2
+    assert all(p._cache_size == 0 for p in t.transforms if isinstance(p, Permute))
+    with pytest.raises(ValueError, match="single_pass"):
+        pyro_flows.flow(name, 3, single_pass="fast")
+    # a family without the switch never receives it (it costs the same both ways)
+    pyro_flows.flow(toy_family, 3, single_pass="sample")
+    seen.clear()
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    AutoFlow(model, name, num_layers=1)()
+    assert seen == [("plain", "sample", 1)]  # a guide samples and scores its own samples
+    seen.clear()
+    AutoFlow(model, name, num_layers=1, single_pass="log_prob")()
+    assert seen == [("plain", "log_prob", 1)]
+    seen.clear()
+    ConditionalFlow(3, 2, name, num_layers=1)
+    assert seen == [("conditional", "log_prob", 1)]  # conditional density estimation
+    pyro.clear_param_store()

@@ -200,3 +200,35 @@ def test_implicit_monotone_root_gradients_closed_form():
 
 def test_default_tolerance():
     assert default_tolerance(torch.float64) < 1e-10 < default_tolerance(torch.float32) < 1e-4
+
+
+def test_implicit_fixed_point_gradient_under_jit_trace():
+    """A JIT trace replays forward without ``requires_grad_``; backward must still get J_g^T u."""
+    c = torch.randn(6, 3, dtype=f64)
+    w0 = torch.tensor(0.8, dtype=f64)
+    x_star = fixed_point(lambda x: w0 * torch.sin(x) + c, torch.zeros_like(c), lipschitz=0.8)
+
+    def loss(w):
+        return implicit_fixed_point(lambda x: w * torch.sin(x) + c, x_star, lipschitz=0.8).pow(2).sum()
+
+    w = w0.clone().requires_grad_(True)
+    (eager,) = torch.autograd.grad(loss(w), w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes about Python values
+        traced = torch.jit.trace(loss, (w,), check_trace=False)
+    (replayed,) = torch.autograd.grad(traced(w), w)
+    assert abs(replayed.item() - eager.item()) < 1e-10
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "monotone_root"])
+def test_solvers_refuse_to_be_traced(solver):
+    """A trace would freeze the iteration count: an error naming JIT, never a frozen loop."""
+    y = torch.linspace(-3, 3, 7, dtype=f64)
+
+    def solve(t):
+        if solver == "fixed_point":
+            return fixed_point(lambda x: 0.5 * torch.tanh(x) + t, torch.zeros_like(t), lipschitz=0.5)
+        return monotone_root(lambda x: (x + x ** 3, 1 + 3 * x ** 2), t)
+
+    with pytest.raises(SolverError, match="torch.jit"):
+        torch.jit.trace(solve, (y,), check_trace=False)

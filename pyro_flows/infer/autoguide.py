@@ -210,7 +210,13 @@ class AutoFlow(AutoContinuous):
         affine: ``"output"`` (default, affine layer after the flow) or ``"base"`` (on the base
             noise, before the flow).
         num_quantile_samples: Monte Carlo draws used by :meth:`median` and :meth:`quantiles`.
-        **flow_kwargs: passed to every layer of the family (e.g. ``hidden_dims``).
+        **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``,
+            ``cache_size``). ``single_pass`` defaults to ``"sample"`` here: a guide draws
+            (``rsample``) and scores its own draws, so that direction is the single-pass one.
+
+    Under ``JitTrace_ELBO`` every family with a single-pass sampling direction trains; a family
+    whose sampling needs an iterative solve (monotone) raises a :class:`~pyro_flows.solvers.SolverError`
+    naming JIT (a trace would freeze the solver's iteration count): use ``Trace_ELBO`` for it.
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist
@@ -246,6 +252,8 @@ class AutoFlow(AutoContinuous):
         self._flow_spec = flow
         self._num_layers = int(num_layers)
         self._flow_kwargs = dict(flow_kwargs)
+        if isinstance(flow, str):
+            self._flow_kwargs.setdefault("single_pass", "sample")
         self._init_scale = float(init_scale)
         self._affine = affine
         self.num_quantile_samples = int(num_quantile_samples)

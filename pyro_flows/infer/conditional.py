@@ -92,7 +92,11 @@ class ConditionalFlow(torch.nn.Module):
         num_layers: layers for a family name (default 4).
         affine: add the learnable conditional affine output layer (default True).
         loc, scale: optional fixed affine output layer (tensors broadcastable to ``(D,)``).
-        **flow_kwargs: passed to every layer of the family.
+        **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``,
+            ``cache_size``). The direction switch ``single_pass`` defaults to ``"log_prob"``
+            (conditional density estimation: ``log_prob`` of observed data in one pass); an
+            amortised guide, which samples and scores its own samples, should pass
+            ``single_pass="sample"``.
 
     Example:
         >>> import torch
