@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,11 +67,38 @@ class SolverError(RuntimeError):
 
 @dataclass
 class SolverInfo:
-    """What a solve did: iterations used, the largest residual left, and whether it converged."""
+    """What a numerical inverse did: the one diagnostics record of every family.
+
+    A transform that inverts numerically keeps the record of its latest inverse in
+    ``last_solver_info`` (``None`` before the first one, or when the latest call needed no solve);
+    benchmarks and tests read only this name.
+
+    Attributes:
+        iterations: iterations used (the largest over the solves of one call).
+        residual: the largest residual left (in the solver's own measure, e.g. ``|f(x) - y|``).
+        converged: every element reached its tolerance.
+        error_bound: a guaranteed bound on the error in x (``None`` where the solver has none).
+        detail: family-specific counters (e.g. per-stage iteration counts), a plain dict.
+    """
 
     iterations: int
     residual: float
     converged: bool
+    error_bound: float | None = None
+    detail: dict = field(default_factory=dict)
+
+    def merge(self, other: SolverInfo | None) -> SolverInfo:
+        """The record of two solves in one call (e.g. successive layers of a block)."""
+        if other is None:
+            return self
+        bounds = [b for b in (self.error_bound, other.error_bound) if b is not None]
+        return SolverInfo(
+            max(self.iterations, other.iterations),
+            max(self.residual, other.residual),
+            self.converged and other.converged,
+            max(bounds) if bounds else None,
+            {**self.detail, **other.detail},
+        )
 
 
 def default_tolerance(dtype: torch.dtype) -> float:

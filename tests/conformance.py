@@ -19,6 +19,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_flows.distributions import ConditionalTransformedDistribution
+from pyro_flows.logdet import batch_jacobian as _batch_jacobian
 
 D = 3  # event size used by the suite
 C = 2  # context size
@@ -111,9 +112,8 @@ def fresh(t: torch.Tensor) -> torch.Tensor:
 
 
 def batch_jacobian(fn, x):
-    """``J[b] = d fn(x)[b] / d x[b]`` for a batch ``x`` of shape ``(B, D)`` (samples independent)."""
-    jac = torch.autograd.functional.jacobian(lambda inp: fn(inp).sum(0), x)  # (D, B, D)
-    return jac.permute(1, 0, 2)
+    """``J[b] = d fn(x)[b] / d x[b]`` for a batch ``x`` of shape ``(B, D)`` (the library's one)."""
+    return _batch_jacobian(fn, x, create_graph=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,9 +42,16 @@ class FlowTransform(Transform):
 
     The public :meth:`call_and_ladj` and :meth:`inverse_and_ladj` give both at once.
 
+    Families that invert numerically record their latest solve in ``last_solver_info``
+    (a :class:`pyro_flows.solvers.SolverInfo`).
+
     When built from a context (``Conditional<X>.condition``) a transform stores it in
     ``self._context`` so inputs are checked against its dtype and device.
     """
+
+    #: :class:`pyro_flows.solvers.SolverInfo` of the latest numerical inverse (families that
+    #: invert numerically set it; the one name for solver diagnostics).
+    last_solver_info = None
 
     domain = constraints.independent(constraints.real, 1)
     codomain = constraints.independent(constraints.real, 1)
