@@ -49,8 +49,17 @@ PENDING_CACHE_SIZE: set = {
 #: families whose AutoFlow guide must train under ``JitTrace_ELBO`` once it is built with
 #: ``single_pass="sample"`` (their guide direction is then free of iterative solves).
 PENDING_JIT: set = {"sinusoidal", "quar"}
-#: check 8 (default sizes, moved parameters): ``"<case>-D<d>-s<s>"``.
-PENDING_BOUNDED: set = set()
+#: bar 8 (default sizes, moved parameters): ids as :func:`bounded_case_id` writes them,
+#: ``"<name>-D<d>-s<s>"``, ``"conditional_<name>-..."`` and ``"flow(<name>)-..."`` (4 layers).
+#: These were silently wrong on the core branch before the family branches were merged.
+PENDING_BOUNDED: set = (
+    {f"{k}-D{d}-s{s}" for k in ("autm_autoregressive", "conditional_autm_autoregressive",
+                                "flow(autm_autoregressive)", "sinusoidal", "conditional_sinusoidal",
+                                "flow(sinusoidal)", "flow(autm_coupling)", "flow(qlf)")
+     for d in (5, 8, 16) for s in (2, 5)}
+    | {f"{k}-{c}" for k in ("qlf", "conditional_qlf") for c in ("D5-s5", "D8-s5", "D16-s2", "D16-s5")}
+    | {"flow(quar)-D8-s5", "flow(quar)-D16-s5"}
+)
 #: GPU-ready checks (tests/test_gpu_ready.py): ``"<family>-<single_pass>-<check>"``.
 PENDING_GPU_READY: set = set()
 
@@ -478,6 +487,63 @@ def check_cache_follows_grad_mode(case: Case):
     with torch.no_grad():
         t(x)
     assert t(x).requires_grad, "t(x) with gradients on came from a no_grad cache entry"
+
+
+# ----------------------------------------------------------------------------------------------
+# bar 8. never silently wrong at the sizes users run
+# ----------------------------------------------------------------------------------------------
+BOUNDED_DIMS = (5, 8, 16)
+BOUNDED_SCALES = (2.0, 5.0)
+BOUNDED_KINDS = ("plain", "conditional", "flow")
+BOUNDED_BATCH = 128
+
+
+def bounded_case_id(name: str, kind: str, input_dim: int, scale: float) -> str:
+    label = {"plain": name, "conditional": f"conditional_{name}", "flow": f"flow({name})"}[kind]
+    return f"{label}-D{input_dim}-s{scale:g}"
+
+
+def check_bounded(name: str, kind: str, input_dim: int, scale: float):
+    """Default arguments, every parameter moved by N(0, scale^2), x = 1.5 * randn(128, D), float64:
+    the inverse (computed, not cached) reconstructs to 1e-6, or a ``ConvergenceWarning`` (or a
+    ``SolverError``) says it could not. At ``scale <= 2`` it must reconstruct."""
+    import warnings
+
+    import pyro_flows
+    from pyro_flows.registry import get_flow
+    from pyro_flows.solvers import ConvergenceWarning, SolverError
+
+    spec = get_flow(name)
+    torch.manual_seed(0)
+    if kind == "plain":
+        module = spec.constructor(input_dim)
+    elif kind == "conditional":
+        module = spec.conditional(input_dim, C)
+    else:
+        module = pyro_flows.flow(name, input_dim)
+    module = perturb(module.double(), scale)
+    ctx = contexts((BOUNDED_BATCH,)) if kind == "conditional" else None
+    x = inputs((BOUNDED_BATCH,), input_dim)
+    loud = None
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always", ConvergenceWarning)
+        try:
+            t = module.condition(ctx) if ctx is not None else module
+            y = t(x)
+            x_rec = t.inv(fresh(y))
+        except SolverError as e:
+            loud = f"SolverError: {e}"
+    warned = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    if loud is None and warned:
+        loud = f"ConvergenceWarning: {warned[0].message}"
+    if loud is None:
+        err = (x_rec - x).abs().max().item() if torch.isfinite(x_rec).all() else float("inf")
+        assert err < ATOL_INV, (
+            f"{bounded_case_id(name, kind, input_dim, scale)}: silently wrong, "
+            f"max|f.inv(f(x)) - x| = {err:.3g} with no warning"
+        )
+    else:
+        assert scale > 2.0, f"{bounded_case_id(name, kind, input_dim, scale)}: must reconstruct at s <= 2, got {loud}"
 
 
 # ----------------------------------------------------------------------------------------------

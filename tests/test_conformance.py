@@ -10,13 +10,20 @@ import pyro_flows
 from pyro_flows.registry import get_flow
 
 from conformance import (
+    BOUNDED_DIMS,
+    BOUNDED_KINDS,
+    BOUNDED_SCALES,
+    PENDING_BOUNDED,
     PENDING_CACHE_SIZE,
+    PENDING_REASON,
     PENDING_REASON_API,
     Case,
     contexts,
     inputs,
     check_bad_context,
+    bounded_case_id,
     check_bad_input,
+    check_bounded,
     check_cache_follows_grad_mode,
     check_cache_follows_input_edits,
     check_cache_follows_updates,
@@ -149,3 +156,12 @@ def test_flow_passes_cache_size_to_every_layer(name, conditional):
     x_new = t.inv(y)
     assert (x_new - x).abs().max() > 1e-8, "the inverse came from a cache despite cache_size=0"
     assert torch.allclose(t(x_new), y, atol=1e-8)
+
+
+@pytest.mark.parametrize("name, kind, input_dim, scale", [
+    _pending((name, kind, d, s), bounded_case_id(name, kind, d, s), PENDING_BOUNDED, PENDING_REASON)
+    for name in pyro_flows.FLOWS for kind in BOUNDED_KINDS for d in BOUNDED_DIMS for s in BOUNDED_SCALES
+])
+def test_never_silently_wrong_at_default_sizes(name, kind, input_dim, scale):
+    """Bar 8: default sizes, parameters moved by s: reconstructs to 1e-6 or warns (s = 2: reconstructs)."""
+    check_bounded(name, kind, input_dim, scale)
