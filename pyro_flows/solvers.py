@@ -43,10 +43,10 @@ __all__ = [
     "SolverError",
     "SolverInfo",
     "default_tolerance",
-    "monotone_root",
     "fixed_point",
     "implicit_fixed_point",
     "implicit_monotone_root",
+    "monotone_root",
 ]
 
 ON_FAIL = ("warn", "raise", "ignore")

@@ -13,13 +13,13 @@ import torch
 from pyro.distributions import is_validation_enabled
 
 __all__ = [
+    "SINGLE_PASS",
+    "broadcast_context",
+    "check_context",
     "check_dim",
     "check_event",
-    "check_context",
-    "check_like",
     "check_finite",
-    "broadcast_context",
-    "SINGLE_PASS",
+    "check_like",
     "check_single_pass",
 ]
 

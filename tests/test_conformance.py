@@ -5,10 +5,6 @@ A family that registers itself (``pyro_flows.registry.register_flow``) is checke
 
 import pytest
 import torch
-
-import pyro_flows
-from pyro_flows.registry import get_flow
-
 from conformance import (
     BOUNDED_DIMS,
     BOUNDED_KINDS,
@@ -18,24 +14,27 @@ from conformance import (
     PENDING_REASON,
     PENDING_REASON_API,
     Case,
-    contexts,
-    inputs,
-    check_bad_context,
     bounded_case_id,
+    check_bad_context,
     check_bad_input,
     check_bounded,
     check_cache_follows_grad_mode,
     check_cache_follows_input_edits,
     check_cache_follows_updates,
-    check_default_device_and_dtype,
     check_context,
     check_cuda,
+    check_default_device_and_dtype,
     check_exact,
     check_float32,
     check_gradients,
     check_persistence,
     check_shapes,
+    contexts,
+    inputs,
 )
+
+import pyro_flows
+from pyro_flows.registry import get_flow
 
 
 def _cases():

@@ -13,9 +13,10 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import pytest
 import torch
+from conformance import PENDING_CACHE_SIZE, PENDING_JIT, PENDING_REASON_API
+from pyro import poutine
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import (
@@ -44,7 +45,6 @@ from pyro_flows.registry import get_flow
 from pyro_flows.solvers import SolverError
 from pyro_flows.transforms import Permute
 
-from conformance import PENDING_CACHE_SIZE, PENDING_JIT, PENDING_REASON_API
 
 @pytest.fixture(autouse=True)
 def _fresh_param_store():

@@ -8,6 +8,8 @@ import torch
 from pyro.distributions import transforms as T
 from pyro.distributions.conditional import (
     ConditionalComposeTransformModule,
+)
+from pyro.distributions.conditional import (
     ConditionalTransformedDistribution as PyroCTD,
 )
 from pyro.distributions.torch_transform import ComposeTransformModule
@@ -142,6 +144,7 @@ def recording_family():
 
 def test_direction_defaults_of_flow_autoflow_and_conditional_flow(recording_family, toy_family):
     import pyro
+
     from pyro_flows.infer import AutoFlow, ConditionalFlow
 
     name, seen = recording_family

@@ -34,7 +34,7 @@ def test_monotone_root_matches_closed_form_float64(scale):
 
 def test_monotone_root_cubic_and_initial_guess():
     y = torch.linspace(-50, 50, 101, dtype=f64)
-    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)  # noqa: E731
+    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)
     x = monotone_root(fn, y)
     assert ((x + x ** 3) - y).abs().max() < 1e-10
     # a good initial guess converges in fewer iterations than a poor one
@@ -68,7 +68,7 @@ def test_monotone_root_rejects_non_finite_input():
 
 def test_monotone_root_reports_non_convergence():
     y = torch.tensor([1e6, 3.0], dtype=f64)
-    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)  # noqa: E731
+    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)
     with pytest.warns(ConvergenceWarning, match="residual"):
         monotone_root(fn, y, max_iter=2)
     with pytest.raises(SolverError) as e:
@@ -104,7 +104,7 @@ def test_fixed_point_linear_contraction(accelerate):
 
 def test_anderson_needs_fewer_iterations():
     A, b, _ = _linear_problem(lip=0.97)
-    g = lambda x: x @ A.T + b  # noqa: E731
+    g = lambda x: x @ A.T + b
     _, plain = fixed_point(g, torch.zeros_like(b), lipschitz=0.97, return_info=True, max_iter=3000)
     _, fast = fixed_point(g, torch.zeros_like(b), lipschitz=0.97, accelerate="anderson",
                           return_info=True, max_iter=3000)
@@ -121,7 +121,7 @@ def test_fixed_point_error_bound_holds():
 
 def test_fixed_point_bad_input_and_reporting():
     A, b, _ = _linear_problem()
-    g = lambda x: x @ A.T + b  # noqa: E731
+    g = lambda x: x @ A.T + b
     with pytest.raises(ValueError, match="non-finite"):
         fixed_point(g, torch.full_like(b, float("nan")))
     with pytest.raises(ValueError, match="lipschitz"):
@@ -148,7 +148,7 @@ def test_implicit_fixed_point_gradient_linear():
     A, b, exact = _linear_problem(batch=(5,))
     A = A.clone().requires_grad_()
     b = b.clone().requires_grad_()
-    g = lambda x: x @ A.T + b  # noqa: E731
+    g = lambda x: x @ A.T + b
     x = fixed_point(g, torch.zeros_like(b), lipschitz=0.9)
     x = implicit_fixed_point(g, x, lipschitz=0.9)
     w = torch.randn_like(x)
@@ -167,7 +167,7 @@ def test_implicit_fixed_point_gradient_nonlinear_finite_difference():
     def solve(wv):
         return fixed_point(lambda x: wv * torch.sin(x) + c, torch.zeros_like(c), lipschitz=0.8)
 
-    g = lambda x: w * torch.sin(x) + c  # noqa: E731
+    g = lambda x: w * torch.sin(x) + c
     x = implicit_fixed_point(g, solve(w.detach()), lipschitz=0.8)
     x.pow(2).sum().backward()
     eps = 1e-6
@@ -177,7 +177,7 @@ def test_implicit_fixed_point_gradient_nonlinear_finite_difference():
 
 def test_implicit_fixed_point_without_grad_is_plain_value():
     b = torch.randn(3, 2, dtype=f64)
-    g = lambda x: 0.5 * torch.tanh(x) + b  # noqa: E731
+    g = lambda x: 0.5 * torch.tanh(x) + b
     x = fixed_point(g, torch.zeros_like(b), lipschitz=0.5)
     with torch.no_grad():
         out = implicit_fixed_point(g, x)
@@ -187,7 +187,7 @@ def test_implicit_fixed_point_without_grad_is_plain_value():
 def test_implicit_monotone_root_gradients_closed_form():
     theta = torch.tensor(1.7, dtype=f64, requires_grad=True)
     y = (5 * torch.randn(10, dtype=f64)).requires_grad_()
-    fn = lambda x: (theta * torch.sinh(x), theta * torch.cosh(x))  # noqa: E731
+    fn = lambda x: (theta * torch.sinh(x), theta * torch.cosh(x))
     x = implicit_monotone_root(fn, monotone_root(fn, y.detach()), y)
     assert (x - torch.asinh(y / theta)).abs().max() < 1e-10
     x.sum().backward()

@@ -75,16 +75,16 @@ import weakref
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineTransform, ComposeTransform
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from pyro.params import param_with_module_name
-from pyro.distributions import constraints
 from torch.distributions import Transform, biject_to
 
-from ..stacking import flow as _stack_flow
 from ..registry import get_flow
+from ..stacking import flow as _stack_flow
 
 __all__ = ["AutoFlow", "clear_transform_cache", "make_flow"]
 

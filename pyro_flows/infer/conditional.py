@@ -49,7 +49,7 @@ from ..distributions import ConditionalTransformedDistribution
 from ..validation import check_context
 from .autoguide import make_flow
 
-__all__ = ["ConditionalFlow", "ConditionalAffine", "conditional_flow_distribution"]
+__all__ = ["ConditionalAffine", "ConditionalFlow", "conditional_flow_distribution"]
 
 
 class ConditionalAffine(ConditionalTransformModule):

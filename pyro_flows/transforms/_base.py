@@ -21,7 +21,7 @@ from torch.distributions import Transform
 
 from ..validation import check_context, check_dim, check_event, check_like
 
-__all__ = ["FlowTransform", "ConditionalFlowModule", "Permute"]
+__all__ = ["ConditionalFlowModule", "FlowTransform", "Permute"]
 
 
 class FlowTransform(Transform):
