@@ -173,3 +173,26 @@ def test_direction_defaults_of_flow_autoflow_and_conditional_flow(recording_fami
     ConditionalFlow(3, 2, name, num_layers=1)
     assert seen == [("conditional", "log_prob", 1)]  # conditional density estimation
     pyro.clear_param_store()
+
+
+def test_cache_sees_replaced_parameters():
+    """The cache key reads parameter versions from a list kept between calls: replacing a parameter
+    object (as ``pyro.module(..., update_module_params=True)`` does) must still invalidate it."""
+    spec = registry.get_flow("quar")
+    module = spec.constructor(3, **spec.test_kwargs).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = module(x)
+        owner, pname = next((m, k) for m in module.modules() for k in m._parameters)
+        old = owner._parameters[pname]
+        owner._parameters[pname] = torch.nn.Parameter(old.detach() + 0.3)  # same version (0)
+        x_new = module.inv(y)  # same tensor: a stale cache would hand back x
+        assert (x_new - x).abs().max() > 1e-6, "a replaced parameter did not invalidate the cache"
+        sig = module._signature()
+        owner.register_parameter("_extra", torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)))
+        assert module._signature() != sig, "an added parameter is not tracked"
+        sig = module._signature()
+        owner._extra.add_(1.0)
+        assert module._signature() != sig
+    state = pickle.loads(pickle.dumps(module))
+    assert "_flow_parameter_slots" not in state.__dict__

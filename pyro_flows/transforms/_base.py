@@ -13,6 +13,8 @@ family raises the same ``ValueError`` naming expected and actual sizes. Families
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from pyro.distributions import constraints
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -122,7 +124,8 @@ class FlowTransform(Transform):
         owner = self if isinstance(self, torch.nn.Module) else self._owner
         if owner is None:
             return ()
-        return tuple(p._version for p in owner.parameters())
+        generation, params = _owner_parameters(owner)
+        return (generation, *(p._version for p in params))
 
     def _key(self, x, y):
         return (x._version, y._version, torch.is_grad_enabled(), self._signature())
@@ -187,7 +190,40 @@ class FlowTransform(Transform):
         if "_cached_x_y" in state:
             state["_cached_x_y"] = (None, None)
         state.pop("_last_pair", None)
+        state.pop(_SLOTS, None)
         return state
+
+
+_SLOTS = "_flow_parameter_slots"
+_GENERATIONS = itertools.count()  # a new parameter list gets a new number: the cache key changes
+
+
+def _owner_parameters(owner: torch.nn.Module):
+    """``(generation, parameters)`` of ``owner``, without walking its module tree on every call.
+
+    The list is built once and kept with, per parameter, the ``_parameters`` dict that holds it; it
+    is rebuilt when a parameter is replaced or added to one of those dicts (``module.weight =
+    nn.Parameter(...)``, ``pyro.module(..., update_module_params=True)``, ``register_parameter``).
+    (A sub-module *added* after the first call is not seen; flows are not edited that way.)
+    """
+    slots = owner.__dict__.get(_SLOTS)
+    if slots is not None:
+        generation, sizes, entries, params = slots
+        if all(len(d) == n for d, n in sizes) and all(d.get(k) is p for d, k, p in entries):
+            return generation, params
+    entries, sizes = [], []
+    seen = set()
+    for module in owner.modules():
+        d = module._parameters
+        sizes.append((d, len(d)))
+        for k, p in d.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                entries.append((d, k, p))
+    generation = next(_GENERATIONS)
+    params = tuple(p for _, _, p in entries)
+    owner.__dict__[_SLOTS] = (generation, sizes, entries, params)
+    return generation, params
 
 
 class ConditionalFlowModule(ConditionalTransformModule):
@@ -213,6 +249,11 @@ class ConditionalFlowModule(ConditionalTransformModule):
 
     def _condition(self, context: torch.Tensor) -> FlowTransform:
         raise NotImplementedError
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop(_SLOTS, None)
+        return state
 
 
 class Permute(FlowTransform, TransformModule):
