@@ -124,8 +124,10 @@ def clear_transform_cache(obj) -> int:
             if getattr(o, "_cache_size", 0) == 1 and getattr(o, "_cached_x_y", None) != (None, None):
                 o._cached_x_y = None, None
                 count += 1
-            # FlowTransform's log-det memo (identity-keyed, like the cache)
-            o.__dict__.pop("_logdet_memo", None)
+            # FlowTransform's one record (x, y, log-det), which serves its cache
+            elif o.__dict__.pop("_last_pair", None) is not None and getattr(o, "_cache_size", 0) == 1:
+                count += 1
+            o.__dict__.pop("_last_pair", None)
             inv = getattr(o, "_inv", None)
             if isinstance(inv, weakref.ref):
                 inv = inv()
