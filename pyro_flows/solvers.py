@@ -51,6 +51,12 @@ __all__ = [
 
 ON_FAIL = ("warn", "raise", "ignore")
 
+#: default convergence-test schedule of :func:`fixed_point`: every ``CHECK_EVERY`` iterations (a
+#: fixed schedule, the same on every process), so a solve synchronises with the host once per
+#: ``CHECK_EVERY`` iterations instead of after each one (measured on a monotone inverse, D=8,
+#: batch 512: 30 syncs -> 8, for 13% more aten ops).
+CHECK_EVERY = 4
+
 
 class ConvergenceWarning(UserWarning):
     """A solver stopped (``max_iter``) before reaching its tolerance."""
@@ -127,12 +133,19 @@ def _refuse_jit_trace(name):
         )
 
 
-def _report(name, converged, residual, iterations, tol, on_fail):
-    info = SolverInfo(iterations, residual, converged)
+def _check_schedule(check_every):
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
+    return check_every
+
+
+def _report(name, converged, residual, iterations, tol, on_fail, error_bound=None):
+    info = SolverInfo(iterations, residual, converged, error_bound)
     if converged or on_fail == "ignore":
         return info
+    reached = "" if error_bound is None else f", guaranteed x-space error bound {error_bound:.3g}"
     msg = (
-        f"{name} stopped after {iterations} iterations with residual {residual:.3g} "
+        f"{name} stopped after {iterations} iterations with residual {residual:.3g}{reached} "
         f"(tolerance {tol:.3g}); raise max_iter or loosen atol/rtol"
     )
     if on_fail == "raise":
@@ -163,7 +176,8 @@ def _bracket(fn, target, x0, max_expand):
 
 
 def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, rtol=None,
-                  max_iter=100, max_expand=64, on_fail="warn", return_info=False):
+                  max_iter=100, max_expand=64, on_fail="warn", return_info=False, min_slope=None,
+                  check_every=1):
     """Solve ``fn(x) = target`` elementwise for a strictly increasing elementwise map.
 
     Arguments:
@@ -173,13 +187,23 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
         init: starting point (e.g. an approximate analytic inverse); defaults to ``target``.
         lower, upper: a known bracket (``fn(lower) <= target <= fn(upper)``); found by doubling
             outwards from ``init`` when not given.
-        atol, rtol: stop when ``|fn(x) - target| <= atol + rtol * |target|`` or the bracket is
-            narrower than ``atol + rtol * |x|``; default :func:`default_tolerance`.
+        atol, rtol: stop when the bracket is narrower than ``atol + rtol * |x|`` (an x-space
+            error bound: ``x`` and the root both lie in it), or when ``|fn(x) - target| / min_slope``
+            is (x-space again) if ``min_slope`` is given, or else when ``|fn(x) - target| <= atol +
+            rtol * |target|`` (y-space); default :func:`default_tolerance`.
+        min_slope: a guaranteed lower bound on ``fn'`` (float or a tensor broadcasting against
+            ``target``); makes every stopping rule an x-space bound.
+        check_every: test convergence (one host synchronisation) every ``check_every`` iterations
+            and at ``max_iter``; converged entries stay fixed in between. Default 1: safeguarded
+            Newton needs few iterations, each a full evaluation of ``fn`` (often hundreds of
+            kernels), so an extra iteration costs more than a synchronisation (measured on an
+            AUTM inverse: ``check_every=4`` saved 8 of 50 syncs for 51% more ops).
         max_iter: Newton/bisection iterations; bisection alone gains a bit per iteration, so 100 is
             enough for float64 from any bracket of width < 2^40.
         max_expand: bracket doublings.
         on_fail: ``"warn"``, ``"raise"`` or ``"ignore"`` when the tolerance is not reached.
-        return_info: also return a :class:`SolverInfo`.
+        return_info: also return a :class:`SolverInfo` (``error_bound``: the largest x-space
+            bound reached, the bracket width or ``residual / min_slope``).
 
     Returns:
         ``x`` (and ``info``). No gradient flows through the iterations; use
@@ -187,6 +211,7 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
     """
     _check_on_fail(on_fail)
     _refuse_jit_trace("monotone_root")
+    check_every = _check_schedule(check_every)
     target = check_finite(target.detach(), "monotone_root target")
     tol = default_tolerance(target.dtype)
     atol = tol if atol is None else atol
@@ -207,14 +232,21 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
         it = 0
         converged = torch.zeros_like(x, dtype=torch.bool)
         residual = torch.full_like(x, float("inf"))
+        bound = hi - lo
         for it in range(1, max_iter + 1):
             fx, dfx = fn(x)
             r = fx - target
             residual = r.abs()
             lo = torch.where(r < 0, x, lo)
             hi = torch.where(r > 0, x, hi)
-            converged = (residual <= y_tol) | ((hi - lo) <= atol + rtol * x.abs())
-            if bool(converged.all()):
+            x_tol = atol + rtol * x.abs()
+            bound = hi - lo
+            if min_slope is None:
+                converged = (residual <= y_tol) | (bound <= x_tol)
+            else:
+                bound = torch.minimum(bound, residual / min_slope)
+                converged = bound <= x_tol
+            if (it % check_every == 0 or it == max_iter) and bool(converged.all()):
                 break
             newton = x - r / dfx
             # rtsafe's rule: Newton only inside the bracket and when it at least halves the step
@@ -224,8 +256,13 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
             x_new = torch.where(use_newton, newton, 0.5 * (lo + hi))
             dx_old = torch.where(converged, dx_old, (x_new - x).abs())
             x = torch.where(converged, x, x_new)
-        max_res = float(torch.where(converged, torch.zeros_like(residual), residual).max()) if residual.numel() else 0.0
-        info = _report("monotone_root", bool(converged.all()), max_res, it, tol, on_fail)
+        if residual.numel():
+            unconverged = torch.where(converged, torch.zeros_like(residual), residual).max()
+            max_res, max_bound, all_converged = torch.stack(
+                [unconverged, bound.max().to(residual.dtype), converged.all().to(residual.dtype)]).tolist()
+        else:
+            max_res, max_bound, all_converged = 0.0, 0.0, 1.0
+        info = _report("monotone_root", bool(all_converged), max_res, it, tol, on_fail, error_bound=max_bound)
     return (x, info) if return_info else x
 
 
@@ -242,17 +279,16 @@ def _anderson_step(X, F, k, m, lam):
     w, info = torch.linalg.solve_ex(H, ones)
     alpha = w / w.sum(1, keepdim=True)  # (B, n, 1)
     bad = (info != 0) | ~torch.isfinite(alpha).all(1).squeeze(-1)
-    if bool(bad.any()):
-        # a singular system (e.g. a sample whose residuals are all exactly zero, common in float32):
-        # keep that sample's latest iterate instead of failing the whole batch
-        last = torch.zeros_like(alpha)
-        last[:, (k - 1) % m] = 1
-        alpha = torch.where(bad[:, None, None], last, alpha)
+    # a singular system (e.g. a sample whose residuals are all exactly zero, common in float32):
+    # keep that sample's latest iterate instead of failing the whole batch (no host sync)
+    last = torch.zeros_like(alpha)
+    last[:, (k - 1) % m] = 1
+    alpha = torch.where(bad[:, None, None], last, alpha)
     return (alpha * F[:, :n]).sum(1)
 
 
 def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lipschitz=None,
-                accelerate=None, memory=5, on_fail="warn", return_info=False):
+                accelerate=None, memory=5, on_fail="warn", return_info=False, check_every=CHECK_EVERY):
     """Iterate ``x <- g(x)`` to a fixed point, per sample, without a loop over the batch.
 
     Arguments:
@@ -270,13 +306,18 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
             stopping rule is always evaluated on a plain step ``g(x) - x`` and the plain ``g(x)`` is
             returned, so the error bound above holds with acceleration too.
         on_fail: ``"warn"``, ``"raise"`` or ``"ignore"``.
-        return_info: also return a :class:`SolverInfo` (residual = the largest ``||g(x) - x||_2``).
+        return_info: also return a :class:`SolverInfo` (residual = the largest ``||g(x) - x||_2``;
+            with ``lipschitz``, ``error_bound`` = the largest ``c * ||g(x) - x||_2``).
+        check_every: test convergence and finiteness (one host synchronisation) every
+            ``check_every`` iterations and at ``max_iter``; iterating a contraction past
+            convergence only tightens the bound.
 
     Returns:
         ``x`` (and ``info``), detached; use :func:`implicit_fixed_point` for gradients.
     """
     _check_on_fail(on_fail)
     _refuse_jit_trace("fixed_point")
+    check_every = _check_schedule(check_every)
     if accelerate not in (None, "anderson"):
         raise ValueError(f"accelerate must be None or 'anderson', got {accelerate!r}")
     x0 = check_finite(x0.detach(), "fixed_point start")
@@ -314,24 +355,34 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
             F = x0.new_zeros(B, memory, d)
         for it in range(1, max_iter + 1):
             gx = g(x)
-            if not bool(torch.isfinite(gx).all()):
-                raise SolverError(f"fixed_point: the map returned non-finite values at iteration {it}")
             step = norm2(gx - x)
             done = c * step <= atol + rtol * amax(gx)
-            if bool(done.all()):
-                x = gx
-                break
+            if it % check_every == 0 or it == max_iter:
+                # one host synchronisation per scheduled check: convergence and finiteness together
+                all_done, finite = torch.stack([done.all(), torch.isfinite(gx).all()]).tolist()
+                if not finite:
+                    raise SolverError(
+                        f"fixed_point: the map returned non-finite values (by iteration {it})")
+                if all_done:
+                    x = gx
+                    break
             if use_anderson:
                 k = (it - 1) % memory
                 X[:, k] = x.reshape(B, d)
                 F[:, k] = gx.reshape(B, d)
                 if it >= 2:
                     xa = _anderson_step(X, F, it, memory, 1e-8).reshape(x.shape)
-                    if bool(torch.isfinite(xa).all()):
-                        gx = xa
+                    # per sample: keep the plain step where the mixed one is not finite (no sync)
+                    ok = torch.isfinite(xa).reshape(B, d).all(-1).reshape(batch_shape + (1,) * event_dims)
+                    gx = torch.where(ok, xa, gx)
             x = gx
-        res = float(step.max()) if step.numel() else 0.0
-        info = _report("fixed_point", bool(done.all()), res, it, tol, on_fail)
+        if step.numel():
+            res, all_done = torch.stack([step.max(), done.all().to(step.dtype)]).tolist()
+            bound = res * float(c.max()) if isinstance(c, torch.Tensor) else (res if lipschitz is not None else None)
+        else:
+            res, all_done, bound = 0.0, 1.0, None
+        info = _report("fixed_point", bool(all_done), res, it, tol, on_fail,
+                       error_bound=bound if lipschitz is not None else None)
     return (x, info) if return_info else x
 
 

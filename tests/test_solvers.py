@@ -232,3 +232,62 @@ def test_solvers_refuse_to_be_traced(solver):
 
     with pytest.raises(SolverError, match="torch.jit"):
         torch.jit.trace(solve, (y,), check_trace=False)
+
+
+def _syncs(fn):
+    from test_gpu_ready import HostSyncCounter
+
+    with HostSyncCounter() as counter:
+        out = fn()
+    return out, len(counter.events)
+
+
+def test_fixed_point_checks_convergence_on_a_schedule():
+    """One host sync per ``check_every`` iterations (plus the final report), the same result."""
+    b = torch.randn(64, 3, dtype=f64)
+    g = lambda x: 0.9 * torch.tanh(x) + b  # noqa: E731
+    (x1, info1), syncs1 = _syncs(lambda: fixed_point(g, torch.zeros_like(b), lipschitz=0.9,
+                                                     check_every=1, return_info=True))
+    (x4, info4), syncs4 = _syncs(lambda: fixed_point(g, torch.zeros_like(b), lipschitz=0.9,
+                                                     check_every=4, return_info=True))
+    assert info1.converged and info4.converged
+    assert info1.iterations <= info4.iterations < info1.iterations + 4 and info4.iterations % 4 == 0
+    assert syncs1 > 2 * syncs4, (syncs1, syncs4)
+    assert syncs4 <= info4.iterations // 4 + 5  # + input checks and the final report
+    # the certified error bound holds for both
+    exact = fixed_point(g, x4, lipschitz=0.9, atol=1e-15, rtol=0, max_iter=5000, check_every=1)
+    for x, info in ((x1, info1), (x4, info4)):
+        assert info.error_bound is not None and info.error_bound < 1e-9
+        assert (x - exact).norm(dim=-1).max() <= info.error_bound + 1e-14
+    with pytest.raises(ValueError, match="check_every"):
+        fixed_point(g, b, check_every=0)
+
+
+def test_fixed_point_non_finite_map_is_caught_on_the_schedule():
+    with pytest.raises(SolverError, match="non-finite"):
+        fixed_point(lambda x: x * float("nan"), torch.ones(3, dtype=f64), check_every=4)
+
+
+def test_monotone_root_stops_on_an_x_space_bound_with_min_slope():
+    """A flat map (slope 1e-6): a y-space residual of 1e-12 is an x error of 1e-6; with the slope
+    floor the solver keeps going until the x error is certified."""
+    slope = 1e-6
+    fn = lambda x: (slope * x + 0.1 * slope * torch.sin(x), slope * (1 + 0.1 * torch.cos(x)))  # noqa: E731
+    x_true = torch.linspace(-3, 3, 9, dtype=f64)
+    y = fn(x_true)[0]
+    _, info_y = monotone_root(fn, y, return_info=True, atol=1e-12, rtol=0)
+    x, info = monotone_root(fn, y, return_info=True, atol=1e-12, rtol=0, min_slope=0.9 * slope)
+    assert info.converged and info.error_bound <= 1e-12
+    assert (x - x_true).abs().max() <= 1e-11
+    assert info_y.error_bound >= info.error_bound
+
+
+def test_warning_names_the_bound_reached():
+    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)  # noqa: E731
+    y = torch.tensor([5.0, 50.0], dtype=f64)
+    with pytest.warns(ConvergenceWarning, match="guaranteed x-space error bound"):
+        monotone_root(fn, y, max_iter=2, lower=torch.tensor(-100.0, dtype=f64),
+                      upper=torch.tensor(100.0, dtype=f64))
+    with pytest.warns(ConvergenceWarning, match="guaranteed x-space error bound"):
+        fixed_point(lambda x: 0.99 * torch.sin(x) + 1.0, torch.zeros(2, 3, dtype=f64), lipschitz=0.99,
+                    max_iter=3)
