@@ -58,8 +58,11 @@ def flow(name: str, input_dim: int, num_layers: int = 4, context_dim: int | None
 
     Example:
         >>> import torch, pyro_flows
-        >>> t = pyro_flows.flow(pyro_flows.FLOWS[0], 3, num_layers=2, cache_size=0)
+        >>> t = pyro_flows.flow("quar", 3, num_layers=2, single_pass="log_prob")
         >>> t(torch.zeros(5, 3)).shape
+        torch.Size([5, 3])
+        >>> c = pyro_flows.flow("quar", 3, num_layers=2, context_dim=4)
+        >>> c.condition(torch.zeros(5, 4)).inv(torch.zeros(5, 3)).shape
         torch.Size([5, 3])
     """
     spec = get_flow(name)

@@ -1,4 +1,4 @@
-"""Flows in Pyro inference (issue 8): AutoFlow, AutoNormalizingFlow, amortised/conditional flows,
+"""Flows in Pyro inference: AutoFlow, AutoNormalizingFlow, amortised/conditional flows,
 vectorised particles, caching, devices, diagnostics and the posteriordb models.
 
 Every family test is parametrised over ``pyro_flows.FLOWS`` at collection time, plus a baseline
