@@ -93,8 +93,9 @@ class FlowTransform(Transform):
     # -- validation -------------------------------------------------------------------------
     def _reference(self) -> torch.Tensor | None:
         if isinstance(self, torch.nn.Module):
-            for p in self.parameters():
-                return p
+            params = _owner_parameters(self)[1]
+            if params:
+                return params[0]
         return self._context
 
     def _check(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -239,9 +240,9 @@ class ConditionalFlowModule(ConditionalTransformModule):
         size, dtype and device always; finiteness while Pyro's validation is enabled)."""
         name = f"{type(self).__name__} context"
         check_context(context, self.context_dim, name=name)
-        for p in self.parameters():
-            check_like(context, p, name=name)
-            break
+        params = _owner_parameters(self)[1]
+        if params:
+            check_like(context, params[0], name=name)
         transform = self._condition(context)
         if isinstance(transform, FlowTransform):
             transform._owner = self  # parameter versions guard its cache
