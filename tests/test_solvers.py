@@ -245,7 +245,7 @@ def _syncs(fn):
 def test_fixed_point_checks_convergence_on_a_schedule():
     """One host sync per ``check_every`` iterations (plus the final report), the same result."""
     b = torch.randn(64, 3, dtype=f64)
-    g = lambda x: 0.9 * torch.tanh(x) + b  # noqa: E731
+    g = lambda x: 0.9 * torch.tanh(x) + b
     (x1, info1), syncs1 = _syncs(lambda: fixed_point(g, torch.zeros_like(b), lipschitz=0.9,
                                                      check_every=1, return_info=True))
     (x4, info4), syncs4 = _syncs(lambda: fixed_point(g, torch.zeros_like(b), lipschitz=0.9,
@@ -272,7 +272,7 @@ def test_monotone_root_stops_on_an_x_space_bound_with_min_slope():
     """A flat map (slope 1e-6): a y-space residual of 1e-12 is an x error of 1e-6; with the slope
     floor the solver keeps going until the x error is certified."""
     slope = 1e-6
-    fn = lambda x: (slope * x + 0.1 * slope * torch.sin(x), slope * (1 + 0.1 * torch.cos(x)))  # noqa: E731
+    fn = lambda x: (slope * x + 0.1 * slope * torch.sin(x), slope * (1 + 0.1 * torch.cos(x)))
     x_true = torch.linspace(-3, 3, 9, dtype=f64)
     y = fn(x_true)[0]
     _, info_y = monotone_root(fn, y, return_info=True, atol=1e-12, rtol=0)
@@ -283,7 +283,7 @@ def test_monotone_root_stops_on_an_x_space_bound_with_min_slope():
 
 
 def test_warning_names_the_bound_reached():
-    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)  # noqa: E731
+    fn = lambda x: (x + x ** 3, 1 + 3 * x ** 2)
     y = torch.tensor([5.0, 50.0], dtype=f64)
     with pytest.warns(ConvergenceWarning, match="guaranteed x-space error bound"):
         monotone_root(fn, y, max_iter=2, lower=torch.tensor(-100.0, dtype=f64),
