@@ -5,7 +5,7 @@
 * ``Lip(F) < 1`` for ANY weights: spectral norms of autograd Jacobians at random points and difference
   quotients never exceed the guaranteed bound, which never exceeds ``sigma``;
 * both directions pass the exactness, float32 and gradient checks of the conformance harness;
-* the paper's cost claim in the normalizing direction: ``log_prob`` of data is one network pass;
+* the paper's cost claim with ``single_pass="log_prob"``: ``log_prob`` of data is one network pass;
 * the inverse reports non-convergence, and bad arguments raise ``ValueError``;
 * a 2-D density fit (8gaussians) reaches a stated NLL margin.
 """
@@ -71,12 +71,12 @@ def test_diagonal_matches_autograd_and_jacobian_is_lower_triangular(activation, 
 
 def test_layer_logdet_is_sum_log1p_diag_and_diag_above_minus_one():
     for affine in (False, True):
-        t = QuAR(D, hidden_factors=(3, 2), direction="generative", affine=affine).double()
+        t = QuAR(D, hidden_factors=(3, 2), single_pass="sample", affine=affine).double()
         perturb(t, 2.0)
         x = 3 * torch.randn(32, D, dtype=torch.float64)
         y = t(x)
         out, diag = t.net(x)
-        sigma = t.net.sigma
+        sigma = t.net.lipschitz_target
         assert (diag > -sigma - 1e-12).all() and (diag < sigma + 1e-12).all()
         expected_y, expected_ld = x + out, torch.log1p(diag).sum(-1)
         if affine:
@@ -114,7 +114,7 @@ def _extreme(net, kind):
 def test_lipschitz_below_one_for_any_weights(activation, context_dim, kind):
     net = _extreme(_net(activation, context_dim, scale=2.0, seed=5), kind)
     bound = net.lipschitz().item()
-    assert bound <= net.sigma < 1
+    assert bound <= net.lipschitz_target < 1
     g = torch.Generator().manual_seed(11)
     x = 3 * torch.randn(64, D, generator=g, dtype=torch.float64)
     ctx = 10 * torch.randn(64, C, generator=g, dtype=torch.float64) if context_dim else None
@@ -131,7 +131,7 @@ def test_lipschitz_below_one_for_any_weights(activation, context_dim, kind):
 def test_lipschitz_bound_is_attained_by_a_linear_network():
     """The check above has teeth: where the network is linear the bound is reached exactly."""
     torch.manual_seed(0)
-    net = QuasiAutoregressiveNet(1, hidden_factors=(1,), sigma=0.8).double()
+    net = QuasiAutoregressiveNet(1, hidden_factors=(1,), lipschitz=0.8).double()
     with torch.no_grad():
         net.raw_theta.fill_(-800.0)  # theta = 0
         net.layers[0].bias.fill_(100.0)  # ELU in its linear region for |x| < 50
@@ -146,13 +146,13 @@ def test_lipschitz_trick_off_and_on():
     assert net.raw_theta is None
     with torch.no_grad():
         # without theta the bound is exactly sigma (hard normalisation of the product)
-        assert math.isclose(net.lipschitz().item(), net.sigma, rel_tol=1e-12)
+        assert math.isclose(net.lipschitz().item(), net.lipschitz_target, rel_tol=1e-12)
         net = _net(scale=0.3)
         net.raw_theta.fill_(5.0)
         p = net.product_bound().item()
-        expected = net.sigma * p / (p + net.theta().min().item())
+        expected = net.lipschitz_target * p / (p + net.theta().min().item())
         assert math.isclose(net.lipschitz().item(), expected, rel_tol=1e-12)
-        assert net.lipschitz().item() < net.sigma
+        assert net.lipschitz().item() < net.lipschitz_target
 
 
 def test_lipschitz_bound_is_differentiable_in_theta_and_weights():
@@ -166,13 +166,13 @@ def test_lipschitz_bound_is_differentiable_in_theta_and_weights():
 # both directions against the conformance harness
 # ------------------------------------------------------------------------------------------------
 GENERATIVE = [
-    Case("quar(generative)", lambda d: QuAR(d, hidden_factors=(2, 2), direction="generative")),
-    Case("conditional_quar(generative)",
-         lambda d, c: ConditionalQuAR(d, c, hidden_factors=(2, 2), direction="generative"), conditional=True),
+    Case("quar(sample)", lambda d: QuAR(d, hidden_factors=(2, 2), single_pass="sample")),
+    Case("conditional_quar(sample)",
+         lambda d, c: ConditionalQuAR(d, c, hidden_factors=(2, 2), single_pass="sample"), conditional=True),
     Case("quar(lipswish)", lambda d: QuAR(d, hidden_factors=(2, 2), activation="lipswish")),
     Case("quar(no affine)", lambda d: QuAR(d, hidden_factors=(2, 2), affine=False)),
-    Case("conditional_quar(no affine, generative)",
-         lambda d, c: ConditionalQuAR(d, c, hidden_factors=(2, 2), affine=False, direction="generative"),
+    Case("conditional_quar(no affine, sample)",
+         lambda d, c: ConditionalQuAR(d, c, hidden_factors=(2, 2), affine=False, single_pass="sample"),
          conditional=True),
 ]
 
@@ -197,7 +197,7 @@ def _count_calls(net):
     return calls, handle
 
 
-def test_normalizing_log_prob_is_one_pass_and_generative_rsample_is_one_pass():
+def test_log_prob_mode_density_is_one_pass_and_sample_mode_rsample_is_one_pass():
     base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
     data = torch.randn(8, D, dtype=torch.float64)
     t = QuAR(D, hidden_factors=(2, 2)).double()
@@ -205,7 +205,7 @@ def test_normalizing_log_prob_is_one_pass_and_generative_rsample_is_one_pass():
     lp = dist.TransformedDistribution(base, [t]).log_prob(data)
     h.remove()
     assert len(calls) == 1 and lp.shape == (8,)
-    t = QuAR(D, hidden_factors=(2, 2), direction="generative").double()
+    t = QuAR(D, hidden_factors=(2, 2), single_pass="sample").double()
     d = dist.TransformedDistribution(base, [t])
     calls, h = _count_calls(t.net)
     s = d.rsample((8,))
@@ -217,9 +217,9 @@ def test_normalizing_log_prob_is_one_pass_and_generative_rsample_is_one_pass():
 def test_log_prob_normalizes_in_1d():
     # a 1-D layer: the density integrates to one on a fine grid (an exact log-det check in the
     # direction that uses the solver for the change of variables)
-    for direction in ("normalizing", "generative"):
+    for single_pass in ("log_prob", "sample"):
         torch.manual_seed(0)
-        t = QuAR(1, hidden_factors=(8, 8), direction=direction).double()
+        t = QuAR(1, hidden_factors=(8, 8), single_pass=single_pass).double()
         perturb(t, 1.0)
         base = dist.Normal(torch.zeros(1, dtype=torch.float64), 1.0).to_event(1)
         d = dist.TransformedDistribution(base, [t])
@@ -233,7 +233,7 @@ def _slow_contraction_layer():
     """A 2-D layer whose F is linear with slope about -0.9 where we evaluate it: Algorithm 1 alone
     contracts by 0.9 per step there (hundreds of steps to 1e-12)."""
     torch.manual_seed(0)
-    t = QuAR(2, hidden_factors=(1,), affine=False, sigma=0.9).double()
+    t = QuAR(2, hidden_factors=(1,), affine=False, lipschitz=0.9).double()
     with torch.no_grad():
         t.net.raw_theta.fill_(-800.0)  # theta = 0: Lip bound exactly sigma
         t.net.layers[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.3, 1.0]]))
@@ -249,7 +249,7 @@ def test_newton_finish_beats_plain_fixed_point_on_a_slow_contraction():
     y = torch.randn(16, 2, dtype=torch.float64)
     calls, h = _count_calls(t.net)
     with torch.no_grad():
-        x = t(y)  # normalizing direction: the forward map is the numerical inverse
+        x = t(y)  # single_pass="log_prob": the forward map is the numerical inverse
     h.remove()
     assert (t.inv(x.clone()) - y).abs().max() < 1e-10
     calls_plain, h = _count_calls(t.net)
@@ -272,7 +272,7 @@ def test_inverse_reports_non_convergence():
     perturb(t, 0.3)
     x = torch.randn(5, D, dtype=torch.float64)
     with pytest.warns(ConvergenceWarning):
-        t(x)  # normalizing direction: the forward map is the numerical inverse
+        t(x)  # single_pass="log_prob": the forward map is the numerical inverse
 
 
 def test_inverse_of_extreme_inputs():
@@ -284,8 +284,8 @@ def test_inverse_of_extreme_inputs():
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"sigma": 1.0}, {"sigma": 0.0}, {"sigma": -0.5}, {"hidden_dims": (5, 8)},
-    {"hidden_dims": (8,), "hidden_factors": (2,)}, {"direction": "sideways"}, {"activation": "relu"},
+    {"lipschitz": 1.0}, {"lipschitz": 0.0}, {"lipschitz": -0.5}, {"hidden_dims": (5, 8)},
+    {"hidden_dims": (8,), "hidden_factors": (2,)}, {"single_pass": "sideways"}, {"activation": "relu"},
     {"atol": 0.0}, {"max_iter": 0},
 ])
 def test_bad_arguments(kwargs):
@@ -312,8 +312,8 @@ def test_default_sizes_and_registration():
     assert pyro_flows.quar(8, hidden_dims=(64, 64)).net._blockwise == [False, False, False]
 
 
-@pytest.mark.parametrize("direction", ["normalizing", "generative"])
-def test_autonormalizingflow_guide_steps(direction):
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_autonormalizingflow_guide_steps(single_pass):
     import functools
 
     import pyro
@@ -325,7 +325,7 @@ def test_autonormalizingflow_guide_steps(direction):
         pyro.sample("obs", dist.Normal(a.sum(), 0.5), obs=torch.tensor(2.0))
 
     pyro.clear_param_store()
-    make = functools.partial(pyro_flows.flow, "quar", num_layers=2, hidden_factors=(2, 2), direction=direction)
+    make = functools.partial(pyro_flows.flow, "quar", num_layers=2, hidden_factors=(2, 2), single_pass=single_pass)
     guide = AutoNormalizingFlow(model, make)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
               Trace_ELBO(num_particles=4, vectorize_particles=True))
@@ -373,3 +373,20 @@ def test_fits_8gaussians():
     assert torch.isfinite(samples).all()
     radius = samples.norm(dim=-1)
     assert 0.5 < radius.median().item() / (4.0 / 1.414) < 1.5
+
+
+def test_direction_switch_is_single_pass_and_old_names_are_gone():
+    from pyro_flows.registry import get_flow
+
+    assert get_flow("quar").has_single_pass
+    assert QuAR(D).single_pass == "log_prob" and ConditionalQuAR(D, C).single_pass == "log_prob"
+    t = pyro_flows.flow("quar", D, num_layers=2, single_pass="sample", cache_size=0)
+    assert all(p.single_pass == "sample" and p._cache_size == 0 for p in t.parts if isinstance(p, QuAR))
+    c = pyro_flows.flow("quar", D, num_layers=2, context_dim=C, single_pass="sample", cache_size=0)
+    layer = c.transforms[0].condition(torch.randn(C))
+    assert layer.single_pass == "sample" and layer._cache_size == 0
+    for old in ({"direction": "generative"}, {"sigma": 0.5}):
+        with pytest.raises(TypeError):
+            QuAR(D, **old)
+        with pytest.raises(TypeError):
+            ConditionalQuAR(D, C, **old)

@@ -106,7 +106,8 @@ class QuasiAutoregressiveNet(nn.Module):
         context_dim: size of an optional context appended to the first layer's input (0: none).
         activation: ``"elu"`` (the paper's choice) or ``"lipswish"``, or a registered name; must
             provide ``forward_and_derivative`` and a ``lipschitz`` bound.
-        sigma: the fixed maximal Lipschitz constant of ``F`` (``0 < sigma < 1``); smaller values make
+        lipschitz: ``sigma``, the fixed maximal Lipschitz constant of ``F`` (``0 < sigma < 1``, default
+            0.9; the attribute ``lipschitz_target``); smaller values make
             the fixed-point inverse converge faster but limit how much one layer can change volume
             (``log(1 - sigma) <= d log|det| / D <= log(1 + sigma)`` per coordinate).
         lipschitz_trick: if ``False``, ``theta`` is fixed at 0 (hard spectral normalisation of the
@@ -125,13 +126,14 @@ class QuasiAutoregressiveNet(nn.Module):
     BLOCKWISE_MIN_SIZE = 128 * 128
 
     def __init__(self, input_dim, hidden_dims=None, *, hidden_factors=None, context_dim=0,
-                 activation="elu", sigma=0.9, lipschitz_trick=True, bound="spectral"):
+                 activation="elu", lipschitz=0.9, lipschitz_trick=True, bound="spectral"):
         super().__init__()
         self.input_dim = D = check_dim(input_dim, "input_dim")
         self.context_dim = check_dim(context_dim, "context_dim", minimum=0)
-        if isinstance(sigma, bool) or not (isinstance(sigma, numbers.Real) and 0 < sigma < 1):
-            raise ValueError(f"sigma must be a number in (0, 1), got {sigma!r}")
-        self.sigma = float(sigma)
+        if isinstance(lipschitz, bool) or not (isinstance(lipschitz, numbers.Real) and 0 < lipschitz < 1):
+            raise ValueError(f"lipschitz must be a number in (0, 1), got {lipschitz!r}")
+        #: the bound ``sigma`` of the paper (``Lip(F) <= sigma < 1``), the ``lipschitz`` argument
+        self.lipschitz_target = float(lipschitz)
         self.lipschitz_trick = bool(lipschitz_trick)
         self.hidden_dims = default_quar_hidden_dims(D, hidden_dims, hidden_factors)
         masks, degrees = quasi_autoregressive_masks(D, self.hidden_dims, context_dim=self.context_dim)
@@ -182,12 +184,12 @@ class QuasiAutoregressiveNet(nn.Module):
         theta = self.theta()
         denom = p if theta is None else theta + p
         # P > 0 unless every weight vanishes; the floor only avoids 0/0 (then N is constant, F too)
-        return self.sigma / denom.clamp(min=torch.finfo(denom.dtype).tiny)
+        return self.lipschitz_target / denom.clamp(min=torch.finfo(denom.dtype).tiny)
 
     def lipschitz(self) -> torch.Tensor:
         """Guaranteed bound of ``Lip(F)`` in ``x`` (for every context): ``max(c) * P <= sigma < 1``."""
         p = self.product_bound()
-        return (self.output_scale(p).max() * p).clamp(max=self.sigma)
+        return (self.output_scale(p).max() * p).clamp(max=self.lipschitz_target)
 
     # -- forward with the exact diagonal ------------------------------------------------------
     def forward(self, x, context=None):
@@ -228,4 +230,4 @@ class QuasiAutoregressiveNet(nn.Module):
 
     def extra_repr(self):
         return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "
-                f"sigma={self.sigma}, lipschitz_trick={self.lipschitz_trick}")
+                f"sigma={self.lipschitz_target}, lipschitz_trick={self.lipschitz_trick}")

@@ -10,12 +10,13 @@ spectral norms composed with the paper's "Lipschitz trick"). Hence ``r`` is a bi
 
 Choices made where the paper is silent or loose (this module is the reference implementation):
 
-* **Direction.** The paper's residual map is the *normalizing* direction (data -> base): density
-  evaluation is one network pass, sampling needs the fixed-point inverse. Pyro's ``_call`` maps base
-  to data, so by default (``direction="normalizing"``) the residual map is ``_inverse`` and ``_call`` is
-  the numerical inverse: ``log_prob`` of data is one exact pass (the paper's speed claim), ``rsample``
-  solves. ``direction="generative"`` puts the residual map on ``_call`` instead (fast ``rsample`` and
-  log-prob of own samples, e.g. for guides; density of external data then solves).
+* **Direction** (``single_pass``). The paper's residual map is the *normalizing* direction (data ->
+  base): density evaluation is one network pass, sampling needs the fixed-point inverse. Pyro's
+  ``_call`` maps base to data, so by default (``single_pass="log_prob"``) the residual map is
+  ``_inverse`` and ``_call`` is the numerical inverse: ``log_prob`` of data is one exact pass (the
+  paper's speed claim), ``rsample`` solves. ``single_pass="sample"`` puts the residual map on
+  ``_call`` instead (one-pass ``rsample`` and log-prob of own samples, for guides; density of external
+  data then solves). ``lipschitz`` (the paper's ``sigma``, default 0.9) is the bound on ``Lip(F)``.
 * **Inverse.** Solving ``u + F(u) = v`` starts with the paper's Algorithm 1, the Banach iteration
   ``u <- v - F(u)`` run by :func:`pyro_flows.solvers.fixed_point` with the guaranteed ``Lip(F)`` bound
   ``L`` as its contraction constant, to a coarse tolerance (error bound ``<= 0.1 (1 + max|u|)``).
@@ -37,9 +38,9 @@ Choices made where the paper is silent or loose (this module is the reference im
   known to a few ulps and the certificate divides it by ``1 - L``.
 * **Gradients through the inverse** use :func:`pyro_flows.solvers.implicit_fixed_point` on
   ``u = v - F(u)`` (adjoint solved by the same contraction), never unrolled iterations.
-* **Log-det caching.** The residual pass returns the log-det; it is kept (with the input and output
-  tensors, like Pyro's autoregressive transforms) so ``log_abs_det_jacobian`` of the pair just
-  computed costs nothing. Any other pair is recomputed from the residual side's input.
+* **Map and log-det together.** The residual pass returns the map and its log-det in one network
+  pass (``_call_and_ladj`` / ``_inverse_and_ladj``); ``log_abs_det_jacobian`` of any other pair runs
+  one network pass on the residual side's input, never a solve.
 * **Conditional variant.** The context is appended to the input of the first masked layer
   (seen by every first-layer unit); the triangular structure in ``x`` and ``Lip_x(F) <= sigma`` hold for
   every context (see :mod:`pyro_flows.nn.quasi_autoregressive`).
@@ -73,23 +74,16 @@ from torch import nn
 from ..nn.quasi_autoregressive import QuasiAutoregressiveNet
 from ..registry import register_flow
 from ..solvers import default_tolerance, fixed_point, implicit_fixed_point
-from ..validation import broadcast_context, check_dim, check_finite
+from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
-__all__ = ["ConditionedQuAR", "QuAR", "ConditionalQuAR", "quar", "conditional_quar"]
+__all__ = ["ConditionalQuAR", "ConditionedQuAR", "QuAR", "conditional_quar", "quar"]
 
-_DIRECTIONS = ("normalizing", "generative")
 #: Algorithm 1 runs until its a-posteriori error bound is below ``0.1 * (1 + max|u|)``; the Newton
 #: finish takes over from there (measured on a trained 8-layer 8gaussians flow, float64, 2048 points:
 #: about 100 network passes over the 8 layers for the whole inverse, against 381 with a 1e-6 hand-over
 #: and 749 for Algorithm 1 alone to 1e-12).
 _COARSE = 0.1
-
-
-def _check_direction(direction):
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-    return direction
 
 
 class ConditionedQuAR(FlowTransform):
@@ -101,8 +95,9 @@ class ConditionedQuAR(FlowTransform):
             ``net(u, context) -> (F(u), diag J_F(u))`` with a ``lipschitz()`` bound ``< 1`` and a
             lower-triangular ``J_F``).
         context: the context (``None`` for an unconditional layer).
-        direction: ``"normalizing"`` (default: the residual map is ``_inverse``, data -> base) or
-            ``"generative"`` (the residual map is ``_call``, base -> data).
+        single_pass: ``"log_prob"`` (default: the residual map is ``_inverse``, data -> base, so
+            ``log_prob`` of data is one pass) or ``"sample"`` (the residual map is ``_call``, base ->
+            data: one-pass ``rsample`` and ``log_prob`` of own samples, for guides).
         atol, rtol: tolerances of the numerical inverse (``None``: see the module docstring).
         max_iter: iteration cap of each fixed-point stage.
         log_scale, shift: ``(D,)`` tensors of the elementwise affine on the residual's output side
@@ -118,10 +113,10 @@ class ConditionedQuAR(FlowTransform):
         True
     """
 
-    def __init__(self, input_dim, net=None, context=None, *, direction="normalizing", atol=None,
+    def __init__(self, input_dim, net=None, context=None, *, single_pass="log_prob", atol=None,
                  rtol=None, max_iter=500, log_scale=None, shift=None, cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
-        self.direction = _check_direction(direction)
+        self.single_pass = check_single_pass(single_pass)
         for name, v in (("atol", atol), ("rtol", rtol)):
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive, got {v!r}")
@@ -151,7 +146,7 @@ class ConditionedQuAR(FlowTransform):
             logdet = logdet + self.log_scale.sum()
         return v, logdet
 
-    def _residual_logdet(self, u, v):
+    def _residual_logdet(self, u):
         _, diag = self._net(u)
         logdet = torch.log1p(diag).sum(-1)
         if self.log_scale is not None:
@@ -160,8 +155,8 @@ class ConditionedQuAR(FlowTransform):
 
     def _tolerances(self, dtype):
         eps = torch.finfo(dtype).eps
-        sigma = getattr(self.net, "sigma", 0.9)
-        floor = max(default_tolerance(dtype), 64 * eps / (1 - sigma))
+        target = getattr(self.net, "lipschitz_target", 0.9)
+        floor = max(default_tolerance(dtype), 64 * eps / (1 - target))
         return (floor if self.atol is None else self.atol), (floor if self.rtol is None else self.rtol)
 
     def _solve(self, v):
@@ -208,25 +203,26 @@ class ConditionedQuAR(FlowTransform):
             u = torch.where(done[..., None], best, u - r / (1 + diag))
         return best, bool(done.all())
 
-    # -- Transform interface ----------------------------------------------------------------------
-    def _call(self, x):
-        if self.direction == "generative":
-            y, logdet = self._residual(x)
-            self._remember_logdet(x, y, logdet)
-            return y
-        return self._solve(x)
+    # -- the protocol ----------------------------------------------------------------------------
+    def _call_and_ladj(self, x):
+        if self.single_pass == "sample":
+            return self._residual(x)
+        x_out = self._solve(x)
+        # the forward log-det of the pair (x, x_out) is minus the residual's at x_out
+        return x_out, -self._residual_logdet(x_out)
 
-    def _inverse(self, y):
-        if self.direction == "normalizing":
+    def _inverse_and_ladj(self, y):
+        if self.single_pass == "log_prob":
             x, logdet = self._residual(y)
-            self._remember_logdet(x, y, -logdet)
-            return x
-        return self._solve(y)
+            return x, -logdet
+        x = self._solve(y)
+        return x, self._residual_logdet(x)
 
     def _log_abs_det_jacobian(self, x, y):
-        if self.direction == "generative":
-            return self._residual_logdet(x, y)
-        return -self._residual_logdet(y, x)
+        # one network pass on the residual side's input, never a solve
+        if self.single_pass == "sample":
+            return self._residual_logdet(x)
+        return -self._residual_logdet(y)
 
 
 class QuAR(ConditionedQuAR, TransformModule):
@@ -238,9 +234,11 @@ class QuAR(ConditionedQuAR, TransformModule):
             layers of ``max(4, ceil(64 / D))`` units per coordinate).
         hidden_factors: units per coordinate of each hidden layer (alternative to ``hidden_dims``).
         activation: ``"elu"`` (default, as in the paper) or ``"lipswish"``.
-        sigma: the fixed bound ``0 < sigma < 1`` on ``Lip(F)`` (default 0.9).
+        lipschitz: the fixed bound ``0 < lipschitz < 1`` on ``Lip(F)`` (the paper's ``sigma``;
+            default 0.9).
         lipschitz_trick: learn ``theta >= 0`` (default ``True``).
-        direction: ``"normalizing"`` (default; fast ``log_prob``) or ``"generative"`` (fast ``rsample``).
+        single_pass: ``"log_prob"`` (default; one-pass ``log_prob`` of data) or ``"sample"``
+            (one-pass ``rsample`` and ``log_prob`` of own samples).
         affine: end the layer with a learnable elementwise affine (default ``True``; see the module
             docstring).
         bound: per-layer Lipschitz bound, ``"spectral"`` (exact spectral norm of ``W * mask`` by SVD,
@@ -255,13 +253,13 @@ class QuAR(ConditionedQuAR, TransformModule):
         torch.Size([4])
     """
 
-    def __init__(self, input_dim, hidden_dims=None, *, hidden_factors=None, activation="elu", sigma=0.9,
-                 lipschitz_trick=True, direction="normalizing", affine=True, bound="spectral", atol=None,
+    def __init__(self, input_dim, hidden_dims=None, *, hidden_factors=None, activation="elu", lipschitz=0.9,
+                 lipschitz_trick=True, single_pass="log_prob", affine=True, bound="spectral", atol=None,
                  rtol=None, max_iter=500, cache_size=1):
-        super().__init__(input_dim, None, direction=direction, atol=atol, rtol=rtol, max_iter=max_iter,
+        super().__init__(input_dim, None, single_pass=single_pass, atol=atol, rtol=rtol, max_iter=max_iter,
                          cache_size=cache_size)
         self.net = QuasiAutoregressiveNet(input_dim, hidden_dims, hidden_factors=hidden_factors,
-                                          activation=activation, sigma=sigma,
+                                          activation=activation, lipschitz=lipschitz,
                                           lipschitz_trick=lipschitz_trick, bound=bound)
         if affine:
             self.log_scale = nn.Parameter(torch.zeros(input_dim))
@@ -287,13 +285,13 @@ class ConditionalQuAR(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, *, hidden_factors=None, activation="elu",
-                 sigma=0.9, lipschitz_trick=True, direction="normalizing", affine=True, bound="spectral",
+                 lipschitz=0.9, lipschitz_trick=True, single_pass="log_prob", affine=True, bound="spectral",
                  atol=None, rtol=None, max_iter=500, cache_size=1):
         super().__init__(input_dim, context_dim)
-        self.direction = _check_direction(direction)
+        self.single_pass = check_single_pass(single_pass)
         self.atol, self.rtol, self.max_iter, self.cache_size = atol, rtol, max_iter, cache_size
         self.net = QuasiAutoregressiveNet(input_dim, hidden_dims, hidden_factors=hidden_factors,
-                                          context_dim=context_dim, activation=activation, sigma=sigma,
+                                          context_dim=context_dim, activation=activation, lipschitz=lipschitz,
                                           lipschitz_trick=lipschitz_trick, bound=bound)
         if affine:
             self.log_scale = nn.Parameter(torch.zeros(input_dim))
@@ -302,7 +300,7 @@ class ConditionalQuAR(ConditionalFlowModule):
             self.log_scale = self.shift = None
 
     def _condition(self, context):
-        return ConditionedQuAR(self.input_dim, self.net, context, direction=self.direction, atol=self.atol,
+        return ConditionedQuAR(self.input_dim, self.net, context, single_pass=self.single_pass, atol=self.atol,
                                rtol=self.rtol, max_iter=self.max_iter, log_scale=self.log_scale,
                                shift=self.shift, cache_size=self.cache_size)
 
@@ -330,4 +328,4 @@ def conditional_quar(input_dim, context_dim, hidden_dims=None, **kwargs):
 
 
 register_flow("quar", quar, conditional_quar, permutation="reverse",
-              test_kwargs={"hidden_factors": (2, 2)})
+              test_kwargs={"hidden_factors": (2, 2)}, has_single_pass=True)
