@@ -80,8 +80,9 @@ def test_layer_logdet_is_sum_log1p_diag_and_diag_above_minus_one():
         assert (diag > -sigma - 1e-12).all() and (diag < sigma + 1e-12).all()
         expected_y, expected_ld = x + out, torch.log1p(diag).sum(-1)
         if affine:
-            expected_y = expected_y * t.log_scale.exp() + t.shift
-            expected_ld = expected_ld + t.log_scale.sum()
+            s = t.max_log_scale * torch.tanh(t.log_scale / t.max_log_scale)
+            expected_y = expected_y * s.exp() + t.shift
+            expected_ld = expected_ld + s.sum()
         assert torch.allclose(y, expected_y, atol=1e-12)
         assert torch.allclose(t.log_abs_det_jacobian(x, y), expected_ld, atol=1e-12)
         # the same value when recomputed for tensors the cache does not know
@@ -390,3 +391,73 @@ def test_direction_switch_is_single_pass_and_old_names_are_gone():
             QuAR(D, **old)
         with pytest.raises(TypeError):
             ConditionalQuAR(D, C, **old)
+
+
+# ------------------------------------------------------------------------------------------------
+# never silently wrong: bounded layers at any parameter values, at the sizes users run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [5.0, 100.0])
+def test_per_layer_slope_bound_holds_for_any_parameters(scale):
+    """Every singular value of a layer's residual-side Jacobian lies in
+    ``[exp(-m) (1 - sigma), exp(m) (1 + sigma)]`` (``m = max_log_scale``), however large the parameters."""
+    D = 5
+    for conditional in (False, True):
+        torch.manual_seed(0)
+        if conditional:
+            module = ConditionalQuAR(D, C, single_pass="sample").double()
+        else:
+            module = QuAR(D, single_pass="sample").double()
+        perturb(module, scale)
+        t = module.condition(10 * torch.randn(C, dtype=torch.float64)) if conditional else module
+        x = 3 * torch.randn(32, D, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda u: t(u).sum(0), x).permute(1, 0, 2)
+        sv = torch.linalg.svdvals(jac)
+        sigma, m = module.net.lipschitz_target, module.max_log_scale
+        lo, hi = math.exp(-m) * (1 - sigma), math.exp(m) * (1 + sigma)
+        assert sv.min() >= lo * (1 - 1e-9) and sv.max() <= hi * (1 + 1e-9), (sv.min(), sv.max())
+        # the log-det (the log-slopes' sum) is inside the per-coordinate bounds too
+        ld = t.log_abs_det_jacobian(x, t(x))
+        assert (ld >= D * math.log(lo) - 1e-9).all() and (ld <= D * math.log(hi) + 1e-9).all()
+        # the parameters really were pushed past the bound's saturation
+        assert module.log_scale.abs().max() > m
+
+
+def test_max_log_scale_opt_out_and_validation():
+    t = QuAR(D, max_log_scale=None).double()
+    with torch.no_grad():
+        t.log_scale.fill_(7.0)
+    assert torch.equal(t._bounded_log_scale(), t.log_scale)
+    t = QuAR(D).double()
+    with torch.no_grad():
+        t.log_scale.fill_(7.0)
+    assert (t._bounded_log_scale() < t.max_log_scale).all()
+    for bad in (0.0, -1.0, "3"):
+        with pytest.raises(ValueError, match="max_log_scale"):
+            QuAR(D, max_log_scale=bad)
+
+
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+def test_default_flows_reconstruct_or_warn_at_user_sizes(single_pass, conditional):
+    """The acceptance sweep: default sizes, 4 layers, float64, every parameter moved by s * N(0, 1),
+    x = 1.5 * randn(128, D): the inverse (never served by the cache) reconstructs to 1e-6 or warns;
+    at s = 2 it reconstructs without a warning. (Measured at s = 5: errors <= 3e-9.)"""
+    import warnings
+
+    for D in (5, 8, 16):
+        for s in (2.0, 5.0):
+            torch.manual_seed(D * 10 + int(s))
+            kw = {"context_dim": C} if conditional else {}
+            f = pyro_flows.flow("quar", D, single_pass=single_pass, cache_size=0, **kw).double()
+            with torch.no_grad():
+                for p in f.parameters():
+                    p += s * torch.randn_like(p)
+            x = 1.5 * torch.randn(128, D, dtype=torch.float64)
+            t = f.condition(torch.randn(128, C, dtype=torch.float64)) if conditional else f
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                with torch.no_grad():
+                    err = (t.inv(t(x).clone()) - x).abs().max().item()
+            warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            assert err < 1e-6 or (s > 2 and warned), (D, s, err, warned)
+            assert not (s == 2 and warned), (D, s)
