@@ -55,7 +55,7 @@ from torch import nn
 
 from ..validation import broadcast_context, check_dim
 from .activations import get_activation
-from .lipschitz import LipschitzLinear
+from .lipschitz import LipschitzLinear, matrix_norm_bound, spectral_norm_product
 from .masked import quasi_autoregressive_masks
 
 __all__ = ["QuasiAutoregressiveNet", "default_quar_hidden_dims"]
@@ -148,6 +148,7 @@ class QuasiAutoregressiveNet(nn.Module):
         for act in self.activations:
             if not hasattr(act, "forward_and_derivative") or not hasattr(act, "lipschitz"):
                 raise ValueError(f"activation {activation!r} must give forward_and_derivative and lipschitz")
+        self._act_factor = math.prod(float(act.lipschitz) for act in self.activations)
         # "equal degree" patterns: the only connections that carry d/dx_{d(u)} (non-persistent:
         # they are a function of the sizes, like the masks' structure)
         for i in range(len(masks)):
@@ -164,23 +165,57 @@ class QuasiAutoregressiveNet(nn.Module):
             self.raw_theta = None
 
     # -- Lipschitz control --------------------------------------------------------------------
-    def product_bound(self) -> torch.Tensor:
-        """``P = prod_i Lip(f_i)``: guaranteed bound of the unscaled masked network in ``x``."""
-        p = None
-        for layer in self.layers:
-            lip = layer.lipschitz()
-            p = lip if p is None else p * lip
-        for act in self.activations:
-            p = p * float(act.lipschitz)
+    def _masked_weights(self):
+        return [layer.masked_weight() for layer in self.layers]
+
+    def product_bound(self, weights=None) -> torch.Tensor:
+        """``P = prod_i Lip(f_i)``: guaranteed bound of the unscaled masked network in ``x``.
+
+        The spectral norms of all layers come from one batched no-grad SVD
+        (:func:`~pyro_flows.nn.lipschitz.spectral_norm_bounds`); ``weights`` are the masked weights
+        if the caller has them. Without a graph to build, the value is cached until a weight changes.
+        """
+        need_graph = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in self.layers)
+        if not need_graph:
+            cached = self._cached_bound()
+            if cached is not None:
+                return cached
+        weights = self._masked_weights() if weights is None else weights
+        cols = [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
+                for w, layer in zip(weights, self.layers)]
+        if self.layers[0].bound == "spectral":
+            p = spectral_norm_product(cols)
+        else:
+            p = torch.stack([matrix_norm_bound(w, "frobenius") for w in cols]).prod()
+        if self._act_factor != 1.0:
+            p = p * self._act_factor
+        if not need_graph:
+            p = p.detach()
+            self.__dict__["_bound_cache"] = (self._weight_key(), p,
+                                             [layer.weight.detach().clone() for layer in self.layers])
         return p
+
+    def _weight_key(self):
+        w = self.layers[0].weight
+        return (tuple(layer.weight._version for layer in self.layers), w.dtype, w.device)
+
+    def _cached_bound(self):
+        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
+        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weights and compares them.
+        cache = self.__dict__.get("_bound_cache")
+        if cache is None or cache[0] != self._weight_key():
+            return None
+        if all(torch.equal(c, layer.weight.detach()) for c, layer in zip(cache[2], self.layers)):
+            return cache[1]
+        return None
 
     def theta(self):
         """``theta >= 0`` (shape ``(D,)``), or ``None`` without the Lipschitz trick."""
         return None if self.raw_theta is None else F.softplus(self.raw_theta)
 
-    def output_scale(self, p=None) -> torch.Tensor:
+    def output_scale(self, p=None, weights=None) -> torch.Tensor:
         """``c = sigma / (theta + P)`` (shape ``(D,)`` or 0-d), so that ``Lip(F) <= sigma``."""
-        p = self.product_bound() if p is None else p
+        p = self.product_bound(weights) if p is None else p
         theta = self.theta()
         denom = p if theta is None else theta + p
         # P > 0 unless every weight vanishes; the floor only avoids 0/0 (then N is constant, F too)
@@ -192,7 +227,9 @@ class QuasiAutoregressiveNet(nn.Module):
         return (self.output_scale(p).max() * p).clamp(max=self.lipschitz_target)
 
     # -- forward with the exact diagonal ------------------------------------------------------
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, scale=None):
+        """``(F(x), diag J_F(x))``; ``scale`` is a precomputed :meth:`output_scale` (e.g. held fixed
+        over the iterations of a solve), ``None`` to compute it here."""
         D = self.input_dim
         if self.context_dim:
             if context is None:
@@ -202,15 +239,16 @@ class QuasiAutoregressiveNet(nn.Module):
             h = torch.cat([x, context], dim=-1)
         else:
             h = x
+        weights = self._masked_weights()
+        c = self.output_scale(weights=weights) if scale is None else scale
         n = len(self.layers)
         g = None
-        for i, layer in enumerate(self.layers):
-            w = layer.effective_weight()
+        for i, (layer, w) in enumerate(zip(self.layers, weights)):
             a = F.linear(h, w, layer.bias)
             eq = getattr(self, f"_eq{i}")
             if i == 0:
                 # the inputs' own diagonal is 1: the row sum of the equal-degree entries
-                ga = (w[:, :D] * eq).sum(-1).expand_as(a)
+                ga = (w[:, :D] * eq).sum(-1)
             elif self._blockwise[i]:
                 k_out, k_in = w.shape[0] // D, w.shape[1] // D
                 # units are grouped by degree in contiguous blocks: the (d, d) blocks of w
@@ -224,9 +262,13 @@ class QuasiAutoregressiveNet(nn.Module):
                 h, dh = self.activations[i].forward_and_derivative(a)
                 g = dh * ga
             else:
-                h, g = a, ga
-        c = self.output_scale()
+                h, g = a, (ga if i else ga.expand_as(a))
         return h * c, g * c
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_bound_cache", None)
+        return state
 
     def extra_repr(self):
         return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "

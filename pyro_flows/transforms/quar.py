@@ -105,22 +105,30 @@ def _check_max_log_scale(value):
     return float(value)
 
 
+def _merge_old_affine_keys(state_dict, prefix, *args):
+    """Load state dicts saved with separate ``log_scale`` / ``shift`` parameters."""
+    ls, sh = prefix + "log_scale", prefix + "shift"
+    if ls in state_dict and sh in state_dict:
+        state_dict[prefix + "scale_shift"] = torch.stack([state_dict.pop(ls), state_dict.pop(sh)])
+
+
 class ConditionedQuAR(FlowTransform):
     """A QuAR layer with a given network (and context): the maths of the family.
 
     Arguments:
         input_dim: D.
-        net: a :class:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet` (or any callable
-            ``net(u, context) -> (F(u), diag J_F(u))`` with a ``lipschitz()`` bound ``< 1`` and a
-            lower-triangular ``J_F``).
+        net: a :class:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet` (or a module with
+            its interface: ``net(u, context, scale=None) -> (F(u), diag J_F(u))`` with a
+            lower-triangular ``J_F``, ``product_bound()``, ``output_scale(p)`` and ``lipschitz_target``).
         context: the context (``None`` for an unconditional layer).
         single_pass: ``"log_prob"`` (default: the residual map is ``_inverse``, data -> base, so
             ``log_prob`` of data is one pass) or ``"sample"`` (the residual map is ``_call``, base ->
             data: one-pass ``rsample`` and ``log_prob`` of own samples, for guides).
         atol, rtol: tolerances of the numerical inverse (``None``: see the module docstring).
         max_iter: iteration cap of each fixed-point stage.
-        log_scale, shift: ``(D,)`` tensors of the elementwise affine on the residual's output side
-            (``None``: no affine); the scale applied is ``exp(m * tanh(log_scale / m))``.
+        scale_shift: ``(2, D)`` tensor of the elementwise affine on the residual's output side, rows
+            ``log_scale`` and ``shift`` (``None``: no affine); the scale applied is
+            ``exp(m * tanh(log_scale / m))``.
         max_log_scale: ``m`` (``None``: the scale is ``exp(log_scale)``, unbounded).
         cache_size: Pyro's transform cache (0 or 1).
 
@@ -134,7 +142,7 @@ class ConditionedQuAR(FlowTransform):
     """
 
     def __init__(self, input_dim, net=None, context=None, *, single_pass="log_prob", atol=None,
-                 rtol=None, max_iter=500, log_scale=None, shift=None, max_log_scale=MAX_LOG_SCALE,
+                 rtol=None, max_iter=500, scale_shift=None, max_log_scale=MAX_LOG_SCALE,
                  cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         self.single_pass = check_single_pass(single_pass)
@@ -144,42 +152,56 @@ class ConditionedQuAR(FlowTransform):
         self.atol, self.rtol = atol, rtol
         self.max_iter = check_dim(max_iter, "max_iter")
         self.net = net
-        if (log_scale is None) != (shift is None):
-            raise ValueError("give both log_scale and shift, or neither")
-        self.log_scale, self.shift = log_scale, shift
+        if scale_shift is not None and tuple(scale_shift.shape) != (2, self.input_dim):
+            raise ValueError(f"scale_shift must have shape (2, {self.input_dim}), got {tuple(scale_shift.shape)}")
+        self.scale_shift = scale_shift
         self.max_log_scale = _check_max_log_scale(max_log_scale)
 
     # -- the residual map and its numerical inverse --------------------------------------------
-    def _net(self, u):
-        return self.net(u, self._context) if self._context is not None else self.net(u)
+    def _net(self, u, scale=None):
+        return self.net(u, self._context, scale=scale)
 
     def _expand(self, u):
         if self._context is None:
             return u
         return broadcast_context(u, self._context)[0]
 
-    def _bounded_log_scale(self):
-        """The affine's log-scale ``m * tanh(log_scale / m)`` (``m = max_log_scale``), in ``(-m, m)``."""
+    # one (2, D) parameter for both vectors: one optimiser update instead of two per layer
+    @property
+    def log_scale(self):
+        """The affine's unconstrained log-scale (a view of ``scale_shift[0]``), or ``None``."""
+        return None if self.scale_shift is None else self.scale_shift[0]
+
+    @property
+    def shift(self):
+        """The affine's shift (a view of ``scale_shift[1]``), or ``None``."""
+        return None if self.scale_shift is None else self.scale_shift[1]
+
+    def _affine(self):
+        """``(s, shift)``: the bounded log-scale ``m * tanh(log_scale / m)`` (``m = max_log_scale``,
+        in ``(-m, m)``) and the shift."""
+        log_scale, shift = self.scale_shift.unbind(0)
         m = self.max_log_scale
-        if m is None:
-            return self.log_scale
-        return torch.tanh(self.log_scale * (1 / m)) * m
+        return (log_scale if m is None else torch.tanh(log_scale * (1 / m)) * m), shift
+
+    def _bounded_log_scale(self):
+        return self._affine()[0]
 
     def _residual(self, u):
         """``v = R(u) = exp(s) * (u + F(u)) + t`` and ``log|det dv/du|``."""
         out, diag = self._net(u)
         v = u + out
         logdet = torch.log1p(diag).sum(-1)
-        if self.log_scale is not None:
-            s = self._bounded_log_scale()
-            v = v * s.exp() + self.shift
+        if self.scale_shift is not None:
+            s, shift = self._affine()
+            v = torch.addcmul(shift, v, s.exp())
             logdet = logdet + s.sum()
         return v, logdet
 
     def _residual_logdet(self, u):
         _, diag = self._net(u)
         logdet = torch.log1p(diag).sum(-1)
-        if self.log_scale is not None:
+        if self.scale_shift is not None:
             logdet = logdet + self._bounded_log_scale().sum()
         return logdet
 
@@ -193,33 +215,38 @@ class ConditionedQuAR(FlowTransform):
         """``u`` with ``u + F(u) = v``: Algorithm 1 (fixed point), a certified Newton finish, fallback."""
         check_finite(v, f"{type(self).__name__} inverse input")
         v = self._expand(v)
-        if self.log_scale is not None:
-            v = (v - self.shift) * torch.exp(-self._bounded_log_scale())
-        with torch.no_grad():
-            lip = float(self.net.lipschitz())
+        if self.scale_shift is not None:
+            s, shift = self._affine()
+            v = (v - shift) * torch.exp(-s)
         atol, rtol = self._tolerances(v.dtype)
+        with torch.no_grad():
+            # the network's bound and output scale, once for all iterations
+            p = self.net.product_bound()
+            scale = self.net.output_scale(p)
+            lip = float((scale.max() * p).clamp(max=self.net.lipschitz_target))
+            vd = v.detach()
+
+            def step(u):
+                return vd - self._net(u, scale)[0]
+
+            coarse = max(_COARSE, atol, rtol)
+            u = fixed_point(step, vd, lipschitz=lip, atol=coarse, rtol=coarse, max_iter=self.max_iter)
+            u, certified = self._newton_finish(u, vd, lip, atol, rtol, scale)
+            if not certified:
+                u = fixed_point(step, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter)
 
         def g(u):
             return v - self._net(u)[0]
 
-        with torch.no_grad():
-            vd = v.detach()
-            coarse = max(_COARSE, atol, rtol)
-            u = fixed_point(lambda u: vd - self._net(u)[0], vd, lipschitz=lip, atol=coarse, rtol=coarse,
-                            max_iter=self.max_iter)
-            u, certified = self._newton_finish(u, vd, lip, atol, rtol)
-            if not certified:
-                u = fixed_point(lambda u: vd - self._net(u)[0], u, lipschitz=lip, atol=atol, rtol=rtol,
-                                max_iter=self.max_iter)
         # value g(u) (one more contraction step); gradients by the implicit function theorem
         return implicit_fixed_point(g, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter)
 
-    def _newton_finish(self, u, v, lip, atol, rtol):
+    def _newton_finish(self, u, v, lip, atol, rtol, scale=None):
         best = u
         best_res = torch.full(u.shape[:-1], float("inf"), dtype=u.dtype, device=u.device)
         done = torch.zeros(u.shape[:-1], dtype=torch.bool, device=u.device)
         for _ in range(self.input_dim + 8):
-            out, diag = self._net(u)
+            out, diag = self._net(u, scale)
             r = u + out - v
             res = r.pow(2).sum(-1).sqrt()
             if not bool(torch.isfinite(res).all()):
@@ -293,8 +320,8 @@ class QuAR(ConditionedQuAR, TransformModule):
                                           activation=activation, lipschitz=lipschitz,
                                           lipschitz_trick=lipschitz_trick, bound=bound)
         if affine:
-            self.log_scale = nn.Parameter(torch.zeros(input_dim))
-            self.shift = nn.Parameter(torch.zeros(input_dim))
+            self.scale_shift = nn.Parameter(torch.zeros(2, input_dim))
+        self._register_load_state_dict_pre_hook(_merge_old_affine_keys)
 
 
 class ConditionalQuAR(ConditionalFlowModule):
@@ -326,15 +353,15 @@ class ConditionalQuAR(ConditionalFlowModule):
                                           context_dim=context_dim, activation=activation, lipschitz=lipschitz,
                                           lipschitz_trick=lipschitz_trick, bound=bound)
         if affine:
-            self.log_scale = nn.Parameter(torch.zeros(input_dim))
-            self.shift = nn.Parameter(torch.zeros(input_dim))
+            self.scale_shift = nn.Parameter(torch.zeros(2, input_dim))
         else:
-            self.log_scale = self.shift = None
+            self.scale_shift = None
+        self._register_load_state_dict_pre_hook(_merge_old_affine_keys)
 
     def _condition(self, context):
         return ConditionedQuAR(self.input_dim, self.net, context, single_pass=self.single_pass, atol=self.atol,
-                               rtol=self.rtol, max_iter=self.max_iter, log_scale=self.log_scale,
-                               shift=self.shift, max_log_scale=self.max_log_scale, cache_size=self.cache_size)
+                               rtol=self.rtol, max_iter=self.max_iter, scale_shift=self.scale_shift,
+                               max_log_scale=self.max_log_scale, cache_size=self.cache_size)
 
 
 def quar(input_dim, hidden_dims=None, **kwargs):
