@@ -470,3 +470,42 @@ def test_state_dict_with_separate_affine_vectors_loads():
     old["log_scale"], old["shift"] = torch.full((D,), 0.5), torch.full((D,), -1.0)
     t.load_state_dict(old)
     assert torch.equal(t.log_scale, torch.full((D,), 0.5)) and torch.equal(t.shift, torch.full((D,), -1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU-ready single-pass direction: no host syncs, compiles as one graph
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_single_pass_step_makes_no_host_sync(single_pass, monkeypatch):
+    """The single-pass direction of a layer (map, log-det, backward) never calls ``Tensor.item`` or
+    ``Tensor.__bool__`` (the spectral bounds and the output scale stay on the device)."""
+    t = QuAR(D, single_pass=single_pass)
+    fn = t._inverse_and_ladj if single_pass == "log_prob" else t._call_and_ladj
+    x = torch.randn(16, D)
+    fn(x)  # warm up
+    calls = []
+    for name in ("item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: calls.append(_n) or _o(self))
+    y, ld = fn(x)
+    (y.sum() + ld.sum()).backward()
+    monkeypatch.undo()
+    assert calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_single_pass_direction_compiles_fullgraph(single_pass):
+    torch.manual_seed(0)
+    t = QuAR(D, hidden_factors=(4, 4), single_pass=single_pass).double()
+    perturb(t, 0.3)
+    fn = t._inverse_and_ladj if single_pass == "log_prob" else t._call_and_ladj
+    x = torch.randn(32, D, dtype=torch.float64)
+    # aot_eager: the same Dynamo graph capture and AOT autograd trace as inductor, without codegen
+    y, ld = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    y0, ld0 = fn(x)
+    assert torch.allclose(y, y0, atol=1e-12) and torch.allclose(ld, ld0, atol=1e-12)
+    grads = torch.autograd.grad(y.sum() + ld.sum(), list(t.parameters()))
+    grads0 = torch.autograd.grad(y0.sum() + ld0.sum(), list(t.parameters()))
+    for g, g0 in zip(grads, grads0):
+        assert torch.allclose(g, g0, atol=1e-10)
