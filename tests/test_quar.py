@@ -262,7 +262,7 @@ def test_newton_finish_beats_plain_fixed_point_on_a_slow_contraction():
 
 def test_fallback_when_newton_is_not_certified(monkeypatch):
     t = _slow_contraction_layer()
-    monkeypatch.setattr(ConditionedQuAR, "_newton_finish", lambda self, u, *a: (u, False))
+    monkeypatch.setattr(ConditionedQuAR, "_newton_finish", lambda self, u, *a: (u, False, None))
     y = torch.randn(16, 2, dtype=torch.float64)
     x = t(y)
     assert (t.inv(x.clone()) - y).abs().max() < 1e-10

@@ -216,8 +216,8 @@ class ConditionedQuAR(FlowTransform):
         check_finite(v, f"{type(self).__name__} inverse input")
         v = self._expand(v)
         if self.scale_shift is not None:
-            s, shift = self._affine()
-            v = (v - shift) * torch.exp(-s)
+            log_scale, shift = self._affine()
+            v = (v - shift) * torch.exp(-log_scale)
         atol, rtol = self._tolerances(v.dtype)
         with torch.no_grad():
             # the network's bound and output scale, once for all iterations
@@ -231,9 +231,13 @@ class ConditionedQuAR(FlowTransform):
 
             coarse = max(_COARSE, atol, rtol)
             u = fixed_point(step, vd, lipschitz=lip, atol=coarse, rtol=coarse, max_iter=self.max_iter)
-            u, certified = self._newton_finish(u, vd, lip, atol, rtol, scale)
+            u, certified, out = self._newton_finish(u, vd, lip, atol, rtol, scale)
             if not certified:
                 u = fixed_point(step, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter)
+                out = None
+        if not torch.is_grad_enabled():
+            # one more contraction step, from the certifying pass's F(u) (no extra network pass)
+            return step(u) if out is None else vd - out
 
         def g(u):
             return v - self._net(u)[0]
@@ -244,6 +248,7 @@ class ConditionedQuAR(FlowTransform):
     def _newton_finish(self, u, v, lip, atol, rtol, scale=None):
         best = u
         best_res = torch.full(u.shape[:-1], float("inf"), dtype=u.dtype, device=u.device)
+        best_out = torch.zeros_like(u)
         done = torch.zeros(u.shape[:-1], dtype=torch.bool, device=u.device)
         for _ in range(self.input_dim + 8):
             out, diag = self._net(u, scale)
@@ -253,12 +258,13 @@ class ConditionedQuAR(FlowTransform):
                 break
             better = res < best_res
             best = torch.where(better[..., None], u, best)
+            best_out = torch.where(better[..., None], out, best_out)
             best_res = torch.where(better, res, best_res)
             done = best_res / (1 - lip) <= atol + rtol * best.abs().amax(-1)
             if bool(done.all()):
-                return best, True
+                return best, True, best_out
             u = torch.where(done[..., None], best, u - r / (1 + diag))
-        return best, bool(done.all())
+        return best, bool(done.all()), best_out
 
     # -- the protocol ----------------------------------------------------------------------------
     def _call_and_ladj(self, x):
