@@ -19,8 +19,10 @@
   estimator, and it is the derivative of the function actually computed (tested against autograd).
 * **Lipschitz control by construction** (section 4.2, the "Lipschitz trick"). The masked network
   ``N = f_L o ... o f_1`` has ``Lip(N) <= P = prod_i Lip(f_i)``, where each linear layer's factor is the
-  *exact* spectral norm of ``W * M`` (SVD in float64 plus a 1e-6 relative margin,
-  :meth:`LipschitzLinear.lipschitz`; the paper's power iteration is only a lower bound and is not used)
+  *exact* spectral norm of ``W * M`` (float64 plus a 1e-6 relative margin; all layers in one
+  :func:`~pyro_flows.nn.lipschitz.spectral_norm_product` call: one batched ``eigh`` per Gram-matrix
+  size, no graph through it, gradient ``u v^T``; the paper's power iteration is only a lower bound and
+  is not used)
   and each activation's factor is its Lipschitz constant (ELU: 1; LipSwish: 1 as a safe bound of its
   < 1 constant). The output is ``F = diag(c) N`` with ``c_d = sigma / (theta_d + P)``, ``theta =
   softplus(raw_theta) >= 0`` learnable (one per output coordinate, as in the paper) and ``0 < sigma < 1``
