@@ -125,3 +125,73 @@ def test_get_activation():
     assert isinstance(get_activation("elu"), ELU)
     with pytest.raises(ValueError, match="unknown activation"):
         get_activation("relu6")
+
+
+def test_spectral_norm_bounds_batched_values_and_gradients():
+    """One batched no-grad SVD gives each weight's guaranteed bound, and the gradient ``u v^T``
+    equals autograd's through a differentiable SVD."""
+    from pyro_flows.nn.lipschitz import MARGIN, spectral_norm_bounds
+
+    torch.manual_seed(0)
+    ws = [torch.randn(6, 3, dtype=f64, requires_grad=True), torch.randn(6, 6, dtype=f64, requires_grad=True),
+          torch.randn(3, 6, dtype=f64, requires_grad=True)]
+    bounds = spectral_norm_bounds(ws)
+    true = torch.stack([torch.linalg.matrix_norm(w, ord=2) for w in ws])
+    assert (bounds >= true).all() and torch.allclose(bounds, true * (1 + MARGIN), rtol=1e-12)
+    weights = torch.randn(3, dtype=f64)
+    got = torch.autograd.grad((bounds * weights).sum(), ws)
+    expected = torch.autograd.grad((true * weights * (1 + MARGIN)).sum(), ws)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-10)
+    # a single weight, float32 in and out (the SVD runs in float64)
+    w = torch.randn(5, 4, requires_grad=True)
+    b = matrix_norm_bound(w)
+    assert b.dtype == torch.float32 and b.dim() == 0
+    assert b >= torch.linalg.svdvals(w.detach().double())[0].float()
+    (gw,) = torch.autograd.grad(b, w)
+    (ew,) = torch.autograd.grad(torch.linalg.matrix_norm(w, ord=2), w)
+    assert torch.allclose(gw, ew, atol=1e-5)
+    with pytest.raises(ValueError):
+        spectral_norm_bounds([torch.ones(3)])
+
+
+def test_spectral_norm_bounds_degenerate_weights():
+    from pyro_flows.nn.lipschitz import spectral_norm_bounds
+
+    # a zero weight: bound 0, gradient finite (zero); a repeated top singular value: a subgradient
+    # u v^T of unit spectral norm
+    z = torch.zeros(4, 3, dtype=f64, requires_grad=True)
+    e = torch.eye(3, dtype=f64).mul(2).requires_grad_()
+    b = spectral_norm_bounds([z, e])
+    assert b[0] == 0 and torch.isclose(b[1], torch.tensor(2.0, dtype=f64), rtol=1e-5)
+    gz, ge = torch.autograd.grad(b.sum(), [z, e])
+    assert torch.equal(gz, torch.zeros_like(gz))
+    assert torch.isclose(torch.linalg.matrix_norm(ge, ord=2), torch.tensor(1.0, dtype=f64), rtol=1e-5)
+    # a wide and a tall weight of very different scales in one call
+    torch.manual_seed(1)
+    ws = [1e-8 * torch.randn(2, 9, dtype=f64), 1e8 * torch.randn(9, 2, dtype=f64)]
+    true = torch.stack([torch.linalg.svdvals(w)[0] for w in ws])
+    got = spectral_norm_bounds(ws)
+    assert (got >= true).all() and (got <= true * (1 + 2e-6)).all()
+
+
+def test_spectral_norm_product_value_and_gradient():
+    from pyro_flows.nn.lipschitz import spectral_norm_bounds, spectral_norm_product
+
+    torch.manual_seed(2)
+    ws = [torch.randn(6, 3, dtype=f64, requires_grad=True), torch.randn(6, 6, dtype=f64, requires_grad=True),
+          torch.zeros(3, 6, dtype=f64, requires_grad=True)]
+    for zero_last in (False, True):
+        if not zero_last:
+            with torch.no_grad():
+                ws[2].copy_(torch.randn(3, 6, dtype=f64))
+        else:
+            with torch.no_grad():
+                ws[2].zero_()
+        p = spectral_norm_product(ws)
+        ref = spectral_norm_bounds(ws).prod()
+        assert torch.allclose(p, ref, rtol=1e-14, atol=0)
+        got = torch.autograd.grad(p, ws)
+        expected = torch.autograd.grad(spectral_norm_bounds(ws).prod(), ws)
+        for g, e in zip(got, expected):
+            assert torch.isfinite(g).all() and torch.allclose(g, e, atol=1e-10)

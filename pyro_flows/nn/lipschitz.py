@@ -3,10 +3,17 @@
 Residual flows need ``Lip(F) < 1`` for every parameter value, not only where a power iteration
 happened to look: power iteration returns a lower bound of the spectral norm, so normalising by it can
 leave ``Lip > 1`` (the invertibility failure DESIGN.md warns about). Here the bound of a (masked)
-weight is its exact largest singular value, ``torch.linalg.matrix_norm(W * M, ord=2)`` computed in
-float64 (LAPACK's SVD is accurate to a few ulps relative to the norm), inflated by a relative margin
-of ``1e-6`` to cover rounding. For large layers ``bound="frobenius"`` gives a cheaper, looser
-guaranteed bound (``||W||_2 <= ||W||_F``).
+weight is its exact largest singular value computed in float64 (accurate far below the margin),
+inflated by a relative margin of ``1e-6`` to cover rounding. For large layers
+``bound="frobenius"`` gives a cheaper, looser guaranteed bound (``||W||_2 <= ||W||_F``).
+
+The spectral bound needs no gradient through a decomposition: with ``u``, ``v`` the top singular pair
+from a no-grad decomposition, ``sigma_max(W) = u^T W v`` and its gradient is ``u v^T`` (exact where
+``sigma_max`` is simple; a subgradient otherwise). :func:`spectral_norm_bounds` takes it from the
+float64 eigendecomposition of the Gram matrix on the smaller side (``W^T W`` or ``W W^T``, one batched
+``eigh`` per Gram size, so a network's equal-sized layers share one call); forming the Gram matrix
+costs a relative error of about ``m n eps`` in ``sigma_max^2`` (below 1e-9 for layers up to 4096 x
+4096), far inside the margin. Its backward is one outer product per weight.
 
 Values are cached between parameter updates: a cached bound is reused when the weight has not changed
 (its ``_version`` counter and its values, compared with a stored copy, since updates through ``p.data``
@@ -22,21 +29,129 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["matrix_norm_bound", "LipschitzLinear", "LipschitzMADE"]
+__all__ = ["LipschitzLinear", "LipschitzMADE", "matrix_norm_bound", "spectral_norm_bounds", "spectral_norm_product"]
 
 MARGIN = 1e-6
 _BOUNDS = ("spectral", "frobenius")
 
 
+class _SpectralNormBounds(torch.autograd.Function):
+    """``(1 + MARGIN) * sigma_max(W_i)`` for each 2-D ``W_i``, computed in float64 with no graph through
+    the eigensolver; gradient ``(1 + MARGIN) u_i v_i^T`` (the top singular pair).
+
+    Each weight is written ``A_i = W_i^T`` (tall) or ``A_i = W_i`` (wide), so its Gram matrix
+    ``A_i A_i^T`` is on the smaller side; weights whose ``A_i`` have equal shapes share one float64
+    conversion, one batched product and one ``eigh``.
+    """
+
+    @staticmethod
+    def forward(ctx, need_grad, members, product, *weights):
+        dtype = weights[0].dtype
+        tall = [w.shape[0] >= w.shape[1] for w in weights]
+        directions, sigmas = [], []
+        with torch.no_grad():
+            for idx in members:
+                a = [weights[i].T if tall[i] else weights[i] for i in idx]
+                a = (torch.stack(a) if len(a) > 1 else a[0].unsqueeze(0)).to(torch.float64)
+                evals, evecs = torch.linalg.eigh(torch.bmm(a, a.transpose(1, 2)))
+                sigma = evals[:, -1:].clamp(min=0).sqrt()
+                sigmas.append(sigma)
+                if need_grad:
+                    # sigma = x^T A y with y = A^T x / sigma: d sigma / dA = x y^T (0 where A = 0)
+                    x = evecs[:, :, -1:]
+                    y = torch.bmm(x.transpose(1, 2), a) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)[:, None]
+                    directions.append(x * y)
+            # bounds in group order
+            bounds = (torch.cat(sigmas) if len(sigmas) > 1 else sigmas[0]).squeeze(-1) * (1 + MARGIN)
+            if need_grad:
+                scale = torch.full_like(bounds, 1 + MARGIN)
+                if product and len(weights) > 1:
+                    # d prod / d bound_i = prod_{j != i} bound_j (also where a bound is 0)
+                    k = len(weights)
+                    others = bounds.expand(k, k).clone()
+                    others.fill_diagonal_(1)
+                    scale = scale * others.prod(1)
+                start = 0
+                for j, idx in enumerate(members):
+                    directions[j] = (directions[j] * scale[start : start + len(idx), None, None]).to(dtype)
+                    start += len(idx)
+            out = bounds.prod() if product else bounds
+        ctx.save_for_backward(*directions)
+        ctx.members, ctx.tall, ctx.product = members, tall, product
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = [None] * (3 + len(ctx.tall))
+        start = 0
+        for idx, direction in zip(ctx.members, ctx.saved_tensors):
+            if ctx.product:
+                da = grad * direction
+            else:
+                g = grad if len(idx) == len(ctx.tall) else grad[start : start + len(idx)]
+                da = g[:, None, None] * direction
+            for j, i in enumerate(idx):
+                out[3 + i] = da[j].T if ctx.tall[i] else da[j]
+            start += len(idx)
+        return tuple(out)
+
+
+def _groups(weights):
+    """Indices of the weights whose ``A_i`` (``W_i^T`` if tall, else ``W_i``) share a shape."""
+    groups = {}
+    for i, w in enumerate(weights):
+        r, c = w.shape
+        groups.setdefault((c, r) if r >= c else (r, c), []).append(i)
+    return list(groups.values())
+
+
+def _apply(weights, product):
+    """Bounds in group order (or their product), and the input index of each entry."""
+    weights = list(weights)
+    if not weights or any(w.dim() != 2 for w in weights):
+        raise ValueError("spectral_norm_bounds expects a non-empty sequence of 2-D tensors")
+    members = _groups(weights)
+    need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    order = [i for idx in members for i in idx]
+    return _SpectralNormBounds.apply(need_grad, members, product, *weights), order
+
+
+def spectral_norm_bounds(weights) -> torch.Tensor:
+    """Guaranteed upper bounds of the spectral norms of several 2-D tensors, batched.
+
+    Returns a ``(len(weights),)`` tensor of the first weight's dtype, each entry ``sigma_max(W_i)``
+    (float64) times ``1 + 1e-6``; differentiable, with gradient ``(1 + 1e-6) u_i v_i^T`` (no backward
+    through a decomposition).
+
+    Example:
+        >>> w = [torch.eye(3) * 2, torch.ones(2, 4)]
+        >>> [round(float(b), 4) for b in spectral_norm_bounds(w)]
+        [2.0, 2.8284]
+    """
+    bounds, order = _apply(weights, product=False)
+    if order == sorted(order):
+        return bounds
+    return bounds[sorted(range(len(order)), key=order.__getitem__)]
+
+
+def spectral_norm_product(weights) -> torch.Tensor:
+    """The product of :func:`spectral_norm_bounds` (a 0-d tensor, one autograd node): a guaranteed
+    bound of the Lipschitz constant of a chain of linear maps with 1-Lipschitz maps between them.
+
+    Example:
+        >>> round(float(spectral_norm_product([torch.eye(3) * 2, torch.ones(2, 3)])), 4)
+        4.899
+    """
+    return _apply(weights, product=True)[0]
+
+
 def matrix_norm_bound(weight: torch.Tensor, bound: str = "spectral") -> torch.Tensor:
-    """A guaranteed upper bound of the spectral norm of ``weight`` (differentiable)."""
+    """A guaranteed upper bound of the spectral norm of ``weight`` (differentiable, a 0-d tensor)."""
     if bound not in _BOUNDS:
         raise ValueError(f"bound must be one of {_BOUNDS}, got {bound!r}")
     if bound == "frobenius":
-        value = weight.double().pow(2).sum().sqrt()
-    else:
-        value = torch.linalg.matrix_norm(weight.double(), ord=2)
-    return (value * (1 + MARGIN)).to(weight.dtype)
+        return (weight.double().pow(2).sum().sqrt() * (1 + MARGIN)).to(weight.dtype)
+    return spectral_norm_bounds([weight])[0]
 
 
 class LipschitzLinear(nn.Module):

@@ -19,8 +19,10 @@
   estimator, and it is the derivative of the function actually computed (tested against autograd).
 * **Lipschitz control by construction** (section 4.2, the "Lipschitz trick"). The masked network
   ``N = f_L o ... o f_1`` has ``Lip(N) <= P = prod_i Lip(f_i)``, where each linear layer's factor is the
-  *exact* spectral norm of ``W * M`` (SVD in float64 plus a 1e-6 relative margin,
-  :meth:`LipschitzLinear.lipschitz`; the paper's power iteration is only a lower bound and is not used)
+  *exact* spectral norm of ``W * M`` (float64 plus a 1e-6 relative margin; all layers in one
+  :func:`~pyro_flows.nn.lipschitz.spectral_norm_product` call: one batched ``eigh`` per Gram-matrix
+  size, no graph through it, gradient ``u v^T``; the paper's power iteration is only a lower bound and
+  is not used)
   and each activation's factor is its Lipschitz constant (ELU: 1; LipSwish: 1 as a safe bound of its
   < 1 constant). The output is ``F = diag(c) N`` with ``c_d = sigma / (theta_d + P)``, ``theta =
   softplus(raw_theta) >= 0`` learnable (one per output coordinate, as in the paper) and ``0 < sigma < 1``
@@ -55,7 +57,7 @@ from torch import nn
 
 from ..validation import broadcast_context, check_dim
 from .activations import get_activation
-from .lipschitz import LipschitzLinear
+from .lipschitz import LipschitzLinear, matrix_norm_bound, spectral_norm_product
 from .masked import quasi_autoregressive_masks
 
 __all__ = ["QuasiAutoregressiveNet", "default_quar_hidden_dims"]
@@ -106,7 +108,8 @@ class QuasiAutoregressiveNet(nn.Module):
         context_dim: size of an optional context appended to the first layer's input (0: none).
         activation: ``"elu"`` (the paper's choice) or ``"lipswish"``, or a registered name; must
             provide ``forward_and_derivative`` and a ``lipschitz`` bound.
-        sigma: the fixed maximal Lipschitz constant of ``F`` (``0 < sigma < 1``); smaller values make
+        lipschitz: ``sigma``, the fixed maximal Lipschitz constant of ``F`` (``0 < sigma < 1``, default
+            0.9; the attribute ``lipschitz_target``); smaller values make
             the fixed-point inverse converge faster but limit how much one layer can change volume
             (``log(1 - sigma) <= d log|det| / D <= log(1 + sigma)`` per coordinate).
         lipschitz_trick: if ``False``, ``theta`` is fixed at 0 (hard spectral normalisation of the
@@ -125,13 +128,14 @@ class QuasiAutoregressiveNet(nn.Module):
     BLOCKWISE_MIN_SIZE = 128 * 128
 
     def __init__(self, input_dim, hidden_dims=None, *, hidden_factors=None, context_dim=0,
-                 activation="elu", sigma=0.9, lipschitz_trick=True, bound="spectral"):
+                 activation="elu", lipschitz=0.9, lipschitz_trick=True, bound="spectral"):
         super().__init__()
         self.input_dim = D = check_dim(input_dim, "input_dim")
         self.context_dim = check_dim(context_dim, "context_dim", minimum=0)
-        if isinstance(sigma, bool) or not (isinstance(sigma, numbers.Real) and 0 < sigma < 1):
-            raise ValueError(f"sigma must be a number in (0, 1), got {sigma!r}")
-        self.sigma = float(sigma)
+        if isinstance(lipschitz, bool) or not (isinstance(lipschitz, numbers.Real) and 0 < lipschitz < 1):
+            raise ValueError(f"lipschitz must be a number in (0, 1), got {lipschitz!r}")
+        #: the bound ``sigma`` of the paper (``Lip(F) <= sigma < 1``), the ``lipschitz`` argument
+        self.lipschitz_target = float(lipschitz)
         self.lipschitz_trick = bool(lipschitz_trick)
         self.hidden_dims = default_quar_hidden_dims(D, hidden_dims, hidden_factors)
         masks, degrees = quasi_autoregressive_masks(D, self.hidden_dims, context_dim=self.context_dim)
@@ -146,6 +150,7 @@ class QuasiAutoregressiveNet(nn.Module):
         for act in self.activations:
             if not hasattr(act, "forward_and_derivative") or not hasattr(act, "lipschitz"):
                 raise ValueError(f"activation {activation!r} must give forward_and_derivative and lipschitz")
+        self._act_factor = math.prod(float(act.lipschitz) for act in self.activations)
         # "equal degree" patterns: the only connections that carry d/dx_{d(u)} (non-persistent:
         # they are a function of the sizes, like the masks' structure)
         for i in range(len(masks)):
@@ -162,35 +167,71 @@ class QuasiAutoregressiveNet(nn.Module):
             self.raw_theta = None
 
     # -- Lipschitz control --------------------------------------------------------------------
-    def product_bound(self) -> torch.Tensor:
-        """``P = prod_i Lip(f_i)``: guaranteed bound of the unscaled masked network in ``x``."""
-        p = None
-        for layer in self.layers:
-            lip = layer.lipschitz()
-            p = lip if p is None else p * lip
-        for act in self.activations:
-            p = p * float(act.lipschitz)
+    def _masked_weights(self):
+        return [layer.masked_weight() for layer in self.layers]
+
+    def product_bound(self, weights=None) -> torch.Tensor:
+        """``P = prod_i Lip(f_i)``: guaranteed bound of the unscaled masked network in ``x``.
+
+        The spectral norms of all layers come from one batched no-grad SVD
+        (:func:`~pyro_flows.nn.lipschitz.spectral_norm_bounds`); ``weights`` are the masked weights
+        if the caller has them. Without a graph to build, the value is cached until a weight changes.
+        """
+        need_graph = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in self.layers)
+        if not need_graph:
+            cached = self._cached_bound()
+            if cached is not None:
+                return cached
+        weights = self._masked_weights() if weights is None else weights
+        cols = [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
+                for w, layer in zip(weights, self.layers)]
+        if self.layers[0].bound == "spectral":
+            p = spectral_norm_product(cols)
+        else:
+            p = torch.stack([matrix_norm_bound(w, "frobenius") for w in cols]).prod()
+        if self._act_factor != 1.0:
+            p = p * self._act_factor
+        if not need_graph:
+            p = p.detach()
+            self.__dict__["_bound_cache"] = (self._weight_key(), p,
+                                             [layer.weight.detach().clone() for layer in self.layers])
         return p
+
+    def _weight_key(self):
+        w = self.layers[0].weight
+        return (tuple(layer.weight._version for layer in self.layers), w.dtype, w.device)
+
+    def _cached_bound(self):
+        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
+        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weights and compares them.
+        cache = self.__dict__.get("_bound_cache")
+        if cache is None or cache[0] != self._weight_key():
+            return None
+        if all(torch.equal(c, layer.weight.detach()) for c, layer in zip(cache[2], self.layers)):
+            return cache[1]
+        return None
 
     def theta(self):
         """``theta >= 0`` (shape ``(D,)``), or ``None`` without the Lipschitz trick."""
         return None if self.raw_theta is None else F.softplus(self.raw_theta)
 
-    def output_scale(self, p=None) -> torch.Tensor:
+    def output_scale(self, p=None, weights=None) -> torch.Tensor:
         """``c = sigma / (theta + P)`` (shape ``(D,)`` or 0-d), so that ``Lip(F) <= sigma``."""
-        p = self.product_bound() if p is None else p
+        p = self.product_bound(weights) if p is None else p
         theta = self.theta()
         denom = p if theta is None else theta + p
         # P > 0 unless every weight vanishes; the floor only avoids 0/0 (then N is constant, F too)
-        return self.sigma / denom.clamp(min=torch.finfo(denom.dtype).tiny)
+        return self.lipschitz_target / denom.clamp(min=torch.finfo(denom.dtype).tiny)
 
     def lipschitz(self) -> torch.Tensor:
         """Guaranteed bound of ``Lip(F)`` in ``x`` (for every context): ``max(c) * P <= sigma < 1``."""
         p = self.product_bound()
-        return (self.output_scale(p).max() * p).clamp(max=self.sigma)
+        return (self.output_scale(p).max() * p).clamp(max=self.lipschitz_target)
 
     # -- forward with the exact diagonal ------------------------------------------------------
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, scale=None):
+        """``(F(x), diag J_F(x))``; ``scale`` is a precomputed :meth:`output_scale` (e.g. held fixed
+        over the iterations of a solve), ``None`` to compute it here."""
         D = self.input_dim
         if self.context_dim:
             if context is None:
@@ -200,15 +241,16 @@ class QuasiAutoregressiveNet(nn.Module):
             h = torch.cat([x, context], dim=-1)
         else:
             h = x
+        weights = self._masked_weights()
+        c = self.output_scale(weights=weights) if scale is None else scale
         n = len(self.layers)
         g = None
-        for i, layer in enumerate(self.layers):
-            w = layer.effective_weight()
+        for i, (layer, w) in enumerate(zip(self.layers, weights)):
             a = F.linear(h, w, layer.bias)
             eq = getattr(self, f"_eq{i}")
             if i == 0:
                 # the inputs' own diagonal is 1: the row sum of the equal-degree entries
-                ga = (w[:, :D] * eq).sum(-1).expand_as(a)
+                ga = (w[:, :D] * eq).sum(-1)
             elif self._blockwise[i]:
                 k_out, k_in = w.shape[0] // D, w.shape[1] // D
                 # units are grouped by degree in contiguous blocks: the (d, d) blocks of w
@@ -222,10 +264,14 @@ class QuasiAutoregressiveNet(nn.Module):
                 h, dh = self.activations[i].forward_and_derivative(a)
                 g = dh * ga
             else:
-                h, g = a, ga
-        c = self.output_scale()
+                h, g = a, (ga if i else ga.expand_as(a))
         return h * c, g * c
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_bound_cache", None)
+        return state
 
     def extra_repr(self):
         return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "
-                f"sigma={self.sigma}, lipschitz_trick={self.lipschitz_trick}")
+                f"sigma={self.lipschitz_target}, lipschitz_trick={self.lipschitz_trick}")
