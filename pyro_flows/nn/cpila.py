@@ -108,6 +108,41 @@ class CPila(LipschitzActivation):
         dy = self.a1 * torch.cat([dp[..., :h], -dp[..., h:]], dim=-1)
         return self.a1 * p, dy
 
+    # -- folded form (used by MonotoneNet's fast path) ------------------------------------------
+    def fold(self, weight, bias):
+        """Fold the doubling, shift and inner scale into a preceding linear layer.
+
+        Returns ``(W', b', out_scale)`` such that for ``u = weight @ h + bias``
+        ``CPila(u) = out_scale * folded(W' @ h + b')``, with ``W' = k [weight; -weight]``,
+        ``b' = k [bias - a2; -bias - a2]`` and ``out_scale = a1 / k`` (to be folded into the next
+        layer's weight). One ``addmm`` then replaces the linear layer, the concatenation, the shift
+        and the scales.
+        """
+        k, a2 = self.k, self.a2
+        W = torch.cat([weight, -weight], dim=0) * k
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        b = torch.cat([bias - a2, -bias - a2], dim=0) * k
+        return W, b, self.a1 / self.k
+
+    @staticmethod
+    def folded(v):
+        """``psi(v) = relu(v) + phi(min(v, 0))``, ``phi(t) = t (t^2/2 - t + 1) e^t`` (so
+        ``Pila(x) = psi(k x) / k``); written as ``v + t (q(t) e^t - 1)`` with ``t = min(v, 0)``."""
+        t = v.clamp(max=0)
+        q = (t * 0.5 - 1) * t + 1
+        return v + t * (q * torch.exp(t) - 1)
+
+    @staticmethod
+    def folded_and_derivative(v):
+        """``(psi(v), psi'(v))``; ``psi'(v) = e^t (t^3/2 + t^2/2 - t + 1)`` with ``t = min(v, 0)``
+        (equal to 1 for ``v >= 0``, so no branch is needed)."""
+        t = v.clamp(max=0)
+        e = torch.exp(t)
+        q = (t * 0.5 - 1) * t + 1
+        d = (((t + 1) * 0.5 * t - 1) * t + 1) * e
+        return v + t * (q * e - 1), d
+
     def extra_repr(self):
         return f"k={self.k}, a1={self.a1:.6g}, a2={self.a2}"
 
