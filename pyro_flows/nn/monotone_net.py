@@ -192,7 +192,7 @@ class MonotoneNet(nn.Module):
             inp = torch.cat([h, context], dim=-1) if (i == 0 and context is not None) else h
             h, dh = act.folded_and_derivative(F.linear(inp, W, b))
             if T is None:  # the first layer: d(W w)/dw = W[:, :D], the same for every sample
-                T = dh.unsqueeze(-2) * W[:, :D].t()
+                T = dh.unsqueeze(-2) * W[:, :D].t().contiguous()
             else:
                 T = dh.unsqueeze(-2) * F.linear(T, W)
         g = F.linear(h, Wo, bo)
