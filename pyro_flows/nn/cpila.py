@@ -65,7 +65,7 @@ def pila_and_derivative(x: torch.Tensor, k: float = 5.0):
     neg = xn * (0.5 * t2 - t + 1) * e  # (k^2/2 x^3 - k x^2 + x) e^{kx}
     dneg = ((0.5 * t + 0.5) * t2 - t + 1) * e  # (k^3/2 x^3 + k^2/2 x^2 - k x + 1) e^{kx}
     pos = x >= 0
-    dneg = torch.where(t > -TAIL, dneg, torch.zeros_like(dneg))
+    dneg = torch.where(x >= -TAIL / k, dneg, torch.zeros_like(dneg))  # as autograd through clamp
     return torch.where(pos, x, neg), torch.where(pos, torch.ones_like(x), dneg)
 
 
@@ -145,12 +145,12 @@ class CPila(LipschitzActivation):
 
     @staticmethod
     def folded_and_derivative(v):
-        """``(psi(v), psi'(v))``; ``psi'(v) = e^t (t^3/2 + t^2/2 - t + 1)`` for ``v > -TAIL`` (equal to 1
+        """``(psi(v), psi'(v))``; ``psi'(v) = e^t (t^3/2 + t^2/2 - t + 1)`` for ``v >= -TAIL`` (equal to 1
         for ``v >= 0``, where ``t = 0``) and 0 below."""
         t = v.clamp(min=-TAIL, max=0)
         e = torch.exp(t)
         q = (t * 0.5 - 1) * t + 1
-        d = (((t + 1) * 0.5 * t - 1) * t + 1) * (e * (v > -TAIL))
+        d = (((t + 1) * 0.5 * t - 1) * t + 1) * (e * (v >= -TAIL))
         return torch.relu(v) + t * q * e, d
 
     def extra_repr(self):
