@@ -12,27 +12,30 @@
 import functools
 import math
 
-import pytest
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
+from conformance import Case, check_exact, check_gradients, perturb
 
 import pyro_flows
 from pyro_flows.datasets import ENTROPY, toy_sample
 from pyro_flows.logdet import (
     batch_jacobian,
+    logabsdet,
     monotone_coefficient,
     monotone_logdet_exact,
     monotone_logdet_stochastic,
-    residual_logdet_stochastic,
-    logabsdet,
+    roulette_series,
 )
 from pyro_flows.nn import get_activation
 from pyro_flows.nn.cpila import CPila, pila_and_derivative
 from pyro_flows.nn.monotone_net import MonotoneNet
-from pyro_flows.transforms.monotone import ConditionalMonotone, ConditionedMonotone, Monotone
-
-from conformance import Case, check_exact, check_gradients, perturb
+from pyro_flows.transforms.monotone import (
+    ConditionalMonotone,
+    ConditionedMonotone,
+    Monotone,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +293,30 @@ def test_stochastic_logdet_gradient_is_unbiased():
     assert ((dws.mean(0) - exact_dw).abs() < 4 * se_w + 1e-12).all()
 
 
+def test_monotone_logdet_exact_matches_slogdet_and_shares_inverses():
+    from pyro_flows.logdet import MonotoneLogDetState
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(7, 4, 4, generator=g, dtype=torch.float64)
+    J = (0.9 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]).requires_grad_(True)
+    state = MonotoneLogDetState()
+    got = monotone_logdet_exact(J, state)
+    eye = torch.eye(4, dtype=torch.float64)
+    ref = torch.linalg.slogdet(eye - J).logabsdet - torch.linalg.slogdet(eye + J).logabsdet
+    assert (got - ref).abs().max() < 1e-12
+    w = torch.randn(7, generator=g, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((w * got).sum(), J)
+    (g_ref,) = torch.autograd.grad((w * ref).sum(), J)
+    assert (g_got - g_ref).abs().max() < 1e-12
+    a = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    for sign in (1.0, -1.0):
+        want = torch.linalg.solve((eye + sign * J.detach()).mT, a)
+        assert (state.solve_transposed(sign, a) - want).abs().max() < 1e-12  # from the inverses
+        fresh = MonotoneLogDetState()
+        monotone_logdet_exact(J.detach(), fresh)
+        assert (fresh.solve_transposed(sign, a) - want).abs().max() < 1e-12  # from the LU factors
+
+
 def test_residual_estimator_matches_log_det():
     # the generic machinery on a fixed contraction J: log det(I + J) (Residual Flows' series)
     g = torch.Generator().manual_seed(0)
@@ -300,7 +327,10 @@ def test_residual_estimator_matches_log_det():
     def mv(u):
         return u @ J.T
 
-    calls = torch.stack([residual_logdet_stochastic(mv, mv, x, n_exact=2, p=0.3, generator=g).mean()
+    def coefficient(k):
+        return (-1.0) ** (k + 1) / k
+
+    calls = torch.stack([roulette_series(mv, mv, x, coefficient, n_exact=2, p=0.3, generator=g).mean()
                          for _ in range(400)])
     exact = logabsdet(J.unsqueeze(0)).item()
     se = calls.std().item() / math.sqrt(calls.numel())

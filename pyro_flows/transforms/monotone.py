@@ -209,10 +209,11 @@ class ConditionedMonotone(FlowTransform):
         # (I + sign J)^{-T} in backward, is the exact implicit gradient (w = 2 rhs - sign G(w))
         z = g(w)
         _, J = net.jacobian(z, ctx, p)
-        if z.requires_grad:
-            A = torch.eye(self.input_dim, dtype=J.dtype, device=J.device) + sign * J.detach()
-            z.register_hook(lambda a: torch.linalg.solve(A.mT, a))
-        return z - rhs, _logdet.monotone_logdet_exact(J)
+        state = _logdet.MonotoneLogDetState()
+        ladj = _logdet.monotone_logdet_exact(J, state)
+        if z.requires_grad:  # the log-det's backward (which runs first) leaves (I +- J)^{-1} in state
+            z.register_hook(lambda a: state.solve_transposed(sign, a))
+        return z - rhs, ladj
 
     # -- the protocol -------------------------------------------------------------------------
     def _call_and_ladj(self, x):
