@@ -89,6 +89,7 @@ def test_cpila_rejects_unchecked_constants():
 # ----------------------------------------------------------------------------------------------
 NETS = {
     "plain": dict(hidden_dims=[8, 8]),
+    "plain3": dict(hidden_dims=[8, 6, 5]),
     "dense": dict(hidden_dims=[6, 6], dense=True),
     "lipswish": dict(hidden_dims=[8], activation="lipswish"),
 }
@@ -106,6 +107,8 @@ def test_analytic_jacobian_matches_autograd(kind, context_dim):
     J_auto = batch_jacobian(lambda v: net(v, ctx)[0], w)
     assert torch.allclose(J, J_auto, atol=1e-12)
     assert torch.allclose(g, net(w, ctx)[0])
+    g2, J2 = net.jacobian(w, ctx)  # the fast path used by the flow (CPila folded into the weights)
+    assert torch.allclose(J2, J_auto, atol=1e-12) and torch.allclose(g2, g, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", list(NETS))

@@ -138,20 +138,21 @@ class CPila(LipschitzActivation):
     @staticmethod
     def folded(v):
         """``psi(v) = relu(v) + phi(t)``, ``phi(t) = t (t^2/2 - t + 1) e^t``, ``t = clamp(v, -TAIL, 0)``
-        (so ``Pila(x) = psi(k x) / k``)."""
+        (so ``Pila(x) = psi(k x) / k``); seven elementwise ops."""
         t = v.clamp(min=-TAIL, max=0)
-        q = (t * 0.5 - 1) * t + 1
-        return torch.relu(v) + t * q * torch.exp(t)
+        q = torch.addcmul(1 - t, t, t, value=0.5)
+        return torch.addcmul(torch.relu(v), t * q, torch.exp(t))
 
     @staticmethod
     def folded_and_derivative(v):
-        """``(psi(v), psi'(v))``; ``psi'(v) = e^t (t^3/2 + t^2/2 - t + 1)`` for ``v >= -TAIL`` (equal to 1
-        for ``v >= 0``, where ``t = 0``) and 0 below."""
+        """``(psi(v), psi'(v))``; ``psi'(v) = e^t (q(t) + t^3/2)`` with ``q(t) = t^2/2 - t + 1`` for
+        ``v >= -TAIL`` (equal to 1 for ``v >= 0``, where ``t = 0``) and 0 below."""
         t = v.clamp(min=-TAIL, max=0)
         e = torch.exp(t)
-        q = (t * 0.5 - 1) * t + 1
-        d = (((t + 1) * 0.5 * t - 1) * t + 1) * (e * (v >= -TAIL))
-        return torch.relu(v) + t * q * e, d
+        t2 = t * t
+        q = torch.add(1 - t, t2, alpha=0.5)
+        d = torch.addcmul(q, t2, t, value=0.5) * (e * (v >= -TAIL))
+        return torch.addcmul(torch.relu(v), t * q, e), d
 
     def extra_repr(self):
         return f"k={self.k}, a1={self.a1:.6g}, a2={self.a2}"

@@ -194,7 +194,11 @@ class MonotoneNet(nn.Module):
             if T is None:  # the first layer: d(W w)/dw = W[:, :D], the same for every sample
                 T = dh.unsqueeze(-2) * W[:, :D].t().contiguous()
             else:
-                T = dh.unsqueeze(-2) * F.linear(T, W)
+                # W = [A; -A] (CPila's doubling): one product with A, the sign goes into dh
+                n = W.shape[0] // 2
+                U = F.linear(T, W[:n]).unsqueeze(-2)  # (..., D, 1, n)
+                ds = torch.stack((dh[..., :n], -dh[..., n:]), dim=-2).unsqueeze(-3)  # (..., 1, 2, n)
+                T = (ds * U).flatten(-2)
         g = F.linear(h, Wo, bo)
         return g, F.linear(T, Wo).transpose(-1, -2)
 
