@@ -251,6 +251,23 @@ class MonotoneNet(nn.Module):
         T = F.linear(T, ops[-1][0])
         return g, (T if transposed else T.transpose(-1, -2))
 
+    @staticmethod
+    def vjp_linearization(ops, cotangent):
+        """``J_G^T @ cotangent`` (``(..., D)``) from :meth:`linearize`'s factors (no autograd)."""
+        r = F.linear(cotangent, ops[-1][0].t())
+        for Wx, dy, k, eta in reversed(ops[:-1]):
+            if eta is not None:
+                width = Wx.shape[1]
+                r_prev, r_y = eta[0] * r[..., :width], eta[1] * r[..., width:]
+            else:
+                r_prev, r_y = None, r
+            r_y = r_y * dy
+            if k > 1:
+                r_y = r_y.unflatten(-1, (k, r_y.shape[-1] // k)).sum(-2)
+            r_y = F.linear(r_y, Wx.t())
+            r = r_y if r_prev is None else r_prev + r_y
+        return r
+
     def forward(self, w, context=None, tangent=None):
         """``(G(w, context), J_G(w) @ tangent)``; ``tangent`` ``(..., D, m)`` or ``None`` (then ``None``)."""
         if tangent is None:

@@ -55,7 +55,7 @@ from pyro.distributions.torch_transform import TransformModule
 from .. import logdet as _logdet
 from ..nn.monotone_net import MonotoneNet
 from ..registry import register_flow
-from ..solvers import ConvergenceWarning, SolverInfo, default_tolerance, fixed_point, implicit_fixed_point
+from ..solvers import ConvergenceWarning, SolverInfo, default_tolerance, fixed_point
 from ..validation import broadcast_context, check_dim
 from ._base import ConditionalFlowModule, FlowTransform
 
@@ -103,7 +103,7 @@ class ConditionedMonotone(FlowTransform):
     """
 
     def __init__(self, input_dim, net, context=None, logdet="auto", n_exact_terms=2, roulette_p=None,
-                 accelerate=None, check_every=4, atol=None, rtol=None, max_iter=1000, cache_size=1):
+                 accelerate=None, check_every=3, atol=None, rtol=None, max_iter=1000, cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         if logdet not in LOGDET_MODES:
             raise ValueError(f"logdet must be one of {LOGDET_MODES}, got {logdet!r}")
@@ -140,7 +140,7 @@ class ConditionedMonotone(FlowTransform):
         rtol = max(tol, floor) if self.rtol is None else self.rtol
         return atol, rtol
 
-    def _fixed_point(self, g, w, L, atol, rtol, name):
+    def _fixed_point(self, g, w, L, atol, rtol, name, record=True):
         """Iterate ``w <- g(w)`` (no graph) until ``L/(1-L) ||g(w) - w|| <= atol + rtol max|g(w)|``
         per sample, testing every ``check_every`` iterations; returns the last ``g(w)``."""
         c = L / (1.0 - L)
@@ -166,7 +166,8 @@ class ConditionedMonotone(FlowTransform):
                 bound = atol + rtol * gw.abs().amax(dim=-1)
                 done, finite = torch.stack(((err <= bound).all(), torch.isfinite(err).all())).tolist()
                 if done:
-                    self.last_solver_info = SolverInfo(it + i, err.max() if err.numel() else 0.0, True)
+                    if record:
+                        self.last_solver_info = SolverInfo(it + i, err.max() if err.numel() else 0.0, True)
                     return gw
                 if not finite:
                     raise ValueError(
@@ -174,7 +175,8 @@ class ConditionedMonotone(FlowTransform):
                         f"(non-finite input or context?); an iterative inverse cannot be computed for them")
             w = gw
         worst = float(err.max())
-        self.last_solver_info = SolverInfo(it + self.max_iter, worst, False)
+        if record:
+            self.last_solver_info = SolverInfo(it + self.max_iter, worst, False)
         warnings.warn(
             f"{type(self).__name__} {name}: the fixed-point solve stopped after {self.max_iter} iterations "
             f"with an error bound of {worst:.3g} on the result (tolerance {atol:.3g} + {rtol:.3g} |x|); "
@@ -203,8 +205,13 @@ class ConditionedMonotone(FlowTransform):
             return net.value(v, ctx, p, out=(c, -sign))
 
         if self._stochastic():
-            z = implicit_fixed_point(g, w, lipschitz=L, atol=atol, rtol=rtol, max_iter=self.max_iter)
-            return z - rhs, self.stochastic_logdet(z, ctx, prepared=p)
+            z = g(w)
+            with torch.no_grad():
+                _, ops = net.linearize(z, ctx, p)
+            ladj = self.stochastic_logdet(z, ctx, prepared=p, linearization=ops)
+            if z.requires_grad:  # (I + sign J)^{-T} by the adjoint fixed point, J^T products from ops
+                z.register_hook(lambda a: self._adjoint(a, ops, sign, L, rtol))
+            return z - rhs, ladj
         # one differentiable contraction step from the certified point; its gradient, corrected by
         # (I + sign J)^{-T} in backward, is the exact implicit gradient (w = 2 rhs - sign G(w))
         z = g(w)
@@ -215,6 +222,15 @@ class ConditionedMonotone(FlowTransform):
             z.register_hook(lambda a: state.solve_transposed(sign, a))
         return z - rhs, ladj
 
+    def _adjoint(self, a, ops, sign, L, rtol):
+        """``u = (I + sign J)^{-T} a``: the fixed point of ``u = a - sign J^T u`` (rate ``L``), to a
+        tolerance relative to each sample's ``max|u|``."""
+        net = self.net
+        tiny = torch.finfo(a.dtype).tiny
+        with torch.no_grad():
+            return self._fixed_point(lambda u: a - sign * net.vjp_linearization(ops, u), a, L, tiny, rtol,
+                                     "adjoint (backward)", record=False)
+
     # -- the protocol -------------------------------------------------------------------------
     def _call_and_ladj(self, x):
         return self._map(x, 1.0, "input")
@@ -222,11 +238,15 @@ class ConditionedMonotone(FlowTransform):
     def _inverse_and_ladj(self, y):
         return self._map(y, -1.0, "inverse input")
 
-    def stochastic_logdet(self, w, ctx=None, prepared=None, **kwargs):
-        """Unbiased Russian-roulette/Hutchinson estimate of the log-det at the solved point ``w``."""
+    def stochastic_logdet(self, w, ctx=None, prepared=None, linearization=None, **kwargs):
+        """Unbiased Russian-roulette/Hutchinson estimate of the log-det at the solved point ``w``
+        (``linearization``: :meth:`MonotoneNet.linearize`'s factors at ``w``, if already computed)."""
         p = self.net.prepare() if prepared is None else prepared
-        with torch.no_grad():
-            g0, ops0 = self.net.linearize(w.detach(), ctx, p)
+        g0 = None
+        if linearization is None:
+            with torch.no_grad():
+                g0, linearization = self.net.linearize(w.detach(), ctx, p)
+        ops0 = linearization
 
         def matvec(u):
             return self.net.apply_linearization(g0, ops0, u.unsqueeze(-2), transposed=True)[1].squeeze(-2)
