@@ -27,8 +27,8 @@ Russian-roulette/Hutchinson estimator (:func:`pyro_flows.logdet.monotone_logdet_
 **Gradients** are implicit and exact: the certified point gets one differentiable contraction step,
 whose gradient is corrected by ``(I + sign J)^{-T}``, a batched linear solve with the ``J`` the exact
 log-det already computed (the stochastic mode, which has no dense ``J``, solves the adjoint fixed
-point iteratively, :func:`pyro_flows.solvers.implicit_fixed_point`). Derivations, design choices and
-measurements: ``docs/monotone.md``.
+point ``u = a - sign J^T u`` with ``J^T`` products from the block's linearisation). Derivations,
+design choices and measurements: ``docs/monotone.md``.
 
 References:
     Ahn, Kim, Hong, Kim. Invertible Monotone Operators for Normalizing Flows. NeurIPS 2022.
