@@ -427,6 +427,12 @@ def test_in_place_edit_of_the_input_gives_the_new_value(grad):
     assert (block.log_abs_det_jacobian(x, y) - ladj_new).abs().max() < 1e-10
 
 
+def test_jit_trace_raises_an_error_naming_jit():
+    t = pyro_flows.monotone(2, hidden_dims=[8])
+    with pytest.raises(RuntimeError, match="torch.jit"):
+        torch.jit.trace(lambda x: t(x), torch.randn(3, 2), check_trace=False)
+
+
 def test_every_constructor_accepts_cache_size():
     torch.manual_seed(0)
     x = torch.randn(4, 2)

@@ -185,6 +185,11 @@ class ConditionedMonotone(FlowTransform):
 
     def _map(self, rhs, sign, name):
         """Solve ``w = 2 rhs - sign * G(w)``; returns ``(w - rhs, log|det dF/dx|)`` (forward log-det)."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be traced by torch.jit (JitTrace_ELBO, torch.jit.trace): its "
+                f"fixed-point solves take a data-dependent number of iterations, which a trace would "
+                f"freeze; use Trace_ELBO (or another non-JIT loss) with Monotone flows")
         ctx = self._context
         if ctx is not None:
             rhs, ctx = broadcast_context(rhs, ctx)
