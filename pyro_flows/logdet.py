@@ -10,7 +10,9 @@ Exact (moderate D):
       samples are independent, by ``D`` reverse-mode passes (``create_graph=True`` keeps it
       differentiable, so log-dets built from it have exact gradients). Cost ``O(D)`` passes.
     * :func:`logabsdet` — ``log|det(I + s J)|`` batched (LU via ``torch.linalg.slogdet``).
-    * :func:`monotone_logdet_exact` — ``log|det(I - J)| - log|det(I + J)|`` (Monotone Flows).
+    * :func:`monotone_logdet_exact` — ``log|det(I - J)| - log|det(I + J)|`` (Monotone Flows), from one
+      batched LU factorisation of ``[I - J; I + J]``, with a hand-written backward that can hand the
+      inverses (or the factors) to the caller (:class:`MonotoneLogDetState`).
 
 Stochastic (large D): :func:`roulette_series` estimates ``S(J) = sum_{k>=1} c_k tr(J^k)`` without
 bias by a Russian-roulette truncation of the series (Chen et al., 2019) and Hutchinson's trace
@@ -57,22 +59,21 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .validation import check_dim
 
 __all__ = [
+    "MonotoneLogDetState",
     "batch_jacobian",
-    "logabsdet",
-    "monotone_logdet_exact",
-    "residual_coefficient",
-    "monotone_coefficient",
     "default_roulette_p",
-    "roulette_series",
-    "residual_logdet_stochastic",
+    "logabsdet",
+    "monotone_coefficient",
+    "monotone_logdet_exact",
     "monotone_logdet_stochastic",
+    "roulette_series",
 ]
 
 
@@ -105,19 +106,63 @@ def logabsdet(J: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return torch.linalg.slogdet(eye + scale * J).logabsdet
 
 
-def monotone_logdet_exact(J: torch.Tensor) -> torch.Tensor:
-    """``log|det(I - J)| - log|det(I + J)|``: the log-det of a Monotone Flow block at its solved point."""
-    return logabsdet(J, -1.0) - logabsdet(J, 1.0)
+class MonotoneLogDetState:
+    """What :func:`monotone_logdet_exact` leaves for the caller: the LU factors of ``[I - J; I + J]``
+    (after forward) and their inverses (after backward), so a solve with ``I - J`` or ``I + J`` (e.g. an
+    implicit-gradient correction) costs a matrix-vector product or a triangular solve.
+
+    ``solve_transposed(sign, a)`` returns ``(I + sign J)^{-T} a`` for ``a`` of shape ``(..., D)``.
+    """
+
+    def __init__(self):
+        self.lu = None
+        self.inverses = None
+
+    def solve_transposed(self, sign, a):
+        i = 1 if sign > 0 else 0
+        if self.inverses is not None:
+            return (a.unsqueeze(-2) @ self.inverses[i]).squeeze(-2)
+        LU, piv = self.lu
+        return torch.linalg.lu_solve(LU[i], piv[i], a.unsqueeze(-1), adjoint=True).squeeze(-1)
+
+
+class _MonotoneLogDet(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, J, state):
+        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+        LU, piv, _ = torch.linalg.lu_factor_ex(torch.stack([eye - J, eye + J]))
+        logdets = LU.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+        ctx.save_for_backward(LU, piv)
+        ctx.state = state
+        if state is not None:
+            state.lu = (LU, piv)
+        return logdets[0] - logdets[1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        LU, piv = ctx.saved_tensors
+        eye = torch.eye(LU.shape[-1], dtype=LU.dtype, device=LU.device).expand(LU.shape)
+        inv = torch.linalg.lu_solve(LU, piv, eye)  # (I - J)^{-1}, (I + J)^{-1}
+        if ctx.state is not None:
+            ctx.state.inverses = inv
+        # d/dJ [log det(I - J) - log det(I + J)] = -(I - J)^{-T} - (I + J)^{-T}
+        return -(inv[0] + inv[1]).mT * grad[..., None, None], None
+
+
+def monotone_logdet_exact(J: torch.Tensor, state: MonotoneLogDetState | None = None) -> torch.Tensor:
+    """``log|det(I - J)| - log|det(I + J)|``: the log-det of a Monotone Flow block at its solved point.
+
+    ``J`` ``(..., D, D)`` with ``||J|| < 1`` (both determinants positive). One batched LU of
+    ``[I - J; I + J]``; differentiable once in ``J`` (backward: one batched solve for both inverses).
+    ``state`` (optional, a :class:`MonotoneLogDetState`) receives the factors and inverses.
+    """
+    return _MonotoneLogDet.apply(J, state)
 
 
 # ---------------------------------------------------------------------------------------------
 # stochastic
 # ---------------------------------------------------------------------------------------------
-def residual_coefficient(k: int) -> float:
-    """Series coefficient of ``log det(I + J) = sum_k (-1)^{k+1}/k tr(J^k)``."""
-    return (-1.0) ** (k + 1) / k
-
-
 def monotone_coefficient(k: int) -> float:
     """Series coefficient of ``log det(I - J) - log det(I + J) = sum_{k odd} -2/k tr(J^k)``."""
     return -2.0 / k if k % 2 else 0.0
@@ -149,7 +194,7 @@ def roulette_series(matvec: Callable, grad_matvec: Callable, x: torch.Tensor, co
             point where ``J`` is taken); called once, for the gradient surrogate. Pass ``matvec`` when
             no gradient is needed.
         x: a tensor of the batch shape ``(..., D)`` (only its shape, dtype and device are used).
-        coefficient: ``k -> c_k`` (e.g. :func:`residual_coefficient`, :func:`monotone_coefficient`).
+        coefficient: ``k -> c_k`` (e.g. :func:`monotone_coefficient`).
         n_exact: terms always computed (``P(N >= k) = 1`` for ``k <= n_exact``).
         p: geometric stopping probability of the remaining terms (see :func:`default_roulette_p`).
         noise: ``"gaussian"`` (``N(0, I)``, as in the paper) or ``"rademacher"`` Hutchinson vectors.
@@ -195,11 +240,6 @@ def roulette_series(matvec: Callable, grad_matvec: Callable, x: torch.Tensor, co
     else:
         out = est
     return (out, n) if return_terms else out
-
-
-def residual_logdet_stochastic(matvec, grad_matvec, x, **kwargs):
-    """Unbiased ``log det(I + J)`` (Residual Flows); keyword arguments as :func:`roulette_series`."""
-    return roulette_series(matvec, grad_matvec, x, residual_coefficient, **kwargs)
 
 
 def monotone_logdet_stochastic(matvec, grad_matvec, x, **kwargs):
