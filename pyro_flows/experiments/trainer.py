@@ -141,9 +141,12 @@ def shard_indices(n: int, world: int, rank: int, seed: int, epoch: int) -> torch
 class _Batches:
     """The rank's share of each step's minibatch. ``batch_size=None`` (or ``>= n``): the full data, split
     into ``world`` contiguous parts; otherwise ``batch_size // world`` rows per rank from the sharded epoch
-    permutation, dropping an epoch's incomplete last minibatch."""
+    permutation, dropping an epoch's incomplete last minibatch. No tensors: an empty batch every step."""
 
     def __init__(self, tensors, batch_size, world, rank, seed):
+        if not tensors:  # data closed over by the model: every rank computes the same full loss
+            self.fixed, self.weight = (), 1.0 / world
+            return
         n = tensors[0].shape[0]
         for t in tensors:
             if t.shape[0] != n:
@@ -206,12 +209,23 @@ def _unique(tensors):
 
 
 def _broadcast(tensors):
-    """Rank 0's values of ``tensors`` (same list, same order on every rank) to every rank, in place."""
+    """Rank 0's values of ``tensors`` (same list, same order on every rank) to every rank, in place.
+
+    One flat collective per (dtype, device); values are written back with ``copy_`` so version counters
+    move and every cache keyed on them (``FlowTransform``'s record) forgets values computed before."""
     import torch.distributed as dist
 
+    groups = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
     with torch.no_grad():
-        for t in tensors:
-            dist.broadcast(t.data, src=0)
+        for ts in groups.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in ts])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def _all_reduce_grads(params, weight, loss, elapsed, world):
@@ -452,7 +466,9 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
 
     Arguments:
         model, guide: Pyro callables taking ``*batch``.
-        tensors: a tensor or tuple of tensors with the same first dimension (the data rows).
+        tensors: a tensor or tuple of tensors with the same first dimension (the data rows), or ``()``
+            for a model that closes over its data (called with no arguments; in a group every rank then
+            evaluates the same ELBO, so extra processes add nothing but agreement).
         steps: SVI steps.
         subsample_size: rows per step over all processes (``None``: all rows every step).
         num_particles, vectorize: ELBO particles, vectorised when ``num_particles > 1``.
@@ -473,18 +489,18 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
     world, rank = process_group()
     elbo = _make_elbo(loss, num_particles, vectorize, max_plate_nesting)
     optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
-    batches = _Batches(tensors, subsample_size, world, rank, seed)
+    # create every parameter first (lazily built guides such as AutoFlow build here), by one gradient-free
+    # ELBO evaluation, in one process too, so the random stream of the steps is the same for any number of
+    # processes; in a group all ranks then start from rank 0's values
+    pyro.set_rng_seed(seed)
+    with poutine.trace(param_only=True) as capture:
+        elbo.loss(model, guide, *_Batches(tensors, subsample_size, world, rank, seed).next())
     if world > 1:
-        # create every parameter (lazily built guides such as AutoFlow build here), then start all ranks
-        # from rank 0's values
-        pyro.set_rng_seed(seed)
-        with poutine.trace(param_only=True) as capture:
-            elbo.loss(model, guide, *batches.next())
-        names = sorted(capture.trace.nodes)
         store = pyro.get_param_store()
         mods = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
-        _broadcast([store[n].unconstrained() for n in names] + _unique(b for m in mods for b in m.buffers()))
-        batches = _Batches(tensors, subsample_size, world, rank, seed)
+        _broadcast([store[n].unconstrained() for n in sorted(capture.trace.nodes)]
+                   + _unique(b for m in mods for b in m.buffers()))
+    batches = _Batches(tensors, subsample_size, world, rank, seed)
     pyro.set_rng_seed(seed)
     loop = _Loop(steps, time_budget, progress, callback, lr_schedule, desc, world, rank)
     set_factor = _scaler(lambda: list(getattr(optim, "optim_objs", {}).values()))
