@@ -2,13 +2,13 @@
 
 ``demo`` trains every registered family as a density estimator on 2-D toy densities and as an SVI guide
 on eight schools, prints a table and writes plots (see :mod:`pyro_flows.demo`). ``bench`` runs the
-benchmark suite of ``benchmarks/run.py`` (a source checkout is needed; arguments are passed through).
+benchmarks of :mod:`pyro_flows.experiments.bench` (``bench --help``: ``--what speed,nll,vi,particles``,
+``--family``, ``--quick``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -55,20 +55,9 @@ def _demo_parser(sub):
 
 
 def _bench_main(argv):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "benchmarks", "run.py")
-    if not os.path.exists(path):
-        print("error: benchmarks/run.py not found; `bench` needs a source checkout of pyro_flows",
-              file=sys.stderr)
-        return 2
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    sys.path.insert(0, root)
-    import importlib.util
+    from pyro_flows.experiments.bench import main as bench_main
 
-    spec = importlib.util.spec_from_file_location("pyro_flows_bench_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return bench_main(argv)
 
 
 def main(argv=None):
@@ -80,7 +69,7 @@ def main(argv=None):
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
     _demo_parser(sub)
-    sub.add_parser("bench", help="run the benchmark suite (benchmarks/run.py; see bench --help)",
+    sub.add_parser("bench", help="benchmarks against Pyro's built-ins and zuko (see bench --help)",
                    add_help=False)
     if argv and argv[0] == "bench":
         return _bench_main(argv[1:])
