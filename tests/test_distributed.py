@@ -6,8 +6,10 @@ atol 1e-6) those of one process on the combined minibatches, and each other exac
 density estimation with minibatches and a family whose both directions are iterative solves (monotone),
 conditional density estimation on a full batch split unevenly (41 rows over 2 processes), and SVI with an
 ``AutoFlow`` guide on a subsampled data plate (lazily created parameters, vectorised particles). Rank 1
-builds its flows from a different seed, so the equality also shows that rank 0's values are broadcast
-before the first step (buffers such as the permutations included). Stop decisions (time budget,
+builds its flows from a different seed (and its AutoFlow from another initial scale, and its Pyro
+``Permute`` from another random permutation), so the equality also shows that rank 0's values are broadcast
+before the first step, lazily created parameters and permutations included, and that the transforms'
+cached records do not outlive the broadcast. Stop decisions (time budget,
 non-finite loss on one rank only) must be the same on both ranks, and one checkpoint is written.
 """
 
@@ -107,7 +109,8 @@ def case_svi(init_seed, checkpoint=None):
     x = torch.randn(40, 3, generator=_gen(3)) * 0.7 + torch.tensor([1.0, -2.0, 0.5])
     model = functools.partial(_svi_model, size=x.shape[0])
     torch.manual_seed(300 + init_seed)
-    guide = AutoFlow(model, "monotone", num_layers=1)
+    # rank 1's lazily created parameters start elsewhere: rank 0's must reach it before the first step
+    guide = AutoFlow(model, "monotone", num_layers=1, init_scale=0.1 if init_seed == 0 else 0.3)
     r = train_svi(model, guide, (x,), steps=STEPS, subsample_size=16, num_particles=2, lr=3e-2, seed=5,
                   max_plate_nesting=1, checkpoint=checkpoint)
     store = pyro.get_param_store()
@@ -136,7 +139,49 @@ def case_stops(init_seed):
             "nan_unchanged": all(torch.equal(a, b) for a, b in zip(before, _snapshot([flow])))}
 
 
-CASES = {"density": case_density, "conditional": case_conditional, "svi": case_svi, "stops": case_stops}
+def case_peer(init_seed):
+    """Pyro's own flows, MAF-style (``t.inv``), with a random Pyro ``Permute`` drawn per rank: its
+    permutation is a plain attribute, not a buffer, and must still be rank 0's everywhere."""
+    import pyro.distributions as dist
+    from pyro.distributions import transforms as T
+
+    from pyro_flows.experiments.trainer import density_loss, train
+
+    x = torch.randn(40, 3, generator=_gen(5)) * torch.tensor([2.0, 1.0, 0.5])
+    torch.manual_seed(500 + init_seed)
+    stack = T.ComposeTransformModule([T.affine_autoregressive(3, hidden_dims=[8]), T.Permute(torch.randperm(3)),
+                                      T.affine_autoregressive(3, hidden_dims=[8])])
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [stack.inv])
+    init, perm0 = _snapshot([stack]), stack.parts[1].permutation.clone()
+    r = train(d, density_loss, (x,), steps=STEPS, batch_size=16, lr=3e-2, seed=2)
+    return {"init": init, "params": _snapshot([stack]), "losses": r.losses, "stopped_by": r.stopped_by,
+            "perm": (perm0, stack.parts[1].permutation.clone())}
+
+
+def case_cache(init_seed):
+    """A pair computed before training must not be served from a transform's record afterwards: the
+    broadcast writes with ``copy_``, which moves the version counters the records are keyed on."""
+    import pyro_flows
+    from pyro_flows.experiments.trainer import density_loss, train
+
+    torch.manual_seed(600 + init_seed)
+    t = pyro_flows.qlf(2)
+    with torch.no_grad():  # away from the volume-preserving initialisation, differently on each rank
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(6, 2, generator=_gen(6))
+    y = t(x)
+    before = t.log_abs_det_jacobian(x, y).detach().clone()
+    train(t, density_loss, (x,), steps=0)  # broadcast only
+    after = t.log_abs_det_jacobian(x, y).detach()
+    with torch.no_grad():
+        fresh = t.log_abs_det_jacobian(x.clone(), t(x.clone()))
+        roundtrip = float((t(t.inv(y)) - y).abs().max())
+    return {"before": before, "after": after, "fresh": fresh, "roundtrip": roundtrip}
+
+
+CASES = {"density": case_density, "conditional": case_conditional, "svi": case_svi, "stops": case_stops,
+         "peer": case_peer, "cache": case_cache}
 
 
 def _worker(rank, world, port, outdir):
@@ -180,7 +225,7 @@ def _assert_same(dist_params, single_params, init):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["density", "conditional"])
+@pytest.mark.parametrize("case", ["density", "conditional", "peer"])
 def test_two_processes_equal_one_density(runs, case):
     r0, r1 = (r[case] for r in runs["ranks"])
     single = runs["single"][case]
@@ -199,6 +244,19 @@ def test_buffers_broadcast(runs):
     for a, b, c in zip(r0["buffers"], r1["buffers"], r1["init_buffers"]):
         assert torch.equal(a, b) and torch.equal(b, c)
     assert len(r0["buffers"]) > 0
+
+
+def test_plain_attribute_permutation_broadcast(runs):
+    r0, r1 = (r["peer"] for r in runs["ranks"])
+    assert not torch.equal(r1["perm"][0], r0["perm"][0]), "rank 1 should have drawn another permutation"
+    assert torch.equal(r1["perm"][1], r0["perm"][0]) and torch.equal(r0["perm"][1], r0["perm"][0])
+
+
+def test_broadcast_invalidates_transform_records(runs):
+    r1 = runs["ranks"][1]["cache"]  # rank 1's parameters were replaced by rank 0's
+    assert not torch.allclose(r1["before"], r1["fresh"])
+    torch.testing.assert_close(r1["after"], r1["fresh"], atol=1e-12, rtol=0)
+    assert r1["roundtrip"] < 1e-8
 
 
 def test_two_processes_equal_one_svi(runs):

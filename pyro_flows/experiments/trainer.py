@@ -7,7 +7,8 @@ Both functions run unchanged in one process and in a ``torch.distributed`` proce
   epoch, rank ``r`` takes every ``world``-th index from ``r``), so the ranks' minibatches of a step are
   disjoint and their union is the minibatch a single process would draw with the same seed;
 * broadcast every parameter and buffer from rank 0 before the first step (Pyro parameters are created
-  first, by one gradient-free pass of the ELBO), so all ranks start from the same point;
+  first, by one gradient-free pass of the ELBO; permutations that Pyro's ``Permute`` keeps as plain
+  attributes are broadcast too), so all ranks start from the same point;
 * all-reduce the gradients after ``backward`` (one flat collective per dtype per step, the loss and the
   elapsed time ride in the same buffer), weighting rank ``r`` by its share ``n_r / n`` of the step's data;
   every rank then applies the same update, so the run equals the single-process run on the combined
@@ -187,16 +188,69 @@ class _Batches:
 
 def trainable_modules(obj) -> list:
     """The ``torch.nn.Module`` s whose parameters train ``obj``: ``obj`` itself if it is a module, else the
-    module transforms (and a module base distribution) of a (conditional) transformed distribution."""
+    outermost modules reachable through a (conditional) transformed distribution's transforms, their
+    inverses (``t.inv``), compositions and base distribution."""
     if isinstance(obj, torch.nn.Module):
         return [obj]
-    mods = [t for t in getattr(obj, "transforms", ()) if isinstance(t, torch.nn.Module)]
-    base = getattr(obj, "base_dist", None)
-    if isinstance(base, torch.nn.Module):
-        mods.append(base)
+    mods, seen = [], set()
+
+    def visit(o):
+        if o is None or id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, torch.nn.Module):
+            mods.append(o)
+        elif isinstance(o, (list, tuple)):
+            for item in o:
+                visit(item)
+        elif hasattr(o, "__dict__"):
+            for name in _LINKS:
+                visit(o.__dict__.get(name))
+
+    visit(obj)
     if not mods:
         raise TypeError(f"no torch.nn.Module to train in {type(obj).__name__}")
     return mods
+
+
+_LINKS = ("parts", "transforms", "transform", "base_transform", "base_dist", "_inv")
+
+
+def _loose_tensors(*roots):
+    """Permutations kept as plain attributes (Pyro's ``Permute``, not a module: its permutation is no
+    buffer) anywhere in the transform trees of ``roots``. They are broadcast with the parameters, so a
+    random permutation drawn under a different seed on some rank cannot silently differ."""
+    found, seen = [], set()
+
+    def visit(o):
+        if o is None or id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, (list, tuple)) and not isinstance(o, torch.nn.Module):
+            for item in o:
+                visit(item)
+            return
+        if isinstance(o, torch.nn.Module):
+            for m in o.modules():
+                if m is not o:
+                    visit(m)
+        perm = o.__dict__.get("permutation") if hasattr(o, "__dict__") else None
+        if isinstance(perm, torch.Tensor) and not isinstance(o, torch.nn.Module):
+            found.append(o)
+        for name in _LINKS:
+            visit(getattr(o, name, None) if hasattr(o, "__dict__") and name in o.__dict__ else None)
+
+    for root in roots:
+        visit(root)
+    return found
+
+
+def _broadcast_loose(owners):
+    """Broadcast the plain-attribute permutations of ``owners`` and drop their cached inverses."""
+    if owners:
+        _broadcast([o.permutation for o in owners])
+        for o in owners:
+            o.__dict__.pop("inv_permutation", None)  # Pyro's lazy_property, recomputed from the new value
 
 
 def _unique(tensors):
@@ -243,8 +297,9 @@ def _all_reduce_grads(params, weight, loss, elapsed, world):
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * weight for p in ps]
         if k == 0:
             dtype, device = key
+            # torch.full: a fill kernel with a host scalar, no host-to-device copy
             parts.append(torch.stack([loss.detach().to(dtype=dtype, device=device).reshape(()) * weight,
-                                      torch.tensor(elapsed / world, dtype=dtype).to(device)]))
+                                      torch.full((), elapsed / world, dtype=dtype, device=device)]))
         flat = torch.cat(parts)
         dist.all_reduce(flat)
         offset = 0
@@ -403,6 +458,7 @@ def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimize
     params = _unique(p for m in mods for p in m.parameters())
     if world > 1:
         _broadcast(params + _unique(b for m in mods for b in m.buffers()))
+        _broadcast_loose(_loose_tensors(module))
     torch.manual_seed(seed)
     if optimizer is None:
         optimizer = torch.optim.Adam(params, lr=lr)
@@ -500,6 +556,7 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
         mods = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
         _broadcast([store[n].unconstrained() for n in sorted(capture.trace.nodes)]
                    + _unique(b for m in mods for b in m.buffers()))
+        _broadcast_loose(_loose_tensors(model, guide))
     batches = _Batches(tensors, subsample_size, world, rank, seed)
     pyro.set_rng_seed(seed)
     loop = _Loop(steps, time_budget, progress, callback, lr_schedule, desc, world, rank)
@@ -512,7 +569,8 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
         params = [site["value"].unconstrained() for _, site in sites]
         if world > 1:
             ref = params[0] if params else torch.zeros(())
-            reduced = _all_reduce_grads(params, batches.weight, ref.new_tensor(local), loop.elapsed(), world)
+            reduced = _all_reduce_grads(params, batches.weight, torch.full((), local, dtype=ref.dtype, device=ref.device),
+                                         loop.elapsed(), world)
             value, elapsed = reduced.tolist()
         else:
             value, elapsed = float(local), loop.elapsed()
