@@ -282,9 +282,10 @@ def _broadcast(tensors):
                 offset += t.numel()
 
 
-def _all_reduce_grads(params, weight, loss, elapsed, world):
+def _all_reduce_grads(params, weight, loss, elapsed, world, flags=()):
     """Sum ``weight * grad`` over ranks into every ``p.grad`` (missing grads count as zeros); returns the
-    weighted-mean loss and the mean elapsed time as a 2-tensor (not read here: no host sync)."""
+    weighted-mean loss, the mean elapsed time and the summed ``flags`` (host floats, unweighted) as one
+    tensor, not read here (no host sync)."""
     import torch.distributed as dist
 
     groups = {}
@@ -299,7 +300,8 @@ def _all_reduce_grads(params, weight, loss, elapsed, world):
             dtype, device = key
             # torch.full: a fill kernel with a host scalar, no host-to-device copy
             parts.append(torch.stack([loss.detach().to(dtype=dtype, device=device).reshape(()) * weight,
-                                      torch.full((), elapsed / world, dtype=dtype, device=device)]))
+                                      torch.full((), elapsed / world, dtype=dtype, device=device)]
+                                     + [torch.full((), float(f), dtype=dtype, device=device) for f in flags]))
         flat = torch.cat(parts)
         dist.all_reduce(flat)
         offset = 0
@@ -311,7 +313,7 @@ def _all_reduce_grads(params, weight, loss, elapsed, world):
             else:
                 p.grad.copy_(g)
         if k == 0:
-            extra = flat[offset:offset + 2]
+            extra = flat[offset:]
     return extra
 
 
@@ -551,10 +553,18 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
     pyro.set_rng_seed(seed)
     with poutine.trace(param_only=True) as capture:
         elbo.loss(model, guide, *_Batches(tensors, subsample_size, world, rank, seed).next())
+    known = set(capture.trace.nodes)  # reduced every step, so all ranks reduce the same list
     if world > 1:
+        import torch.distributed as dist
+
+        everyone = [None] * world
+        dist.all_gather_object(everyone, sorted(known))
+        if any(names != everyone[0] for names in everyone):  # the same answer on every rank: all raise
+            raise RuntimeError("train_svi: the ranks created different Pyro parameters in their first ELBO "
+                               f"evaluation ({everyone}); parameters must not depend on a rank's data")
         store = pyro.get_param_store()
         mods = [m for m in (model, guide) if isinstance(m, torch.nn.Module)]
-        _broadcast([store[n].unconstrained() for n in sorted(capture.trace.nodes)]
+        _broadcast([store[n].unconstrained() for n in sorted(known)]
                    + _unique(b for m in mods for b in m.buffers()))
         _broadcast_loose(_loose_tensors(model, guide))
     batches = _Batches(tensors, subsample_size, world, rank, seed)
@@ -565,21 +575,31 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
         batch = batches.next()
         with poutine.trace(param_only=True) as capture:
             local = elbo.loss_and_grads(model, guide, *batch)
-        sites = sorted(capture.trace.nodes.items())
-        params = [site["value"].unconstrained() for _, site in sites]
+        params = every = [site["value"].unconstrained() for _, site in sorted(capture.trace.nodes.items())]
         if world > 1:
+            # a parameter this step did not touch still takes part (zero gradient), so the reduced list is
+            # the same on every rank whatever each rank's control flow did; a parameter is stepped if some
+            # rank used it, as one process on the combined batch would
+            store = pyro.get_param_store()
+            if not known.issuperset(capture.trace.nodes):
+                raise RuntimeError(f"train_svi: parameters {sorted(set(capture.trace.nodes) - known)} appeared "
+                                   "after the first step; in a process group every parameter must exist from "
+                                   "the first ELBO evaluation on")
+            params = every = [store[n].unconstrained() for n in sorted(known)]
             ref = params[0] if params else torch.zeros(())
-            reduced = _all_reduce_grads(params, batches.weight, torch.full((), local, dtype=ref.dtype, device=ref.device),
-                                         loop.elapsed(), world)
-            value, elapsed = reduced.tolist()
+            local_t = torch.full((), local, dtype=ref.dtype, device=ref.device)
+            touched = [n in capture.trace.nodes for n in sorted(known)]
+            reduced = _all_reduce_grads(params, batches.weight, local_t, loop.elapsed(), world, touched)
+            value, elapsed, *used = reduced.tolist()  # Pyro's ELBO read its own loss; this is the second read
+            params = [p for p, u in zip(params, used) if u > 0]
         else:
             value, elapsed = float(local), loop.elapsed()
         if not math.isfinite(value):
-            zero_grads(set(params))
+            zero_grads(set(every))
             loop.result.stopped_by = "nonfinite"
             break
         optim(params)
-        zero_grads(set(params))
+        zero_grads(set(every))
         if loop.after(step, value, elapsed, optim, set_factor):
             break
     result = loop.close()
