@@ -116,7 +116,8 @@ def main():
     base = dist.Normal(torch.zeros(2, device=device), torch.ones(2, device=device)).to_event(1)
     model = ConditionalTransformedDistribution(base, [flow])
 
-    say(f"{args.family}: {n_train} rows, {steps} steps of {batch_size} rows ({batch_size // world} per process)")
+    say(f"{args.family}: {n_train} rows, {steps} steps of {batch_size} rows "
+        f"({batch_size // world} per process)")
     ckpt = Path(args.out) / "conditional_flow.pt"
     t0 = time.perf_counter()
     result = train(model, conditional_density_loss, (x_train, c_train), steps=steps, batch_size=batch_size,

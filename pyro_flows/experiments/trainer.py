@@ -1,4 +1,4 @@
-"""The one trainer: maximum likelihood (:func:`train`) and SVI (:func:`train_svi`), alone or under ``torchrun``.
+"""The one trainer: maximum likelihood (:func:`train`) and SVI (:func:`train_svi`), alone or on ``torchrun``.
 
 Both functions run unchanged in one process and in a ``torch.distributed`` process group (started by
 ``torchrun``, or by any launcher that calls ``init_process_group`` before training). In a group they
@@ -151,7 +151,8 @@ class _Batches:
         n = tensors[0].shape[0]
         for t in tensors:
             if t.shape[0] != n:
-                raise ValueError(f"all tensors need the same first dimension, got {[u.shape[0] for u in tensors]}")
+                sizes = [u.shape[0] for u in tensors]
+                raise ValueError(f"all tensors need the same first dimension, got {sizes}")
         self.tensors, self.n, self.world, self.rank, self.seed = tensors, n, world, rank, seed
         if batch_size is None or batch_size >= n:
             if n < world:
@@ -165,7 +166,8 @@ class _Batches:
                 self.weight = idx.numel() / n
             return
         if batch_size % world:
-            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes ({world})")
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes "
+                             f"({world})")
         self.fixed = None
         self.local = batch_size // world
         self.weight = 1.0 / world
@@ -367,7 +369,8 @@ class _Loop:
     def __init__(self, steps, time_budget, progress, callback, lr_schedule, desc, world, rank):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        self.steps, self.time_budget, self.callback, self.lr_schedule = steps, time_budget, callback, lr_schedule
+        self.steps, self.time_budget = steps, time_budget
+        self.callback, self.lr_schedule = callback, lr_schedule
         self.world = world
         self.bar = _progress(steps, desc, progress and rank == 0)
         self.result = TrainResult(world_size=world)
@@ -582,7 +585,8 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
             # rank used it, as one process on the combined batch would
             store = pyro.get_param_store()
             if not known.issuperset(capture.trace.nodes):
-                raise RuntimeError(f"train_svi: parameters {sorted(set(capture.trace.nodes) - known)} appeared "
+                new = sorted(set(capture.trace.nodes) - known)
+                raise RuntimeError(f"train_svi: parameters {new} appeared "
                                    "after the first step; in a process group every parameter must exist from "
                                    "the first ELBO evaluation on")
             params = every = [store[n].unconstrained() for n in sorted(known)]
