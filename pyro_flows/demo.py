@@ -10,8 +10,9 @@ as it registers) twice:
 
 (b) as an **SVI guide** on a built-in Bayesian model (eight schools, non-centred, 10 latent dimensions, the
     model of :mod:`pyro_flows.infer.posteriordb`) via ``pyro_flows.infer.AutoFlow``, reporting
-    the final ELBO (higher is better, the mean log importance weight of 500 guide draws) and the PSIS diagnostic k-hat
-    (below 0.5 good, above 0.7 unreliable). ``AutoNormal`` is trained alongside as a reference.
+    the final ELBO (higher is better, the mean log importance weight of 500 guide draws) and the PSIS
+    diagnostic k-hat (below 0.5 good, above 0.7 unreliable). ``AutoNormal`` is trained alongside as a
+    reference.
 
 It prints a table, writes ``results.md`` / ``results.json`` and PNG plots (learned densities, samples,
 loss curves, guide samples) into the output folder, and shows a tqdm progress bar during training.
@@ -51,14 +52,27 @@ from pyro_flows.experiments import reports
 from pyro_flows.experiments.data import density_splits, eight_schools
 from pyro_flows.experiments.models import FlowModel, make_guide
 
-__all__ = ["DEFAULT_DATASETS", "BASELINES", "available_families", "fit_density", "fit_guide", "run_demo",
-           "resolve_families", "resolve_datasets", "check_options"]
+__all__ = [
+    "DEFAULT_DATASETS",
+    "BASELINES",
+    "available_families",
+    "fit_density",
+    "fit_guide",
+    "run_demo",
+    "resolve_families",
+    "resolve_datasets",
+    "check_options",
+]
 
 DEFAULT_DATASETS = ("8gaussians", "checkerboard")
 
 #: Pyro built-ins accepted by ``--family`` as baselines (all invertible, so they can do density estimation).
-BASELINES = ("pyro.spline_coupling", "pyro.affine_coupling", "pyro.spline_autoregressive",
-             "pyro.affine_autoregressive")
+BASELINES = (
+    "pyro.spline_coupling",
+    "pyro.affine_coupling",
+    "pyro.spline_autoregressive",
+    "pyro.affine_autoregressive",
+)
 
 
 def available_families():
@@ -78,8 +92,11 @@ def resolve_families(spec):
     if not spec:
         names = list(pyro_flows.FLOWS)
         if not names:
-            print("note: no pyro_flows family is registered yet; running the Pyro baseline "
-                  "pyro.spline_coupling instead", file=sys.stderr)
+            print(
+                "note: no pyro_flows family is registered yet; running the Pyro baseline "
+                "pyro.spline_coupling instead",
+                file=sys.stderr,
+            )
             names = ["pyro.spline_coupling"]
         return names
     names, known = _names(spec), available_families()
@@ -129,8 +146,19 @@ def _status(result, time_budget):
 # ---------------------------------------------------------------------------------------------
 # (a) density estimation
 # ---------------------------------------------------------------------------------------------
-def fit_density(name, train, test, steps=500, num_layers=4, batch_size=256, lr=5e-3, seed=0,
-                time_budget=None, progress=True, desc=None):
+def fit_density(
+    name,
+    train,
+    test,
+    steps=500,
+    num_layers=4,
+    batch_size=256,
+    lr=5e-3,
+    seed=0,
+    time_budget=None,
+    progress=True,
+    desc=None,
+):
     """Maximum-likelihood training of ``name`` on ``train``; returns a dict with the test NLL and curves.
 
     Adam with a cosine learning-rate decay from ``lr`` to ``lr / 10`` over the run's progress (steps or
@@ -141,20 +169,47 @@ def fit_density(name, train, test, steps=500, num_layers=4, batch_size=256, lr=5
 
     torch.manual_seed(seed)
     model = FlowModel(name, train.shape[-1], num_layers=num_layers, task="density").to(train.device)
-    res = train_loop(model, density_loss, (train,), steps=steps, batch_size=batch_size, lr=lr,
-                     time_budget=time_budget, seed=seed, progress=progress, clip_norm=100.0,
-                     lr_schedule=cosine_decay(0.1), desc=desc or name)
+    res = train_loop(
+        model,
+        density_loss,
+        (train,),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        time_budget=time_budget,
+        seed=seed,
+        progress=progress,
+        clip_norm=100.0,
+        lr_schedule=cosine_decay(0.1),
+        desc=desc or name,
+    )
     with torch.no_grad():
         test_nll = float(torch.cat([-model.log_prob(c) for c in test.split(2048)]).mean())
-    return {"model": model, "losses": res.losses, "steps": res.steps, "test_nll": test_nll,
-            "time": res.seconds, "status": _status(res, time_budget or 0.0)}
+    return {
+        "model": model,
+        "losses": res.losses,
+        "steps": res.steps,
+        "test_nll": test_nll,
+        "time": res.seconds,
+        "status": _status(res, time_budget or 0.0),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # (b) SVI guide on eight schools
 # ---------------------------------------------------------------------------------------------
-def fit_guide(name, steps=500, num_layers=4, lr=None, num_particles=4, seed=0, device="cpu",
-              time_budget=None, progress=True, eval_particles=500):
+def fit_guide(
+    name,
+    steps=500,
+    num_layers=4,
+    lr=None,
+    num_particles=4,
+    seed=0,
+    device="cpu",
+    time_budget=None,
+    progress=True,
+    eval_particles=500,
+):
     """Fit a guide (``name``: family, baseline or ``"AutoNormal"``) to eight schools by SVI.
 
     Returns a dict with the ELBO (mean log importance weight of ``eval_particles`` guide draws), the PSIS
@@ -172,36 +227,79 @@ def fit_guide(name, steps=500, num_layers=4, lr=None, num_particles=4, seed=0, d
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model, _ = eight_schools(device=device)
-    guide = make_guide(name, model, num_layers=num_layers) if name != "AutoNormal" else make_guide(name, model)
+    guide = (
+        make_guide(name, model, num_layers=num_layers) if name != "AutoNormal" else make_guide(name, model)
+    )
     optim = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": 100.0, "lrd": 0.1 ** (1 / max(steps, 1))})
-    # the model closes over its data: a one-row dummy tensor drives the trainer's batches
-    res = train_svi(lambda *_: model(), lambda *_: guide(), (torch.zeros(1, device=device),), steps=steps,
-                    num_particles=num_particles, vectorize=True, optim=optim, time_budget=time_budget,
-                    seed=seed, progress=progress, max_plate_nesting=0, desc=f"{name}/eight_schools")
+    res = train_svi(
+        model,
+        guide,
+        (),
+        steps=steps,  # () : the model closes over its data
+        num_particles=num_particles,
+        vectorize=True,
+        optim=optim,
+        time_budget=time_budget,
+        seed=seed,
+        progress=progress,
+        max_plate_nesting=0,
+        desc=f"{name}/eight_schools",
+    )
     with torch.no_grad():
         lw = importance_log_weights(model, guide, num_samples=eval_particles, max_plate_nesting=0).detach()
         k_hat = psis_khat(log_weights=lw, method="pyro")  # pyro's fit: no arviz import (slow)
         d = guide_draws(model, guide, num_samples=eval_particles, sites=["tau", "theta"])
         samples = torch.stack([d["theta"][:, 0], d["tau"].log()], -1)[:500].cpu()
-    return {"guide": guide, "losses": res.losses, "steps": res.steps, "elbo": float(lw.mean()),
-            "k_hat": float(k_hat), "samples": samples, "time": res.seconds,
-            "status": _status(res, time_budget or 0.0)}
+    return {
+        "guide": guide,
+        "losses": res.losses,
+        "steps": res.steps,
+        "elbo": float(lw.mean()),
+        "k_hat": float(k_hat),
+        "samples": samples,
+        "time": res.seconds,
+        "status": _status(res, time_budget or 0.0),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-DENSITY_COLUMNS = [("family", "family", None), ("dataset", "data set", None), ("steps", "steps", None),
-                   ("test_nll", "test NLL", "{:.3f}"), ("floor", "entropy floor", "{:.3f}"),
-                   ("excess", "NLL - floor (KL)", "{:.3f}"), ("time", "train s", "{:.1f}"),
-                   ("status", "status", None)]
-SVI_COLUMNS = [("family", "guide", None), ("steps", "steps", None), ("elbo", "ELBO", "{:.2f}"),
-               ("k_hat", "PSIS k-hat", "{:.2f}"), ("time", "train s", "{:.1f}"), ("status", "status", None)]
+DENSITY_COLUMNS = [
+    ("family", "family", None),
+    ("dataset", "data set", None),
+    ("steps", "steps", None),
+    ("test_nll", "test NLL", "{:.3f}"),
+    ("floor", "entropy floor", "{:.3f}"),
+    ("excess", "NLL - floor (KL)", "{:.3f}"),
+    ("time", "train s", "{:.1f}"),
+    ("status", "status", None),
+]
+SVI_COLUMNS = [
+    ("family", "guide", None),
+    ("steps", "steps", None),
+    ("elbo", "ELBO", "{:.2f}"),
+    ("k_hat", "PSIS k-hat", "{:.2f}"),
+    ("time", "train s", "{:.1f}"),
+    ("status", "status", None),
+]
 
 
-def run_demo(families=None, datasets=None, steps=400, svi_steps=None, num_layers=4, device="cpu",
-             output="pyro_flows_demo", seed=0, time_budget=150.0, progress=True, plots=True,
-             svi=True, out=None):
+def run_demo(
+    families=None,
+    datasets=None,
+    steps=400,
+    svi_steps=None,
+    num_layers=4,
+    device="cpu",
+    output="pyro_flows_demo",
+    seed=0,
+    time_budget=150.0,
+    progress=True,
+    plots=True,
+    svi=True,
+    out=None,
+):
     """Run the demo; returns ``{"density": rows, "svi": rows, "files": [...]}``. See the module docstring."""
     out = sys.stdout if out is None else out
     families, datasets, device = check_options(families, datasets, steps, svi_steps, device)
@@ -224,8 +322,11 @@ def run_demo(families=None, datasets=None, steps=400, svi_steps=None, num_layers
         tasks_left[0] -= 1
         return max(0.5, 0.75 * left / max(n, 1))
 
-    print(f"pyro_flows demo: families {families}; data sets {datasets}"
-          f"{' + eight_schools (SVI)' if svi else ''}; device {device}; output {output}", file=out)
+    print(
+        f"pyro_flows demo: families {families}; data sets {datasets}"
+        f"{' + eight_schools (SVI)' if svi else ''}; device {device}; output {output}",
+        file=out,
+    )
 
     density_rows, curves, floors, files = [], {}, {}, []
     for ds in datasets:
@@ -233,49 +334,109 @@ def run_demo(families=None, datasets=None, steps=400, svi_steps=None, num_layers
         floors[ds] = splits.floor
         fits = {}
         for name in families:
-            fit = fit_density(name, splits.train, splits.test, steps=steps, num_layers=num_layers, seed=seed,
-                              time_budget=share(), progress=progress, desc=f"{name}/{ds}")
+            fit = fit_density(
+                name,
+                splits.train,
+                splits.test,
+                steps=steps,
+                num_layers=num_layers,
+                seed=seed,
+                time_budget=share(),
+                progress=progress,
+                desc=f"{name}/{ds}",
+            )
             fits[name] = fit
-            density_rows.append({"family": name, "dataset": ds, "steps": fit["steps"],
-                                 "test_nll": fit["test_nll"], "floor": splits.floor,
-                                 "excess": None if splits.floor is None else fit["test_nll"] - splits.floor,
-                                 "time": fit["time"], "status": fit["status"]})
+            density_rows.append(
+                {
+                    "family": name,
+                    "dataset": ds,
+                    "steps": fit["steps"],
+                    "test_nll": fit["test_nll"],
+                    "floor": splits.floor,
+                    "excess": None if splits.floor is None else fit["test_nll"] - splits.floor,
+                    "time": fit["time"],
+                    "status": fit["status"],
+                }
+            )
         curves[ds] = {n: f["losses"] for n, f in fits.items()}
         if plots and splits.train.shape[-1] == 2:
             path = os.path.join(output, f"density_{ds}.png")
-            files.append(reports.plot_densities(
-                ds, splits.test, {f"{n}\nNLL {f['test_nll']:.3f}": f["model"] for n, f in fits.items()}, path))
+            files.append(
+                reports.plot_densities(
+                    ds,
+                    splits.test,
+                    {f"{n}\nNLL {f['test_nll']:.3f}": f["model"] for n, f in fits.items()},
+                    path,
+                )
+            )
 
     svi_rows, svi_fits = [], {}
     if svi:
         for name in ["AutoNormal"] + families:
-            fit = fit_guide(name, steps=svi_steps, num_layers=num_layers, seed=seed, device=device,
-                            time_budget=share(), progress=progress)
+            fit = fit_guide(
+                name,
+                steps=svi_steps,
+                num_layers=num_layers,
+                seed=seed,
+                device=device,
+                time_budget=share(),
+                progress=progress,
+            )
             svi_fits[name] = fit
-            svi_rows.append({"family": name, "steps": fit["steps"], "elbo": fit["elbo"],
-                             "k_hat": fit["k_hat"], "time": fit["time"], "status": fit["status"]})
+            svi_rows.append(
+                {
+                    "family": name,
+                    "steps": fit["steps"],
+                    "elbo": fit["elbo"],
+                    "k_hat": fit["k_hat"],
+                    "time": fit["time"],
+                    "status": fit["status"],
+                }
+            )
         curves["eight_schools (-ELBO)"] = {n: f["losses"] for n, f in svi_fits.items()}
         if plots:
             path = os.path.join(output, "guide_samples_eight_schools.png")
-            files.append(reports.plot_guide_samples(
-                {f"{n}\nk-hat {f['k_hat']:.2f}": f["samples"] for n, f in svi_fits.items()}, path,
-                xlabel="theta[1]", ylabel="log tau", title="eight schools: guide samples (the funnel)"))
+            files.append(
+                reports.plot_guide_samples(
+                    {f"{n}\nk-hat {f['k_hat']:.2f}": f["samples"] for n, f in svi_fits.items()},
+                    path,
+                    xlabel="theta[1]",
+                    ylabel="log tau",
+                    title="eight schools: guide samples (the funnel)",
+                )
+            )
     if plots:
-        files.append(reports.plot_losses(curves, os.path.join(output, "loss_curves.png"), floors,
-                                         ylabel="train NLL / -ELBO"))
+        files.append(
+            reports.plot_losses(
+                curves, os.path.join(output, "loss_curves.png"), floors, ylabel="train NLL / -ELBO"
+            )
+        )
 
     total = time.perf_counter() - t_start
     text = "## Density estimation (test NLL in nats; floor = exact entropy of the data)\n\n"
     text += reports.markdown_table(density_rows, DENSITY_COLUMNS) + "\n"
     if svi:
-        text += ("\n## SVI guide on eight schools (10 latents; ELBO higher is better; "
-                 "k-hat < 0.5 good, > 0.7 unreliable)\n\n" + reports.markdown_table(svi_rows, SVI_COLUMNS) + "\n")
+        text += (
+            "\n## SVI guide on eight schools (10 latents; ELBO higher is better; "
+            "k-hat < 0.5 good, > 0.7 unreliable)\n\n" + reports.markdown_table(svi_rows, SVI_COLUMNS) + "\n"
+        )
     text += f"\nTotal time {total:.1f} s on {device} ({torch.get_num_threads()} threads).\n"
     print("\n" + text, file=out)
     md = reports.write_text(os.path.join(output, "results.md"), "# pyro_flows demo results\n\n" + text)
-    js = reports.write_text(os.path.join(output, "results.json"), json.dumps(
-        {"density": density_rows, "svi": svi_rows, "total_seconds": total, "device": device,
-         "families": families, "datasets": datasets}, indent=1))
+    js = reports.write_text(
+        os.path.join(output, "results.json"),
+        json.dumps(
+            {
+                "density": density_rows,
+                "svi": svi_rows,
+                "total_seconds": total,
+                "device": device,
+                "families": families,
+                "datasets": datasets,
+            },
+            indent=1,
+        ),
+    )
     files = [md, js] + files
     print("wrote " + ", ".join(files), file=out)
     return {"density": density_rows, "svi": svi_rows, "files": files, "total_seconds": total}

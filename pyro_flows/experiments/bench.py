@@ -95,14 +95,17 @@ def speed_rows(flows, dims, args, log=print):
                     continue
                 try:
                     torch.manual_seed(args.seed)
-                    m = FlowModel(f, dim, num_layers=args.layers, hidden_dims=args.hidden, task=task).to(args.device)
+                    m = FlowModel(f, dim, num_layers=args.layers, hidden_dims=args.hidden, task=task).to(
+                        args.device
+                    )
                     models[f] = m
                     steps[f] = measure.TrainingStep(_step_loss(m, task, x), m.parameters())
                 except Exception as e:  # a flow that cannot be built is reported, not fatal
                     errors[f] = f"construction: {type(e).__name__}: {str(e)[:120]}"
             t0 = time.perf_counter()
-            times, errs = measure.time_interleaved({f: s.step for f, s in steps.items()}, repeats=args.repeats,
-                                                   device=args.device, slow=1.0)
+            times, errs = measure.time_interleaved(
+                {f: s.step for f, s in steps.items()}, repeats=args.repeats, device=args.device, slow=1.0
+            )
             errors.update(errs)
             for f in flows:
                 r = {"flow": f, "D": dim, "task": task, "step": times.get(f), "error": errors.get(f)}
@@ -116,8 +119,9 @@ def speed_rows(flows, dims, args, log=print):
                         r["opt_syncs"] = measure.count_syncs(s.optimizer.step)
                         r["memory"] = measure.peak_memory(s.forward_backward, device=args.device)
                         if not is_peer(f):
-                            r["other_ratio"], r["other"] = _other_direction_ratio(m, task, x, args.repeats,
-                                                                                 args.device)
+                            r["other_ratio"], r["other"] = _other_direction_ratio(
+                                m, task, x, args.repeats, args.device
+                            )
                             r["solver"] = {k: str(v)[:200] for k, v in measure.solver_stats(m.flow).items()}
                     except Exception as e:
                         r["error"] = f"measure: {type(e).__name__}: {str(e)[:120]}"
@@ -137,7 +141,9 @@ def _add_ratios(rows, keys):
         for r in rows:
             r[key + "_ratio"] = r[key] / best if best and r.get(key) else None
             if key == "step":
-                r["best_peer"] = next((p["flow"] for p in rows if is_peer(p["flow"]) and p.get(key) == best), None)
+                r["best_peer"] = next(
+                    (p["flow"] for p in rows if is_peer(p["flow"]) and p.get(key) == best), None
+                )
 
 
 def _compiled(rows, models, x, dim, task, args, log):
@@ -165,11 +171,18 @@ def _compiled(rows, models, x, dim, task, args, log):
 
 
 SPEED_COLUMNS = [
-    ("flow", "flow", None), ("D", "D", None), ("direction", "direction", None), ("params", "params", None),
-    ("step", "step", reports.fmt_time), ("step_ratio", "ratio", reports.fmt_ratio),
-    ("ops", "aten ops", reports.fmt_count), ("ops_ratio", "ops ratio", reports.fmt_ratio),
-    ("syncs", "syncs (flow)", None), ("opt_syncs", "syncs (Adam)", None),
-    ("memory", "memory", reports.fmt_mem), ("memory_ratio", "mem. ratio", reports.fmt_ratio),
+    ("flow", "flow", None),
+    ("D", "D", None),
+    ("direction", "direction", None),
+    ("params", "params", None),
+    ("step", "step", reports.fmt_time),
+    ("step_ratio", "ratio", reports.fmt_ratio),
+    ("ops", "aten ops", reports.fmt_count),
+    ("ops_ratio", "ops ratio", reports.fmt_ratio),
+    ("syncs", "syncs (flow)", None),
+    ("opt_syncs", "syncs (Adam)", None),
+    ("memory", "memory", reports.fmt_mem),
+    ("memory_ratio", "mem. ratio", reports.fmt_ratio),
     ("other_ratio", "other dir. / single pass", reports.fmt_ratio),
     ("compiled_step", "compiled step", lambda v: "" if v is None else reports.fmt_time(v)),
     ("compiled_ratio", "compiled ratio", lambda v: "" if v is None else reports.fmt_ratio(v)),
@@ -177,14 +190,20 @@ SPEED_COLUMNS = [
 
 
 def speed_markdown(rows, families, dims, header):
-    text = ["# Speed: density step and guide step against the best peer", "", header, "",
-            "Ratios: cost / the best peer's cost at the same D and task (> 1: costlier). Density step: `-log p` "
-            "of a batch of data, backward, Adam, each flow in its density direction. Guide step: `rsample` of "
-            "a batch + `log_prob` of those own samples, backward, Adam, each flow in its guide direction. aten "
-            "ops and syncs (flow): forward + backward of one step (profiler events named `aten::*`; host syncs "
-            "counted by patching `Tensor.item`/`__bool__`/...); syncs (Adam): the optimiser's step. Memory: "
-            "bytes saved for backward (CPU) or peak CUDA bytes. Other dir. / single pass: a no-grad call of "
-            "the other (possibly iterative) direction over one of the single-pass direction, same batch.", ""]
+    text = [
+        "# Speed: density step and guide step against the best peer",
+        "",
+        header,
+        "",
+        "Ratios: cost / the best peer's cost at the same D and task (> 1: costlier). Density step: `-log p` "
+        "of a batch of data, backward, Adam, each flow in its density direction. Guide step: `rsample` of "
+        "a batch + `log_prob` of those own samples, backward, Adam, each flow in its guide direction. aten "
+        "ops and syncs (flow): forward + backward of one step (profiler events named `aten::*`; host syncs "
+        "counted by patching `Tensor.item`/`__bool__`/...); syncs (Adam): the optimiser's step. Memory: "
+        "bytes saved for backward (CPU) or peak CUDA bytes. Other dir. / single pass: a no-grad call of "
+        "the other (possibly iterative) direction over one of the single-pass direction, same batch.",
+        "",
+    ]
     summary = []
     for f in families:
         row = {"flow": f}
@@ -192,14 +211,19 @@ def speed_markdown(rows, families, dims, header):
             if r["flow"] == f:
                 row[f"{r['task']}_{r['D']}"] = r.get("step_ratio")
         summary.append(row)
-    cols = [("flow", "family", None)] + [(f"{t}_{d}", f"{t} step D={d}", reports.fmt_ratio)
-                                         for t in ("density", "guide") for d in dims]
+    cols = [("flow", "family", None)] + [
+        (f"{t}_{d}", f"{t} step D={d}", reports.fmt_ratio) for t in ("density", "guide") for d in dims
+    ]
     text += ["## Summary: step time / best peer's", "", reports.markdown_table(summary, cols), ""]
     best = sorted({(r["task"], r["D"], r["best_peer"]) for r in rows if r.get("best_peer")})
     text += ["Best peers: " + "; ".join(f"{t} D={d}: {p}" for t, d, p in best) + ".", ""]
     for task in ("density", "guide"):
-        text += [f"## {task} step", "", reports.markdown_table([r for r in rows if r["task"] == task],
-                                                                SPEED_COLUMNS), ""]
+        text += [
+            f"## {task} step",
+            "",
+            reports.markdown_table([r for r in rows if r["task"] == task], SPEED_COLUMNS),
+            "",
+        ]
     errs = [f"- {r['flow']} D={r['D']} {r['task']}: {r['error']}" for r in rows if r.get("error")]
     if errs:
         text += ["Not measured (n/a):", ""] + errs + [""]
@@ -227,16 +251,36 @@ def train_nll(name, splits, args, steps):
                 best.update(val=v, state=copy.deepcopy(model.state_dict()), step=info.step + 1)
         return False
 
-    res = train(model, density_loss, (splits.train,), steps=steps, batch_size=args.nll_batch, lr=args.lr,
-                time_budget=args.nll_time_cap or None, seed=args.seed, clip_norm=100.0,
-                lr_schedule=cosine_decay(0.1), callback=callback, desc=f"{name}/{splits.name}")
+    res = train(
+        model,
+        density_loss,
+        (splits.train,),
+        steps=steps,
+        batch_size=args.nll_batch,
+        lr=args.lr,
+        time_budget=args.nll_time_cap or None,
+        seed=args.seed,
+        clip_norm=100.0,
+        lr_schedule=cosine_decay(0.1),
+        callback=callback,
+        desc=f"{name}/{splits.name}",
+    )
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     with torch.no_grad():
         nll = float(torch.cat([-model.log_prob(c.clone()) for c in splits.test.split(1024)]).mean())
-    return {"flow": name, "dataset": splits.name, "D": dim, "steps": res.steps, "test_nll": nll,
-            "floor": splits.floor, "seconds": res.seconds, "status": res.stopped_by, "best_step": best["step"],
-            "val_nll": None if best["state"] is None else best["val"]}
+    return {
+        "flow": name,
+        "dataset": splits.name,
+        "D": dim,
+        "steps": res.steps,
+        "test_nll": nll,
+        "floor": splits.floor,
+        "seconds": res.seconds,
+        "status": res.stopped_by,
+        "best_step": best["step"],
+        "val_nll": None if best["state"] is None else best["val"],
+    }
 
 
 def nll_rows(flows, datasets, args, log=print):
@@ -249,8 +293,16 @@ def nll_rows(flows, datasets, args, log=print):
                 r = train_nll(f, splits, args, steps)
             except Exception as e:  # a failing flow is a result, not a crash
                 traceback.print_exc()
-                r = {"flow": f, "dataset": d, "D": splits.train.shape[-1], "steps": 0, "test_nll": math.nan,
-                     "floor": splits.floor, "seconds": 0.0, "status": f"{type(e).__name__}: {str(e)[:80]}"}
+                r = {
+                    "flow": f,
+                    "dataset": d,
+                    "D": splits.train.shape[-1],
+                    "steps": 0,
+                    "test_nll": math.nan,
+                    "floor": splits.floor,
+                    "seconds": 0.0,
+                    "status": f"{type(e).__name__}: {str(e)[:80]}",
+                }
             rows.append(r)
             log(f"[nll] {f:28s} {d:14s} {r['test_nll']:.3f} ({r['seconds']:.1f} s, {r['status']})")
     return rows
@@ -268,16 +320,27 @@ def nll_markdown(rows, flows, datasets, header, args):
                 row[d] = f"{r['test_nll']:.3f} [{r['seconds']:.0f}s]{note}"
         table.append(row)
     floors = {r["dataset"]: r["floor"] for r in rows}
-    cols = [("flow", "flow", None)] + [(d, d + (f" (floor {floors[d]:.3f})" if floors.get(d) else ""), None)
-                                       for d in datasets]
-    return "\n".join([
-        "# Test NLL at an equal training budget", "", header, "",
-        f"Each model: {args.toy_steps} steps on toy densities, {args.table_steps} on tables; batch {args.nll_batch}; "
-        f"{args.nll_layers} layers (our families at their default sizes, peers hidden (64, 64)); Adam lr {args.lr} "
-        f"with cosine decay to lr/10; gradient-norm clip 100; at most {args.nll_time_cap:g} s per run; seed "
-        f"{args.seed}. Test NLL in nats (tables: standardised units, the checkpoint with the best validation NLL, "
-        f"checked every {args.eval_every} steps; toys: the final model). [seconds of training]; floor = exact "
-        "entropy.", "", reports.markdown_table(table, cols), ""])
+    cols = [("flow", "flow", None)] + [
+        (d, d + (f" (floor {floors[d]:.3f})" if floors.get(d) else ""), None) for d in datasets
+    ]
+    return "\n".join(
+        [
+            "# Test NLL at an equal training budget",
+            "",
+            header,
+            "",
+            f"Each model: {args.toy_steps} steps on toy densities, {args.table_steps} on tables; "
+            f"batch {args.nll_batch}; {args.nll_layers} layers (our families at their default sizes, peers "
+            f"hidden (64, 64)); Adam lr {args.lr} with cosine decay to lr/10; gradient-norm clip 100; at "
+            f"most {args.nll_time_cap:g} s per run; seed {args.seed}. Test NLL in nats (tables: standardised "
+            "units, "
+            f"the checkpoint with the best validation NLL, checked every {args.eval_every} steps; toys: the "
+            "final model). [seconds of training]; floor = exact entropy.",
+            "",
+            reports.markdown_table(table, cols),
+            "",
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,47 +349,78 @@ def nll_markdown(rows, flows, datasets, header, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m pyro_flows bench",
-        description="Benchmarks of every pyro_flows family against Pyro's built-in flows and zuko, side by side "
-                    "in one process: speed (step time, ops, syncs, memory), test NLL, VI on posteriordb, SVI "
-                    "particle scaling. Writes markdown tables, plots and results.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--what", action="append", metavar="PART",
-                   help=f"what to run; repeatable or a comma list of {', '.join(WHAT)}. Default: speed,nll")
-    p.add_argument("--family", action="append", metavar="NAME",
-                   help="our families; repeatable or a comma list. Default: every name in pyro_flows.FLOWS")
-    p.add_argument("--peers", action="append", metavar="NAME",
-                   help="peers (speed, nll); repeatable or a comma list. Default: every Pyro built-in and, if "
-                        "installed, zuko.maf, zuko.nsf, zuko.naf ('none': no peers)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run (< 1 min for speed on 2 idle cores): D in {2, 8}, 1 repeat, peers "
-                        f"{', '.join(QUICK_PEERS)}, 30/15 training steps, two data sets, short VI fits")
+        description="Benchmarks of every pyro_flows family against Pyro's built-in flows and zuko, side by "
+        "side "
+        "in one process: speed (step time, ops, syncs, memory), test NLL, VI on posteriordb, SVI "
+        "particle scaling. Writes markdown tables, plots and results.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--what",
+        action="append",
+        metavar="PART",
+        help=f"what to run; repeatable or a comma list of {', '.join(WHAT)}. Default: speed,nll",
+    )
+    p.add_argument(
+        "--family",
+        action="append",
+        metavar="NAME",
+        help="our families; repeatable or a comma list. Default: every name in pyro_flows.FLOWS",
+    )
+    p.add_argument(
+        "--peers",
+        action="append",
+        metavar="NAME",
+        help="peers (speed, nll); repeatable or a comma list. Default: every Pyro built-in and, if "
+        "installed, zuko.maf, zuko.nsf, zuko.naf ('none': no peers)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (< 1 min for speed on 2 idle cores): D in {2, 8}, 1 repeat, peers "
+        f"{', '.join(QUICK_PEERS)}, 30/15 training steps, two data sets, short VI fits",
+    )
     p.add_argument("--dims", default="2,8,32", help="speed: comma list of D")
     p.add_argument("--layers", type=int, default=5, help="speed: layers per flow")
     p.add_argument("--hidden", default="64,64", help="speed: hidden widths of every flow's networks")
     p.add_argument("--batch", type=int, default=512, help="speed: batch size of a step")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (median, interleaved)")
-    p.add_argument("--skip-after", type=float, default=40.0,
-                   help="speed: skip a flow at larger D once measuring it at a smaller D took this many seconds")
-    p.add_argument("--compile", action="store_true",
-                   help="speed: also time torch.compile'd steps of our families and the best peer at "
-                        "--compile-dims (compiling costs 10-100 s per model on a CPU)")
+    p.add_argument(
+        "--skip-after",
+        type=float,
+        default=40.0,
+        help="speed: skip a flow at larger D once measuring it at a smaller D took this many seconds",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="speed: also time torch.compile'd steps of our families and the best peer at "
+        "--compile-dims (compiling costs 10-100 s per model on a CPU)",
+    )
     p.add_argument("--compile-dims", default="8", help="speed: comma list of D for --compile")
-    p.add_argument("--datasets", default="8gaussians,checkerboard,wine,breast_cancer",
-                   help=f"nll: comma list of data sets ({', '.join(DATASETS)})")
+    p.add_argument(
+        "--datasets",
+        default="8gaussians,checkerboard,wine,breast_cancer",
+        help=f"nll: comma list of data sets ({', '.join(DATASETS)})",
+    )
     p.add_argument("--nll-layers", type=int, default=4, help="nll: layers per flow")
     p.add_argument("--nll-batch", type=int, default=256, help="nll: batch size")
     p.add_argument("--toy-steps", type=int, default=400, help="nll: training steps on the toy densities")
     p.add_argument("--table-steps", type=int, default=200, help="nll: training steps on the tables")
     p.add_argument("--lr", type=float, default=3e-3, help="nll: Adam learning rate (cosine decay to lr/10)")
     p.add_argument("--nll-time-cap", type=float, default=60.0, help="nll: seconds per training run (0: none)")
-    p.add_argument("--eval-every", type=int, default=20, help="nll: validation every this many steps (tables)")
+    p.add_argument(
+        "--eval-every", type=int, default=20, help="nll: validation every this many steps (tables)"
+    )
     p.add_argument("--posteriors", default=None, help="vi: comma list of posteriordb names (default: all)")
     p.add_argument("--seconds", type=float, default=6.0, help="vi: training wall time per fit")
     p.add_argument("--particles", default="1,16,256,1024,4096", help="particles: comma list of N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    p.add_argument("--results", default=None, help="output folder (default: benchmarks/results in a checkout)")
+    p.add_argument(
+        "--results", default=None, help="output folder (default: benchmarks/results in a checkout)"
+    )
     args = p.parse_args(argv)
     args.what = _split(args.what) or ["speed", "nll"]
     bad = [w for w in args.what if w not in WHAT]
@@ -372,37 +466,60 @@ def main(argv=None):
     os.makedirs(args.results, exist_ok=True)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     command = ("python -m pyro_flows bench " + " ".join(argv)).strip()
-    header = (f"Machine: {reports.machine_line()}, device {args.device}.  \nCommand: `{command}`  \n"
-              f"Families: {', '.join(args.family) or '(none)'}; peers: {', '.join(args.peers) or '(none)'}.")
+    header = (
+        f"Machine: {reports.machine_line()}, device {args.device}.  \nCommand: `{command}`  \n"
+        f"Families: {', '.join(args.family) or '(none)'}; peers: {', '.join(args.peers) or '(none)'}."
+    )
     flows = list(args.family) + list(args.peers)
-    out = {"command": command, "machine": reports.machine_line(), "families": args.family, "peers": args.peers}
+    out = {
+        "command": command,
+        "machine": reports.machine_line(),
+        "families": args.family,
+        "peers": args.peers,
+    }
     written = []
     t_start = time.perf_counter()
     if "speed" in args.what:
         t0 = time.perf_counter()
         rows = speed_rows(flows, args.dims, args, log)
-        head = header + (f"  \n{args.layers} layers, hidden {list(args.hidden)}, batch {args.batch}, "
-                         f"median of {args.repeats} interleaved repeats; {time.perf_counter() - t0:.0f} s.")
-        written.append(reports.write_text(os.path.join(args.results, "speed.md"),
-                                          speed_markdown(rows, args.family, args.dims, head)))
+        head = header + (
+            f"  \n{args.layers} layers, hidden {list(args.hidden)}, batch {args.batch}, "
+            f"median of {args.repeats} interleaved repeats; {time.perf_counter() - t0:.0f} s."
+        )
+        written.append(
+            reports.write_text(
+                os.path.join(args.results, "speed.md"), speed_markdown(rows, args.family, args.dims, head)
+            )
+        )
         out["speed"] = rows
         try:
             for task in ("density", "guide"):
-                written.append(reports.plot_vs_dim(
-                    [r for r in rows if r["task"] == task], ["step", "ops", "memory"],
-                    os.path.join(args.results, f"speed_{task}_vs_dim.png"), is_ours=lambda f: not is_peer(f)))
+                written.append(
+                    reports.plot_vs_dim(
+                        [r for r in rows if r["task"] == task],
+                        ["step", "ops", "memory"],
+                        os.path.join(args.results, f"speed_{task}_vs_dim.png"),
+                        is_ours=lambda f: not is_peer(f),
+                    )
+                )
         except ImportError:  # pragma: no cover - matplotlib is an extra
             pass
     if "nll" in args.what:
         rows = nll_rows(flows, args.datasets, args, log)
-        written.append(reports.write_text(os.path.join(args.results, "nll.md"),
-                                          nll_markdown(rows, flows, args.datasets, header, args)))
+        written.append(
+            reports.write_text(
+                os.path.join(args.results, "nll.md"), nll_markdown(rows, flows, args.datasets, header, args)
+            )
+        )
         out["nll"] = rows
         try:
             values = {d: {r["flow"]: r["test_nll"] for r in rows if r["dataset"] == d} for d in args.datasets}
             floors = {r["dataset"]: r["floor"] for r in rows}
-            written.append(reports.plot_bars(values, os.path.join(args.results, "nll.png"), floors,
-                                             highlight=lambda f: not is_peer(f)))
+            written.append(
+                reports.plot_bars(
+                    values, os.path.join(args.results, "nll.png"), floors, highlight=lambda f: not is_peer(f)
+                )
+            )
         except ImportError:  # pragma: no cover
             pass
     if "vi" in args.what or "particles" in args.what:
@@ -415,8 +532,9 @@ def main(argv=None):
             out["particles"], files = vi.run_particles(args, header, log)
             written += files
     out["total_seconds"] = time.perf_counter() - t_start
-    written.append(reports.write_text(os.path.join(args.results, "results.json"),
-                                      json.dumps(out, indent=1, default=str)))
+    written.append(
+        reports.write_text(os.path.join(args.results, "results.json"), json.dumps(out, indent=1, default=str))
+    )
     for path in written:
         if path.endswith(".md"):
             with open(path) as fh:

@@ -9,7 +9,7 @@
 
 Example:
     >>> from pyro_flows.experiments.data import density_splits
-    >>> s = density_splits("8gaussians", n_train=100, n_test=50)
+    >>> s = density_splits("8gaussians", n_train=100, n_val=50, n_test=50)
     >>> s.train.shape, s.val.shape, s.test.shape, round(s.floor, 4)
     (torch.Size([100, 2]), torch.Size([50, 2]), torch.Size([50, 2]), 2.8314)
 """
@@ -44,8 +44,9 @@ class DataSplits(NamedTuple):
     floor: Optional[float]
 
 
-def density_splits(name, seed=0, n_train=20000, n_val=2000, n_test=5000, device=None,
-                   dtype=torch.float32) -> DataSplits:
+def density_splits(
+    name, seed=0, n_train=20000, n_val=2000, n_test=5000, device=None, dtype=torch.float32
+) -> DataSplits:
     """Splits of data set ``name`` (a toy in ``TOY_DATASETS`` or a table in ``TABLE_DATASETS``).
 
     Toys: independent seeded draws (``seed``, ``seed + 10_000``, ``seed + 20_000``) of the sizes given.
@@ -53,8 +54,10 @@ def density_splits(name, seed=0, n_train=20000, n_val=2000, n_test=5000, device=
     table), standardised with the training moments.
     """
     if name in TOY_DATASETS:
-        train, test, val = (toy_sample(name, n, seed=seed + k, dtype=dtype, device=device)
-                            for n, k in ((n_train, 0), (n_test, 10_000), (n_val, 20_000)))
+        train, test, val = (
+            toy_sample(name, n, seed=seed + k, dtype=dtype, device=device)
+            for n, k in ((n_train, 0), (n_test, 10_000), (n_val, 20_000))
+        )
         return DataSplits(name, train, val, test, ENTROPY.get(name))
     if name in TABLE_DATASETS:
         s = load_table(name, seed=seed, dtype=dtype, device=device)

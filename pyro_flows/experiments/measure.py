@@ -34,11 +34,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SYNC_METHODS", "synchronize", "time_interleaved", "count_syncs", "count_ops", "peak_memory",
-           "solver_stats", "TrainingStep", "compile_loss"]
+__all__ = [
+    "SYNC_METHODS",
+    "synchronize",
+    "time_interleaved",
+    "count_syncs",
+    "count_ops",
+    "peak_memory",
+    "solver_stats",
+    "TrainingStep",
+    "compile_loss",
+]
 
-SYNC_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy",
-                "nonzero", "unique", "masked_select")
+SYNC_METHODS = (
+    "item",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "tolist",
+    "numpy",
+    "nonzero",
+    "unique",
+    "masked_select",
+)
 
 
 def synchronize(device):

@@ -34,8 +34,18 @@ from torch import nn
 import pyro_flows
 from pyro_flows.registry import get_flow
 
-__all__ = ["PYRO_PEERS", "ZUKO_PEERS", "TASKS", "GUIDE_BASELINES", "zuko_available", "available_peers",
-           "known_names", "is_peer", "FlowModel", "make_guide"]
+__all__ = [
+    "PYRO_PEERS",
+    "ZUKO_PEERS",
+    "TASKS",
+    "GUIDE_BASELINES",
+    "zuko_available",
+    "available_peers",
+    "known_names",
+    "is_peer",
+    "FlowModel",
+    "make_guide",
+]
 
 TASKS = ("density", "guide")
 
@@ -49,8 +59,12 @@ PYRO_PEERS = {
     "pyro.block_autoregressive": (T.block_autoregressive, None),
 }
 #: Pyro peers whose ``log_prob`` of data runs a D-pass inverse (or has none): inverted for density tasks.
-_DENSITY_INVERTED = ("pyro.affine_autoregressive", "pyro.spline_autoregressive",
-                     "pyro.neural_autoregressive", "pyro.block_autoregressive")
+_DENSITY_INVERTED = (
+    "pyro.affine_autoregressive",
+    "pyro.spline_autoregressive",
+    "pyro.neural_autoregressive",
+    "pyro.block_autoregressive",
+)
 ZUKO_PEERS = ("zuko.maf", "zuko.nsf", "zuko.naf")
 #: Pyro's Gaussian and IAF autoguides, accepted by :func:`make_guide` next to every flow name.
 GUIDE_BASELINES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal")
@@ -122,8 +136,7 @@ class FlowModel(nn.Module):
         ``flow``: the underlying module (its parameters are this module's parameters).
     """
 
-    def __init__(self, name, dim, num_layers=4, hidden_dims=None, context_dim=None, task="density",
-                 **kwargs):
+    def __init__(self, name, dim, num_layers=4, hidden_dims=None, context_dim=None, task="density", **kwargs):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -133,8 +146,12 @@ class FlowModel(nn.Module):
             import zuko
 
             cls = {"zuko.maf": zuko.flows.MAF, "zuko.nsf": zuko.flows.NSF, "zuko.naf": zuko.flows.NAF}[name]
-            self.flow = cls(dim, context=context_dim or 0, transforms=num_layers,
-                            hidden_features=list(hidden_dims or (64, 64)))
+            self.flow = cls(
+                dim,
+                context=context_dim or 0,
+                transforms=num_layers,
+                hidden_features=list(hidden_dims or (64, 64)),
+            )
             self.kind, self.direction = "zuko", "zuko"
         elif name in PYRO_PEERS:
             self.flow = _pyro_stack(name, dim, num_layers, hidden_dims or (64, 64), context_dim)
@@ -158,8 +175,10 @@ class FlowModel(nn.Module):
     def distribution(self, context=None):
         """The flow's distribution (conditioned on ``context`` for a conditional flow)."""
         if (context is None) != (self.context_dim is None):
-            raise ValueError(f"{self.name}: context is {'required' if context is None else 'not expected'}"
-                             f" (context_dim={self.context_dim})")
+            raise ValueError(
+                f"{self.name}: context is {'required' if context is None else 'not expected'}"
+                f" (context_dim={self.context_dim})"
+            )
         if self.kind == "zuko":
             return self.flow(context)
         t = self.flow if context is None else self.flow.condition(context)
@@ -207,11 +226,15 @@ def make_guide(name, model, num_layers=4, hidden_dims=None, **kwargs):
     if name in GUIDE_BASELINES:
         return getattr(autoguide, name)(model, **kwargs)
     if name in PYRO_PEERS:
-        make = functools.partial(_pyro_stack, name, num_layers=num_layers, hidden_dims=hidden_dims or (64, 64))
+        make = functools.partial(
+            _pyro_stack, name, num_layers=num_layers, hidden_dims=hidden_dims or (64, 64)
+        )
         return AutoFlow(model, make)
     if name in pyro_flows.FLOWS:
         if hidden_dims is not None:
             kwargs["hidden_dims"] = tuple(hidden_dims)
         return AutoFlow(model, name, num_layers=num_layers, **kwargs)
-    raise ValueError(f"unknown guide {name!r}; expected one of {GUIDE_BASELINES + tuple(pyro_flows.FLOWS)}"
-                     f" or a Pyro peer {tuple(PYRO_PEERS)}")
+    raise ValueError(
+        f"unknown guide {name!r}; expected one of {GUIDE_BASELINES + tuple(pyro_flows.FLOWS)}"
+        f" or a Pyro peer {tuple(PYRO_PEERS)}"
+    )

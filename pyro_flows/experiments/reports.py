@@ -6,7 +6,8 @@ matplotlib (the ``demo``/``bench``/``test`` extras) and are imported lazily, wit
 
 Example:
     >>> from pyro_flows.experiments.reports import markdown_table, fmt_time
-    >>> print(markdown_table([{"flow": "qlf", "t": 0.0123}], [("flow", "flow", None), ("t", "step", fmt_time)]))
+    >>> cols = [("flow", "flow", None), ("t", "step", fmt_time)]
+    >>> print(markdown_table([{"flow": "qlf", "t": 0.0123}], cols))
     | flow | step |
     |---|---|
     | qlf | 12.30 ms |
@@ -20,8 +21,20 @@ import platform
 
 import torch
 
-__all__ = ["fmt_time", "fmt_ratio", "fmt_mem", "fmt_count", "markdown_table", "write_text", "machine_line",
-           "plot_densities", "plot_losses", "plot_guide_samples", "plot_vs_dim", "plot_bars"]
+__all__ = [
+    "fmt_time",
+    "fmt_ratio",
+    "fmt_mem",
+    "fmt_count",
+    "markdown_table",
+    "write_text",
+    "machine_line",
+    "plot_densities",
+    "plot_losses",
+    "plot_guide_samples",
+    "plot_vs_dim",
+    "plot_bars",
+]
 
 
 def fmt_time(v):
@@ -69,8 +82,10 @@ def write_text(path, text) -> str:
 
 
 def machine_line() -> str:
-    return (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, python {platform.python_version()}"
+    )
 
 
 def _plt():
@@ -101,17 +116,22 @@ def plot_densities(title, data, models, path, grid_n=60, lim=None):
         with torch.no_grad():
             try:
                 lp = torch.cat([m.log_prob(c) for c in grid.split(2048)])
-                axes[0, j].imshow(lp.exp().reshape(grid_n, grid_n).cpu().numpy(), origin="lower",
-                                  extent=(-lim, lim, -lim, lim))
+                axes[0, j].imshow(
+                    lp.exp().reshape(grid_n, grid_n).cpu().numpy(),
+                    origin="lower",
+                    extent=(-lim, lim, -lim, lim),
+                )
             except Exception as e:  # a plot must not sink a run
-                axes[0, j].text(0.5, 0.5, f"no density:\n{type(e).__name__}", ha="center",
-                                transform=axes[0, j].transAxes)
+                axes[0, j].text(
+                    0.5, 0.5, f"no density:\n{type(e).__name__}", ha="center", transform=axes[0, j].transAxes
+                )
             try:
                 s = m.sample(1000).cpu()
                 axes[1, j].scatter(s[:, 0], s[:, 1], s=1, alpha=0.5, color="C1")
             except Exception as e:
-                axes[1, j].text(0.5, 0.5, f"no samples:\n{type(e).__name__}", ha="center",
-                                transform=axes[1, j].transAxes)
+                axes[1, j].text(
+                    0.5, 0.5, f"no samples:\n{type(e).__name__}", ha="center", transform=axes[1, j].transAxes
+                )
         axes[0, j].set_title(name, fontsize=9)
     for ax in axes.ravel():
         ax.set_xlim(-lim, lim)
@@ -126,7 +146,7 @@ def plot_densities(title, data, models, path, grid_n=60, lim=None):
 
 
 def plot_losses(curves, path, floors=None, ylabel="loss"):
-    """One panel per task: ``curves = {task: {label: [loss, ...]}}``; ``floors = {task: value}`` drawn dashed."""
+    """One panel per task: ``curves = {task: {label: [loss, ...]}}``; ``floors = {task: value}``, dashed."""
     plt = _plt()
     floors = floors or {}
     tasks = list(curves)

@@ -24,7 +24,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-import pyro_flows
 from pyro_flows.experiments import measure, reports
 from pyro_flows.experiments.models import GUIDE_BASELINES, make_guide
 from pyro_flows.registry import get_flow
@@ -48,38 +47,76 @@ def _guide(kind, model, dim, num_layers=2):
 
 
 def fit_and_evaluate(post, kind, args, seconds, steps=5000, draws=1000):
-    from pyro_flows.infer import (AutoFlow, compare_draws, elbo_estimate, flatten_draws, guide_draws,
-                                  importance_log_weights, psis_khat)
+    from pyro_flows.infer import (
+        AutoFlow,
+        compare_draws,
+        elbo_estimate,
+        flatten_draws,
+        guide_draws,
+        importance_log_weights,
+        psis_khat,
+    )
     from pyro_flows.experiments.trainer import train_svi
 
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
     guide = _guide(kind, post.model, post.dim)
-    optim = pyro.optim.Adam(AutoFlow.optim_args(lr=0.02, flow_lr=0.001) if isinstance(guide, AutoFlow)
-                            else {"lr": 0.02})
-    # the posteriordb models close over their data: a one-row dummy tensor drives the trainer's batches
-    res = train_svi(lambda *_: post.model(), lambda *_: guide(), (torch.zeros(1),), steps=steps, optim=optim,
-                    time_budget=seconds, seed=args.seed)
+    optim = pyro.optim.Adam(
+        AutoFlow.optim_args(lr=0.02, flow_lr=0.001) if isinstance(guide, AutoFlow) else {"lr": 0.02}
+    )
+    res = train_svi(
+        post.model,
+        guide,
+        (),
+        steps=steps,
+        optim=optim,  # (): the model closes over its data
+        time_budget=seconds,
+        seed=args.seed,
+    )
     if res.stopped_by == "nonfinite":
         raise FloatingPointError(f"non-finite loss after {res.steps} steps")
     torch.manual_seed(args.seed + 1)
     lw = importance_log_weights(post.model, guide, num_samples=draws, max_plate_nesting=0, chunk_size=250)
     e = elbo_estimate(lw)
-    c = compare_draws(flatten_draws(guide_draws(post.model, guide, num_samples=draws, sites=post.sites)),
-                      post.reference)
-    return {"posterior": post.name, "guide": kind, "steps": res.steps, "train_s": res.seconds,
-            "elbo": e["elbo"], "khat": psis_khat(log_weights=lw), "mean_rms": c["mean_err_rms"],
-            "mean_max": c["mean_err_max"], "sd_rms": c["sd_err_rms"], "sd_max": c["sd_err_max"]}
+    c = compare_draws(
+        flatten_draws(guide_draws(post.model, guide, num_samples=draws, sites=post.sites)), post.reference
+    )
+    return {
+        "posterior": post.name,
+        "guide": kind,
+        "steps": res.steps,
+        "train_s": res.seconds,
+        "elbo": e["elbo"],
+        "khat": psis_khat(log_weights=lw),
+        "mean_rms": c["mean_err_rms"],
+        "mean_max": c["mean_err_max"],
+        "sd_rms": c["sd_err_rms"],
+        "sd_max": c["sd_err_max"],
+    }
 
 
-VI_COLUMNS = [("guide", "guide", None), ("steps", "steps", "{:d}"), ("train_s", "train s", "{:.1f}"),
-              ("mean_rms", "mean err rms", "{:.3f}"), ("mean_max", "mean err max", "{:.3f}"),
-              ("sd_rms", "sd err rms", "{:.3f}"), ("sd_max", "sd err max", "{:.3f}"),
-              ("elbo", "ELBO", "{:.2f}"), ("khat", "k-hat", "{:.2f}"), ("error", "error", None)]
-VI_SUMMARY_COLUMNS = [("guide", "guide", None), ("n", "posteriors fitted", "{:d}"),
-                      ("mean_rms", "median mean err rms", "{:.3f}"), ("sd_rms", "median sd err rms", "{:.3f}"),
-                      ("elbo_rank", "mean ELBO rank", "{:.1f}"), ("k_good", "k-hat < 0.7", "{:d}"),
-                      ("steps", "median steps", "{:.0f}"), ("train_s", "total train s", "{:.0f}")]
+VI_COLUMNS = [
+    ("guide", "guide", None),
+    ("steps", "steps", "{:d}"),
+    ("train_s", "train s", "{:.1f}"),
+    ("mean_rms", "mean err rms", "{:.3f}"),
+    ("mean_max", "mean err max", "{:.3f}"),
+    ("sd_rms", "sd err rms", "{:.3f}"),
+    ("sd_max", "sd err max", "{:.3f}"),
+    ("elbo", "ELBO", "{:.2f}"),
+    ("khat", "k-hat", "{:.2f}"),
+    ("error", "error", None),
+]
+VI_SUMMARY_COLUMNS = [
+    ("guide", "guide", None),
+    ("n", "posteriors fitted", "{:d}"),
+    ("mean_rms", "median mean err rms", "{:.3f}"),
+    ("sd_rms", "median sd err rms", "{:.3f}"),
+    ("elbo_rank", "mean ELBO rank", "{:.1f}"),
+    ("k_good", "k-hat < 0.7", "{:d}"),
+    ("steps", "median steps", "{:.0f}"),
+    ("train_s", "total train s", "{:.0f}"),
+]
 
 
 def _vi_summary(rows, guides, posteriors):
@@ -94,11 +131,18 @@ def _vi_summary(rows, guides, posteriors):
         for p in posteriors:
             es = sorted((r["elbo"] for r in ok if r["posterior"] == p), reverse=True)
             ranks += [1 + es.index(r["elbo"]) for r in rs if r["posterior"] == p]
-        out.append({"guide": g, "n": len(rs), "mean_rms": float(np.median([r["mean_rms"] for r in rs])),
-                    "sd_rms": float(np.median([r["sd_rms"] for r in rs])), "elbo_rank": float(np.mean(ranks)),
-                    "k_good": sum(r["khat"] < 0.7 for r in rs),
-                    "steps": float(np.median([r["steps"] for r in rs])),
-                    "train_s": float(np.sum([r["train_s"] for r in rs]))})
+        out.append(
+            {
+                "guide": g,
+                "n": len(rs),
+                "mean_rms": float(np.median([r["mean_rms"] for r in rs])),
+                "sd_rms": float(np.median([r["sd_rms"] for r in rs])),
+                "elbo_rank": float(np.mean(ranks)),
+                "k_good": sum(r["khat"] < 0.7 for r in rs),
+                "steps": float(np.median([r["steps"] for r in rs])),
+                "train_s": float(np.sum([r["train_s"] for r in rs])),
+            }
+        )
     return out
 
 
@@ -109,9 +153,13 @@ def run_vi(args, header, log=print):
     if not pdb.available():
         log(f"[vi] posteriordb not found at {pdb.posteriordb_path()} (set ${pdb.ENV_VAR}); skipped")
         return [], []
-    posteriors = (args.posteriors.split(",") if args.posteriors else
-                  ["eight_schools-eight_schools_noncentered", "kilpisjarvi_mod-kilpisjarvi"] if args.quick
-                  else list(pdb.POSTERIORS))
+    posteriors = (
+        args.posteriors.split(",")
+        if args.posteriors
+        else ["eight_schools-eight_schools_noncentered", "kilpisjarvi_mod-kilpisjarvi"]
+        if args.quick
+        else list(pdb.POSTERIORS)
+    )
     guides = list(GUIDE_BASELINES) + list(args.family)
     draws = 200 if args.quick else 1000
     default = torch.get_default_dtype()
@@ -128,24 +176,46 @@ def run_vi(args, header, log=print):
                     try:
                         r = fit_and_evaluate(post, kind, args, args.seconds, draws=draws)
                     except Exception as exc:  # a failing guide is a result, not a crash
-                        r = {"posterior": name, "guide": kind, "error": f"{type(exc).__name__}: {str(exc)[:80]}"}
+                        r = {
+                            "posterior": name,
+                            "guide": kind,
+                            "error": f"{type(exc).__name__}: {str(exc)[:80]}",
+                        }
                     rows.append(r)
-                    log(f"[vi] {name:42s} {kind:24s} " + (r.get("error") or
-                        f"steps {r['steps']:5d} mean rms {r['mean_rms']:.3f} sd rms {r['sd_rms']:.3f} "
-                        f"elbo {r['elbo']:.2f} khat {r['khat']:.2f}"))
+                    log(
+                        f"[vi] {name:42s} {kind:24s} "
+                        + (
+                            r.get("error")
+                            or f"steps {r['steps']:5d} mean rms {r['mean_rms']:.3f} sd rms {r['sd_rms']:.3f} "
+                            f"elbo {r['elbo']:.2f} khat {r['khat']:.2f}"
+                        )
+                    )
     finally:
         torch.set_default_dtype(default)
-    lines = ["# VI: flow guides against Pyro's autoguides on posteriordb", "", header,
-             f"Total {(time.perf_counter() - t0) / 60:.1f} min.", "",
-             f"Budget per fit: {args.seconds:g} s of training (Trace_ELBO, 1 particle, Adam lr 0.02; AutoFlow's "
-             "flow networks lr 0.001); 2 layers for AutoIAFNormal and every AutoFlow family (registry "
-             f"`test_kwargs` sizes); evaluation on {draws} guide draws. Errors: |mean_q - mean_ref| / sd_ref and "
-             "|sd_q - sd_ref| / sd_ref against the 10,000 reference draws (rms and max over parameters). ELBOs "
-             "compare within a posterior only. k-hat: PSIS (< 0.5 good, > 0.7 unreliable).", "",
-             "## Summary over posteriors", "", reports.markdown_table(_vi_summary(rows, guides, posteriors),
-                                                                     VI_SUMMARY_COLUMNS), ""]
+    lines = [
+        "# VI: flow guides against Pyro's autoguides on posteriordb",
+        "",
+        header,
+        f"Total {(time.perf_counter() - t0) / 60:.1f} min.",
+        "",
+        f"Budget per fit: {args.seconds:g} s of training (Trace_ELBO, 1 particle, Adam lr 0.02; AutoFlow's "
+        "flow networks lr 0.001); 2 layers for AutoIAFNormal and every AutoFlow family (registry "
+        f"`test_kwargs` sizes); evaluation on {draws} guide draws. Errors: |mean_q - mean_ref| / sd_ref and "
+        "|sd_q - sd_ref| / sd_ref against the 10,000 reference draws (rms and max over parameters). ELBOs "
+        "compare within a posterior only. k-hat: PSIS (< 0.5 good, > 0.7 unreliable).",
+        "",
+        "## Summary over posteriors",
+        "",
+        reports.markdown_table(_vi_summary(rows, guides, posteriors), VI_SUMMARY_COLUMNS),
+        "",
+    ]
     for p in posteriors:
-        lines += [f"## {p}", "", reports.markdown_table([r for r in rows if r["posterior"] == p], VI_COLUMNS), ""]
+        lines += [
+            f"## {p}",
+            "",
+            reports.markdown_table([r for r in rows if r["posterior"] == p], VI_COLUMNS),
+            "",
+        ]
     return rows, [reports.write_text(os.path.join(args.results, "vi.md"), "\n".join(lines))]
 
 
@@ -184,8 +254,12 @@ def _svi_step(kind, n, device):
         guide = make_guide(kind, regression_model, hidden_dim=[24], num_transforms=2)
     else:
         guide = make_guide(kind, regression_model, num_layers=2)
-    svi = SVI(regression_model, guide, pyro.optim.Adam({"lr": 0.005}),
-              Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=1))
+    svi = SVI(
+        regression_model,
+        guide,
+        pyro.optim.Adam({"lr": 0.005}),
+        Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=1),
+    )
     return lambda: svi.step(*data)
 
 
@@ -204,8 +278,9 @@ def run_particles(args, header, log=print):
                 try:
                     step = _svi_step(kind, n, args.device)
                     step()  # builds the guide's parameters
-                    t, err = measure.time_interleaved({kind: step}, repeats=1 if args.quick else 3, warmup=2,
-                                                      device=args.device, slow=20.0)
+                    t, err = measure.time_interleaved(
+                        {kind: step}, repeats=1 if args.quick else 3, warmup=2, device=args.device, slow=20.0
+                    )
                     row[n] = 1.0 / t[kind] if t.get(kind) else None
                     slow = t.get(kind) is None or t[kind] > 20.0
                     if err:
@@ -219,13 +294,25 @@ def run_particles(args, header, log=print):
         for n in particles:
             if r.get(n) and ref.get(n):
                 r[f"ratio_{n}"] = r[n] / ref[n]
-    cols = ([("guide", "guide", None)] + [(n, f"N={n} steps/s", "{:.1f}") for n in particles]
-            + [(f"ratio_{n}", f"N={n} / IAF", "{:.2f}") for n in particles] + [("error", "error", None)])
-    text = "\n".join(["# SVI throughput against vectorised particles", "", header, "",
-                      "Model: hierarchical regression with a data plate (200 observations, latent dimension 12), "
-                      "Trace_ELBO(vectorize_particles=True); AutoIAFNormal and AutoFlow with 2 layers. Steps per "
-                      "second (higher is better) and the ratio to AutoIAFNormal at the same N.", "",
-                      reports.markdown_table(rows, cols), ""])
+    cols = (
+        [("guide", "guide", None)]
+        + [(n, f"N={n} steps/s", "{:.1f}") for n in particles]
+        + [(f"ratio_{n}", f"N={n} / IAF", "{:.2f}") for n in particles]
+        + [("error", "error", None)]
+    )
+    text = "\n".join(
+        [
+            "# SVI throughput against vectorised particles",
+            "",
+            header,
+            "",
+            "Model: hierarchical regression with a data plate (200 observations, latent dimension 12), "
+            "Trace_ELBO(vectorize_particles=True); AutoIAFNormal and AutoFlow with 2 layers. Steps per "
+            "second (higher is better) and the ratio to AutoIAFNormal at the same N.",
+            "",
+            reports.markdown_table(rows, cols),
+            "",
+        ]
+    )
     rows = [{str(k): v for k, v in r.items()} for r in rows]
     return rows, [reports.write_text(os.path.join(args.results, "svi_particles.md"), text)]
-
