@@ -136,8 +136,11 @@ def case_stops(init_seed):
     x[15] = 1e200  # rows 10..19 are rank 1's share of the full batch: an infinite loss there only
     before = _snapshot([flow])
     bad = train(d, density_loss, (x,), steps=STEPS, lr=1e-2)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _snapshot([flow])))
+    # distributed=False: every rank alone on its own data, no collective (a hang would time the test out)
+    alone = train(d, density_loss, (x[:10] + init_seed,), steps=2, lr=1e-2, distributed=False)
     return {"time": (timed.stopped_by, timed.steps), "nan": (bad.stopped_by, bad.steps),
-            "nan_unchanged": all(torch.equal(a, b) for a, b in zip(before, _snapshot([flow])))}
+            "nan_unchanged": unchanged, "alone": (alone.world_size, _snapshot([flow]))}
 
 
 def case_peer(init_seed):
@@ -280,6 +283,8 @@ def test_stop_decisions_agree(runs):
     assert r0["time"] == r1["time"] == ("time", 1)
     assert r0["nan"] == r1["nan"] == ("nonfinite", 0)
     assert r0["nan_unchanged"] and r1["nan_unchanged"]
+    assert r0["alone"][0] == r1["alone"][0] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(r0["alone"][1], r1["alone"][1]))
 
 
 def test_one_checkpoint(runs):

@@ -329,9 +329,8 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _save(path, payload, world):
+def _save(path, payload, world, rank):
     """Rank 0 writes ``payload`` atomically (temporary file + rename); every rank then waits for it."""
-    _, rank = process_group()
     if rank == 0:
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(payload, tmp)
@@ -430,7 +429,7 @@ def _scaler(groups_of):
 # ---------------------------------------------------------------------------------------------
 def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimizer=None, time_budget=None,
           seed=0, progress=False, callback=None, checkpoint=None, clip_norm=None, lr_schedule=None,
-          desc="train") -> TrainResult:
+          desc="train", distributed=None) -> TrainResult:
     """Minimise ``loss_fn(module, batch)`` over minibatches of ``tensors``.
 
     Arguments:
@@ -453,12 +452,14 @@ def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimize
         clip_norm: clip the (averaged) gradient norm to this before the step.
         lr_schedule: ``f(fraction) -> factor`` of the initial learning rate (e.g. :func:`cosine_decay`).
         desc: the progress bar's label.
+        distributed: ``None`` (default): train together with the ranks of an initialised default process
+            group, alone without one; ``False``: alone even in a group (e.g. each rank fits its own model).
 
     Returns:
         :class:`TrainResult`.
     """
     tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    world, rank = process_group()
+    world, rank = process_group() if distributed is not False else (1, 0)
     mods = trainable_modules(module)
     params = _unique(p for m in mods for p in m.parameters())
     if world > 1:
@@ -490,7 +491,7 @@ def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimize
     result = loop.close()
     if checkpoint is not None:
         _save(checkpoint, {"modules": [m.state_dict() for m in mods], "optimizer": optimizer.state_dict(),
-                           "step": result.steps, "losses": result.losses}, world)
+                           "step": result.steps, "losses": result.losses}, world, rank)
     return result
 
 
@@ -515,7 +516,8 @@ def _make_elbo(loss, num_particles, vectorize, max_plate_nesting):
 
 def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particles=1, vectorize=True, lr=1e-2,
               optim=None, loss="Trace_ELBO", time_budget=None, seed=0, progress=False, callback=None,
-              checkpoint=None, lr_schedule=None, max_plate_nesting=None, desc="svi") -> TrainResult:
+              checkpoint=None, lr_schedule=None, max_plate_nesting=None, desc="svi",
+              distributed=None) -> TrainResult:
     """Stochastic variational inference: ``model(*batch)`` and ``guide(*batch)`` on minibatches of
     ``tensors``.
 
@@ -535,7 +537,7 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
         num_particles, vectorize: ELBO particles, vectorised when ``num_particles > 1``.
         lr: learning rate of the default ``pyro.optim.Adam``; optim: any ``pyro.optim`` optimiser.
         loss: a ``pyro.infer`` ELBO class name or an ELBO instance.
-        time_budget, seed, progress, callback, lr_schedule, desc: as in :func:`train`.
+        time_budget, seed, progress, callback, lr_schedule, desc, distributed: as in :func:`train`.
         checkpoint: a path; rank 0 writes the param store's and optimiser's state at the end.
         max_plate_nesting: passed to the ELBO.
 
@@ -547,7 +549,7 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
     from pyro.infer.util import zero_grads
 
     tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-    world, rank = process_group()
+    world, rank = process_group() if distributed is not False else (1, 0)
     elbo = _make_elbo(loss, num_particles, vectorize, max_plate_nesting)
     optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
     # create every parameter first (lazily built guides such as AutoFlow build here), by one gradient-free
@@ -610,5 +612,5 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
     if checkpoint is not None:
         _save(checkpoint, {"param_store": pyro.get_param_store().get_state(),
                            "optim": optim.get_state() if hasattr(optim, "get_state") else None,
-                           "step": result.steps, "losses": result.losses}, world)
+                           "step": result.steps, "losses": result.losses}, world, rank)
     return result
