@@ -104,8 +104,13 @@ def _patched_sync_methods(counter):
         saved[name] = orig
 
         def wrapper(self, *args, __orig=orig, **kwargs):
-            counter[0] += 1
-            return __orig(self, *args, **kwargs)
+            # a read nested in another (e.g. re-dispatched by a torch function mode) is one sync
+            counter[0] += counter[1] == 0
+            counter[1] += 1
+            try:
+                return __orig(self, *args, **kwargs)
+            finally:
+                counter[1] -= 1
 
         setattr(torch.Tensor, name, wrapper)
     try:
@@ -117,10 +122,10 @@ def _patched_sync_methods(counter):
 
 def count_syncs(fn) -> int:
     """Host synchronisations made by Python code during ``fn()`` (see the module docstring)."""
-    counter = [0]
+    counter = [0, 0]  # count, nesting depth
     with _patched_sync_methods(counter):
         fn()
-    return counter[0]
+    return int(counter[0])
 
 
 def count_ops(fn) -> int:

@@ -32,7 +32,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import nn
 
 import pyro_flows
-from pyro_flows.registry import get_flow
+from pyro_flows.registry import get_flow, registered_flows
 
 __all__ = [
     "PYRO_PEERS",
@@ -85,7 +85,7 @@ def available_peers() -> tuple:
 
 def known_names() -> tuple:
     """Every name :class:`FlowModel` accepts: the registered families, then the peers."""
-    return tuple(pyro_flows.FLOWS) + available_peers()
+    return registered_flows() + available_peers()
 
 
 def is_peer(name: str) -> bool:
@@ -158,7 +158,7 @@ class FlowModel(nn.Module):
             self.kind = "pyro"
             self.inverted = task == "density" and name in _DENSITY_INVERTED
             self.direction = "density (t.inv)" if self.inverted else "natural"
-        elif name in pyro_flows.FLOWS:
+        elif name in registered_flows():
             if hidden_dims is not None:
                 kwargs["hidden_dims"] = tuple(hidden_dims)
             kwargs = _our_kwargs(name, task, kwargs)
@@ -230,7 +230,7 @@ def make_guide(name, model, num_layers=4, hidden_dims=None, **kwargs):
             _pyro_stack, name, num_layers=num_layers, hidden_dims=hidden_dims or (64, 64)
         )
         return AutoFlow(model, make)
-    if name in pyro_flows.FLOWS:
+    if name in registered_flows():
         if hidden_dims is not None:
             kwargs["hidden_dims"] = tuple(hidden_dims)
         return AutoFlow(model, name, num_layers=num_layers, **kwargs)
