@@ -4,6 +4,8 @@
   exact entropy as the NLL floor) or of a real table (:func:`pyro_flows.datasets.load_table`).
 * :func:`synthetic`: data in any dimension D for the speed benchmark (8gaussians at D = 2, a rotated
   product of bimodal marginals otherwise).
+* :func:`ridge_sample` / :func:`ridge_log_prob`: a conditional density p(x | c) with a known log-density
+  (a curved ridge whose width depends on c), for conditional density estimation.
 * :func:`eight_schools`: the non-centred eight-schools model of :mod:`pyro_flows.infer.posteriordb`
   with Rubin's data built in (no data directory needed).
 
@@ -22,7 +24,16 @@ import torch
 
 from pyro_flows.datasets import ENTROPY, TABLE_DATASETS, TOY_DATASETS, load_table, toy_sample
 
-__all__ = ["DATASETS", "DataSplits", "density_splits", "synthetic", "EIGHT_SCHOOLS", "eight_schools"]
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "density_splits",
+    "synthetic",
+    "ridge_sample",
+    "ridge_log_prob",
+    "EIGHT_SCHOOLS",
+    "eight_schools",
+]
 
 DATASETS = TOY_DATASETS + TABLE_DATASETS
 
@@ -79,6 +90,25 @@ def synthetic(dim, n, seed=0, dtype=torch.float32, device=None):
     sign = torch.randint(0, 2, (n, dim), generator=g) * 2 - 1
     s = 1.5 * sign + 0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)
     return (s @ q / 1.58).to(dtype=dtype, device=device)
+
+
+def ridge_sample(n, generator=None):
+    """``(x, c)`` of shapes (n, 2), (n, 1): c ~ U(-1, 1), x1 | c ~ N(c, 0.3),
+    x2 | x1, c ~ N(sin(3 x1), 0.1 + 0.3 |c|)."""
+    g = generator
+    c = torch.rand(n, 1, generator=g) * 2 - 1
+    x1 = c[:, 0] + 0.3 * torch.randn(n, generator=g)
+    x2 = torch.sin(3 * x1) + (0.1 + 0.3 * c[:, 0].abs()) * torch.randn(n, generator=g)
+    return torch.stack([x1, x2], -1), c
+
+
+def ridge_log_prob(x, c):
+    """The exact ``log p(x | c)`` of :func:`ridge_sample` (its mean over a test set is the NLL floor)."""
+    import pyro.distributions as dist
+
+    lp1 = dist.Normal(c[:, 0], 0.3).log_prob(x[:, 0])
+    lp2 = dist.Normal(torch.sin(3 * x[:, 0]), 0.1 + 0.3 * c[:, 0].abs()).log_prob(x[:, 1])
+    return lp1 + lp2
 
 
 def eight_schools(dtype=torch.float32, device=None):
