@@ -299,6 +299,78 @@ def test_one_checkpoint(runs):
     assert not [f for f in os.listdir(runs["outdir"]) if ".tmp" in f]
 
 
+# ---------------------------------------------------------------------------------------------
+# every registered family, plain and conditional, in its default direction
+# ---------------------------------------------------------------------------------------------
+def case_family(name, init_seed, conditional):
+    import pyro.distributions as dist
+
+    import pyro_flows
+    from pyro_flows.distributions import ConditionalTransformedDistribution
+    from pyro_flows.experiments.trainer import conditional_density_loss, density_loss, train
+
+    g = _gen(7)
+    torch.manual_seed(700 + init_seed)
+    if conditional:
+        ctx = torch.randn(21, 2, generator=g)
+        x = torch.stack([ctx[:, 0] + 0.5 * torch.randn(21, generator=g), ctx[:, 1].tanh()], -1)
+        flow = pyro_flows.flow(name, 2, num_layers=1, context_dim=2)
+        d = ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+        r = train(d, conditional_density_loss, (x, ctx), steps=3, lr=2e-2, seed=1)  # full batch, 11 + 10
+    else:
+        x = torch.randn(24, 3, generator=g) * torch.tensor([1.5, 1.0, 0.5])
+        flow = pyro_flows.flow(name, 3, num_layers=2)
+        d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [flow])
+        r = train(d, density_loss, (x,), steps=3, batch_size=12, lr=2e-2, seed=1)
+    return {"params": _snapshot([flow]), "losses": r.losses}
+
+
+def _family_worker(rank, world, port, outdir):
+    import pyro_flows
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                             timeout=timedelta(seconds=300))
+    try:
+        torch.set_default_dtype(torch.float64)
+        out = {(f, c): case_family(f, rank, c) for f in pyro_flows.FLOWS for c in (False, True)}
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    import pyro_flows
+
+    outdir = str(tmp_path_factory.mktemp("families"))
+    mp.spawn(_family_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=True)
+    ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = {(f, c): case_family(f, 0, c) for f in pyro_flows.FLOWS for c in (False, True)}
+    finally:
+        torch.set_default_dtype(old)
+    return ranks, single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+def test_every_family_two_processes_equal_one(family_runs, conditional):
+    import pyro_flows
+
+    ranks, single = family_runs
+    for name in pyro_flows.FLOWS:
+        key = (name, conditional)
+        for a, b in zip(ranks[0][key]["params"], ranks[1][key]["params"]):
+            assert torch.equal(a, b), name
+        for p, q in zip(ranks[0][key]["params"], single[key]["params"]):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_shards_match_distributed_sampler():
     from torch.utils.data import DistributedSampler
 
