@@ -1,6 +1,6 @@
 """Tutorial 4: training a conditional flow on several processes (torch.distributed, torchrun).
 
-Run:  torchrun --nproc_per_node 2 tutorials/04_distributed.py            (2 CPU processes, gloo; ~a minute)
+Run:  torchrun --nproc_per_node 2 tutorials/04_distributed.py            (2 CPU processes, gloo; <= 3 minutes)
       torchrun --nproc_per_node 2 tutorials/04_distributed.py --smoke    (seconds)
       python tutorials/04_distributed.py --smoke                         (one process: the same script)
 
@@ -91,7 +91,7 @@ def main():
     parser.add_argument("--family", default="sinusoidal", choices=pyro_flows.FLOWS)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=512, help="rows per step over ALL processes")
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds of training at most")
+    parser.add_argument("--time-budget", type=float, default=180.0, help="seconds of training at most")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu"))
     parser.add_argument("--out", default=".", help="folder of the checkpoint")
     args = parser.parse_args()
