@@ -50,7 +50,7 @@ def _demo_parser(sub):
     p.add_argument(
         "--time-budget",
         type=float,
-        default=150.0,
+        default=140.0,
         help="wall-clock seconds for the whole run: each training task gets an equal share "
         "of what is left and stops early when it is used (0: no limit; --steps decides)",
     )

@@ -19,10 +19,10 @@ loss curves, guide samples) into the output folder, and shows a tqdm progress ba
 It is composed of the application layer :mod:`pyro_flows.experiments`: data splits (``data``), one model
 wrapper (``models``), the trainer (``trainer``) and the reports (``reports``).
 
-Time: ``--time-budget`` (default 150 s) caps the whole run's wall time. Before each training task the
-demo gives it an equal share of what is left of the budget (less a quarter for evaluation and plots,
+Time: ``--time-budget`` (default 140 s) caps the whole run's wall time. Before each training task the
+demo gives it an equal share of what is left of the budget (less 30% for evaluation and plots,
 measured as it goes, so the cap holds on a slow or busy machine) and stops the task early when the share is
-used; ``--steps`` is the cap otherwise. With six families this is about 17 s of training per family (a
+used; ``--steps`` is the cap otherwise. With six families this is about 15 s of training per family (a
 third of it per task), so the default run stays under three minutes on two CPU cores including start-up;
 the table reports the steps each run actually took and whether its share ran out. ``--time-budget 0``
 disables the cap (then ``--steps`` alone decides, e.g. for a reproducible run).
@@ -294,7 +294,7 @@ def run_demo(
     device="cpu",
     output="pyro_flows_demo",
     seed=0,
-    time_budget=150.0,
+    time_budget=140.0,
     progress=True,
     plots=True,
     svi=True,
@@ -320,7 +320,7 @@ def run_demo(
         left = time_budget - (time.perf_counter() - t_start) - 3.0
         n = tasks_left[0]
         tasks_left[0] -= 1
-        return max(0.5, 0.75 * left / max(n, 1))
+        return max(0.5, 0.7 * left / max(n, 1))
 
     print(
         f"pyro_flows demo: families {families}; data sets {datasets}"

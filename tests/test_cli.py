@@ -144,6 +144,8 @@ def test_bench_speed_and_nll_tiny(tmp_path, capsys):
     assert rc == 0
     speed = (tmp_path / "speed.md").read_text()
     assert "| pyro.affine_coupling | 2 |" in speed and "aten ops" in speed and "syncs (flow)" in speed
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Benchmark summary" in summary and "density step D=2" in summary and "Test NLL" in summary
     for f in ("nll.md", "nll.png", "speed_density_vs_dim.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     data = json.loads((tmp_path / "results.json").read_text())

@@ -189,6 +189,33 @@ SPEED_COLUMNS = [
 ]
 
 
+def speed_summary(rows, families, dims):
+    """Markdown lines: per family, step time / best peer's per task and D; aten ops / fewest peer ops and
+    the flow's host syncs per step at the largest D."""
+    summary, top = [], max(dims)
+    for f in families:
+        row = {"flow": f}
+        for r in rows:
+            if r["flow"] == f:
+                row[f"{r['task']}_{r['D']}"] = r.get("step_ratio")
+                if r["D"] == top:
+                    row[f"{r['task']}_ops"], row[f"{r['task']}_syncs"] = r.get("ops_ratio"), r.get("syncs")
+        summary.append(row)
+    cols = [("flow", "family", None)]
+    cols += [(f"{t}_{d}", f"{t} step D={d}", reports.fmt_ratio) for t in ("density", "guide") for d in dims]
+    cols += [(f"{t}_ops", f"{t} ops D={top}", reports.fmt_ratio) for t in ("density", "guide")]
+    cols += [(f"{t}_syncs", f"{t} syncs D={top}", None) for t in ("density", "guide")]
+    best = sorted({(r["task"], r["D"], r["best_peer"]) for r in rows if r.get("best_peer")})
+    return [
+        "## Summary: step time / best peer's (ops: aten ops / fewest of any peer; syncs: the flow's own)",
+        "",
+        reports.markdown_table(summary, cols),
+        "",
+        "Best peers: " + "; ".join(f"{t} D={d}: {p}" for t, d, p in best) + ".",
+        "",
+    ]
+
+
 def speed_markdown(rows, families, dims, header):
     text = [
         "# Speed: density step and guide step against the best peer",
@@ -204,19 +231,7 @@ def speed_markdown(rows, families, dims, header):
         "the other (possibly iterative) direction over one of the single-pass direction, same batch.",
         "",
     ]
-    summary = []
-    for f in families:
-        row = {"flow": f}
-        for r in rows:
-            if r["flow"] == f:
-                row[f"{r['task']}_{r['D']}"] = r.get("step_ratio")
-        summary.append(row)
-    cols = [("flow", "family", None)] + [
-        (f"{t}_{d}", f"{t} step D={d}", reports.fmt_ratio) for t in ("density", "guide") for d in dims
-    ]
-    text += ["## Summary: step time / best peer's", "", reports.markdown_table(summary, cols), ""]
-    best = sorted({(r["task"], r["D"], r["best_peer"]) for r in rows if r.get("best_peer")})
-    text += ["Best peers: " + "; ".join(f"{t} D={d}: {p}" for t, d, p in best) + ".", ""]
+    text += speed_summary(rows, families, dims)
     for task in ("density", "guide"):
         text += [
             f"## {task} step",
@@ -532,6 +547,18 @@ def main(argv=None):
             out["particles"], files = vi.run_particles(args, header, log)
             written += files
     out["total_seconds"] = time.perf_counter() - t_start
+    if "speed" in out or "nll" in out:
+        summary = ["# Benchmark summary", "", header, f"Total {out['total_seconds'] / 60:.1f} min.", ""]
+        if "speed" in out:
+            summary += speed_summary(out["speed"], args.family, args.dims) + [
+                "Full table: [speed.md](speed.md).",
+                "",
+            ]
+        if "nll" in out:
+            summary += ["## Test NLL at an equal training budget", ""]
+            summary += nll_markdown(out["nll"], flows, args.datasets, "", args).split("\n")[4:]
+            summary += ["Full text: [nll.md](nll.md).", ""]
+        written.append(reports.write_text(os.path.join(args.results, "summary.md"), "\n".join(summary)))
     written.append(
         reports.write_text(os.path.join(args.results, "results.json"), json.dumps(out, indent=1, default=str))
     )
