@@ -396,3 +396,68 @@ def test_tutorial_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0" in proc.stdout and "rank 1" not in proc.stdout  # rank 0 reports, alone
     assert (tmp_path / "conditional_flow.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer alone (no process group)
+# ---------------------------------------------------------------------------------------------
+class _Shift(torch.nn.Module):
+    """log N(x; w, I) up to a constant: the gradient of the mean loss is w - mean(x)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(dim))
+
+    def log_prob(self, x):
+        return -0.5 * ((x - self.w) ** 2).sum(-1)
+
+
+def test_epochs_cover_the_data_once_and_sgd_is_exact():
+    from pyro_flows.experiments.trainer import density_loss, train
+
+    x = torch.arange(12.0).reshape(12, 1)
+    seen = []
+
+    def loss(module, batch):
+        seen.append(batch[0].reshape(-1).tolist())
+        return density_loss(module, batch)
+
+    m = _Shift(1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    r = train(m, loss, x, steps=3, batch_size=4, optimizer=opt)
+    assert r.stopped_by == "steps" and r.steps == 3 and r.world_size == 1
+    assert sorted(v for b in seen for v in b) == list(range(12))  # one epoch: every row once
+    w = 0.0
+    for b in seen:  # SGD on w - mean(batch)
+        w -= 0.5 * (w - sum(b) / len(b))
+    assert abs(float(m.w.detach()) - w) < 1e-6
+
+
+def test_callback_schedule_and_checkpoint(tmp_path):
+    from pyro_flows.experiments.trainer import cosine_decay, density_loss, load_checkpoint, train
+
+    m = _Shift(2)
+    infos = []
+
+    def callback(info):  # sees the learning rate the schedule set for the next step; True stops
+        infos.append((info.step, info.fraction, info.optimizer.param_groups[0]["lr"]))
+        return info.step == 3
+
+    r = train(m, density_loss, torch.randn(8, 2), steps=10, lr=0.1, lr_schedule=cosine_decay(0.1),
+              callback=callback, checkpoint=str(tmp_path / "c.pt"))
+    assert r.stopped_by == "callback" and r.steps == 4
+    assert [i[0] for i in infos] == [0, 1, 2, 3]
+    assert infos[-1][1] == pytest.approx(0.4)
+    assert infos[-1][2] == pytest.approx(0.1 * cosine_decay(0.1)(0.4))
+    fresh = _Shift(2)
+    ckpt = load_checkpoint(str(tmp_path / "c.pt"), fresh)
+    assert ckpt["step"] == 4 and torch.equal(fresh.w, m.w)
+
+
+def test_bad_arguments_name_the_sizes():
+    from pyro_flows.experiments.trainer import density_loss, train
+
+    with pytest.raises(ValueError, match=r"same first dimension.*\[4, 5\]"):
+        train(_Shift(1), lambda m, b: density_loss(m, b[:1]), (torch.zeros(4, 1), torch.zeros(5, 1)), steps=1)
+    with pytest.raises(TypeError, match="no torch.nn.Module"):
+        train(object(), density_loss, torch.zeros(4, 1), steps=1)
