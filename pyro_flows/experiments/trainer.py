@@ -24,8 +24,10 @@ module. The hand all-reduce is exact and covers both.
 
 ``batch_size`` (``subsample_size`` for SVI) is the GLOBAL minibatch of one step, split evenly over the
 ranks, so a run's meaning (and its learning rate) does not change with the number of processes. Each step
-reads the loss on the host once (the finiteness check and the progress bar); nothing else syncs in
-:func:`train` (Pyro's ELBOs read their own loss, so :func:`train_svi` adds one read in a group).
+reads the loss on the host once (the finiteness check and the progress bar); nothing else in :func:`train`
+syncs (Pyro's ELBOs read their own loss, so :func:`train_svi` adds one read in a group). Distributions
+built with ``validate_args`` (torch's default) check their input's support on the host in every
+``log_prob``: build them with ``validate_args=False`` for GPU training.
 
 Example:
     >>> import torch, pyro_flows
