@@ -115,9 +115,12 @@ def speed_rows(flows, dims, args, log=print):
                     r["direction"], r["params"] = m.direction, m.num_params()
                     try:
                         r["ops"] = measure.count_ops(s.forward_backward)
-                        r["syncs"] = measure.count_syncs(s.forward_backward)
+                        mem = []  # one call serves the sync count and the memory
+                        r["syncs"] = measure.count_syncs(
+                            lambda: mem.append(measure.peak_memory(s.forward_backward, device=args.device))
+                        )
+                        r["memory"] = mem[0]
                         r["opt_syncs"] = measure.count_syncs(s.optimizer.step)
-                        r["memory"] = measure.peak_memory(s.forward_backward, device=args.device)
                         if not is_peer(f):
                             r["other_ratio"], r["other"] = _other_direction_ratio(
                                 m, task, x, args.repeats, args.device
@@ -392,7 +395,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run (< 1 min for speed on 2 idle cores): D in {2, 8}, 1 repeat, peers "
+        help="smoke run (< 1 min for speed on 2 idle cores): D in {2, 8}, 3 layers, batch 256, 1 repeat, "
+        "peers "
         f"{', '.join(QUICK_PEERS)}, 30/15 training steps, two data sets, short VI fits",
     )
     p.add_argument("--dims", default="2,8,32", help="speed: comma list of D")
@@ -455,7 +459,8 @@ def parse_args(argv=None):
             p.error(f"unknown peer {bad[0]!r}; available: {available_peers()}")
     if args.quick:
         args.dims, args.repeats, args.toy_steps, args.table_steps = "2,8", 1, 30, 15
-        args.seconds, args.particles, args.skip_after = 1.0, "1,64", 5.0
+        args.seconds, args.particles, args.skip_after = 1.0, "1,64", 10.0
+        args.layers, args.batch = 3, 256
         if args.datasets == p.get_default("datasets"):
             args.datasets = "8gaussians,wine"
         if args.results is None:
