@@ -13,7 +13,7 @@ import torch
 import pyro_flows
 from pyro_flows import registry
 from pyro_flows.experiments import measure
-from pyro_flows.experiments.models import FlowModel, make_guide
+from pyro_flows.experiments.models import FlowModel, available_peers, make_guide
 
 from conformance import (
     Case,
@@ -166,3 +166,16 @@ def test_training_step_counts_for_a_peer():
     assert measure.peak_memory(step.forward_backward) > 0
     times, errors = measure.time_interleaved({"a": step.step, "bad": lambda: 1 / 0}, repeats=2)
     assert times["a"] > 0 and times["bad"] is None and "ZeroDivisionError" in errors["bad"]
+
+
+@pytest.mark.parametrize("name", ["pyro.affine_autoregressive", "pyro.spline_coupling", "zuko.maf"])
+def test_peers_train_on_the_full_batch(name):
+    """Full-batch training passes the same tensor every step: no cache may hand back a stale output."""
+    from pyro_flows.experiments.trainer import density_loss, train
+
+    if name.startswith("zuko.") and name not in available_peers():
+        pytest.skip("zuko not installed")
+    m = FlowModel(name, 3, num_layers=2, hidden_dims=(6, 6))
+    x = torch.randn(40, 3)
+    res = train(m, density_loss, (x,), steps=3, batch_size=None)
+    assert res.steps == 3 and res.stopped_by == "steps"

@@ -158,6 +158,12 @@ class FlowModel(nn.Module):
             self.kind = "pyro"
             self.inverted = task == "density" and name in _DENSITY_INVERTED
             self.direction = "density (t.inv)" if self.inverted else "natural"
+            if task == "density" and context_dim is None:
+                # Pyro's cache_size=1 hands back the last output when the same tensor comes again (full-batch
+                # training on a small table): a stale value with a freed graph. Density estimation only ever
+                # evaluates external data, so the cache can only go stale here.
+                for part in self.flow.parts:
+                    part._cache_size = 0
         elif name in registered_flows():
             if hidden_dims is not None:
                 kwargs["hidden_dims"] = tuple(hidden_dims)
