@@ -460,7 +460,7 @@ def parse_args(argv=None):
     if args.quick:
         args.dims, args.repeats, args.toy_steps, args.table_steps = "2,8", 1, 30, 15
         args.seconds, args.particles, args.skip_after = 1.0, "1,64", 10.0
-        args.layers, args.batch = 3, 256
+        args.layers, args.batch, args.nll_time_cap = 3, 256, min(args.nll_time_cap or 10.0, 10.0)
         if args.datasets == p.get_default("datasets"):
             args.datasets = "8gaussians,wine"
         if args.results is None:
