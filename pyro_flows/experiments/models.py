@@ -158,12 +158,6 @@ class FlowModel(nn.Module):
             self.kind = "pyro"
             self.inverted = task == "density" and name in _DENSITY_INVERTED
             self.direction = "density (t.inv)" if self.inverted else "natural"
-            if task == "density" and context_dim is None:
-                # Pyro's cache_size=1 hands back the last output when the same tensor comes again (full-batch
-                # training on a small table): a stale value with a freed graph. Density estimation only ever
-                # evaluates external data, so the cache can only go stale here.
-                for part in self.flow.parts:
-                    part._cache_size = 0
         elif name in registered_flows():
             if hidden_dims is not None:
                 kwargs["hidden_dims"] = tuple(hidden_dims)
@@ -197,6 +191,11 @@ class FlowModel(nn.Module):
         return dist.TransformedDistribution(base, [t])
 
     def log_prob(self, x, context=None):
+        if self.kind == "pyro":
+            # Pyro's cache_size=1 hands back its last output when the same tensor object comes again (full-
+            # batch training passes one tensor every step): a stale value with a freed graph. A view is a new
+            # object (no copy), so the cache serves only the pair computed within this call.
+            x = x.view_as(x)
         return self.distribution(context).log_prob(x)
 
     def rsample_and_log_prob(self, n, context=None):
