@@ -2,13 +2,13 @@
 
 ``demo`` trains every registered family as a density estimator on 2-D toy densities and as an SVI guide
 on eight schools, prints a table and writes plots (see :mod:`pyro_flows.demo`). ``bench`` runs the
-benchmark suite of ``benchmarks/run.py`` (a source checkout is needed; arguments are passed through).
+benchmarks of :mod:`pyro_flows.experiments.bench` (``bench --help``: ``--what speed,nll,vi,particles``,
+``--family``, ``--quick``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -27,48 +27,53 @@ def _demo_parser(sub):
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--family", action="append", metavar="NAME",
-                   help="flow family to train; repeatable or a comma list. Default: every registered "
-                        "family (pyro_flows.FLOWS). Pyro baselines pyro.spline_coupling, "
-                        "pyro.affine_coupling, pyro.spline_autoregressive, pyro.affine_autoregressive "
-                        "are accepted too")
-    p.add_argument("--dataset", action="append", metavar="NAME",
-                   help=f"data set for density estimation; repeatable or a comma list. Default: "
-                        f"8gaussians,checkerboard. Toy: {', '.join(TOY_DATASETS)}; tables: "
-                        f"{', '.join(TABLE_DATASETS)}")
+    p.add_argument(
+        "--family",
+        action="append",
+        metavar="NAME",
+        help="flow family to train; repeatable or a comma list. Default: every registered "
+        "family (pyro_flows.FLOWS). Pyro baselines pyro.spline_coupling, "
+        "pyro.affine_coupling, pyro.spline_autoregressive, pyro.affine_autoregressive "
+        "are accepted too",
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        metavar="NAME",
+        help=f"data set for density estimation; repeatable or a comma list. Default: "
+        f"8gaussians,checkerboard. Toy: {', '.join(TOY_DATASETS)}; tables: "
+        f"{', '.join(TABLE_DATASETS)}",
+    )
     p.add_argument("--steps", type=int, default=400, help="training steps per density task")
     p.add_argument("--svi-steps", type=int, default=None, help="SVI steps (default: --steps)")
     p.add_argument("--layers", type=int, default=4, help="layers (blocks) per flow")
-    p.add_argument("--time-budget", type=float, default=150.0,
-                   help="wall-clock seconds for the whole run: each training task gets an equal share "
-                        "of what is left and stops early when it is used (0: no limit; --steps decides)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=140.0,
+        help="wall-clock seconds for the whole run: each training task gets an equal share "
+        "of what is left and stops early when it is used (0: no limit; --steps decides)",
+    )
     p.add_argument("--no-svi", action="store_true", help="skip the SVI (eight schools) part")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--output", default="pyro_flows_demo", help="folder for the table and plots")
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1 is fastest for these small tensors on a CPU; "
-                        "0 leaves torch's own setting)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is fastest for these small tensors on a CPU; "
+        "0 leaves torch's own setting)",
+    )
     return p
 
 
 def _bench_main(argv):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "benchmarks", "run.py")
-    if not os.path.exists(path):
-        print("error: benchmarks/run.py not found; `bench` needs a source checkout of pyro_flows",
-              file=sys.stderr)
-        return 2
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    sys.path.insert(0, root)
-    import importlib.util
+    from pyro_flows.experiments.bench import main as bench_main
 
-    spec = importlib.util.spec_from_file_location("pyro_flows_bench_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return bench_main(argv)
 
 
 def main(argv=None):
@@ -76,12 +81,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m pyro_flows",
         description="pyro_flows: exact normalizing flows for Pyro. Subcommands: demo (the main job), "
-                    "bench (benchmarks against Pyro's built-ins and zuko).",
+        "bench (benchmarks against Pyro's built-ins and zuko).",
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
     _demo_parser(sub)
-    sub.add_parser("bench", help="run the benchmark suite (benchmarks/run.py; see bench --help)",
-                   add_help=False)
+    sub.add_parser(
+        "bench", help="benchmarks against Pyro's built-ins and zuko (see bench --help)", add_help=False
+    )
     if argv and argv[0] == "bench":
         return _bench_main(argv[1:])
     args = parser.parse_args(argv)
@@ -100,10 +106,20 @@ def main(argv=None):
             raise ValueError(f"--layers must be >= 1, got {args.layers}")
     except ValueError as e:
         parser.exit(2, f"python -m pyro_flows demo: error: {e}\n")
-    run_demo(families=args.family, datasets=args.dataset, steps=args.steps,
-             svi_steps=args.svi_steps, num_layers=args.layers, device=args.device,
-             output=args.output, seed=args.seed, time_budget=args.time_budget,
-             progress=not args.no_progress, plots=not args.no_plots, svi=not args.no_svi)
+    run_demo(
+        families=args.family,
+        datasets=args.dataset,
+        steps=args.steps,
+        svi_steps=args.svi_steps,
+        num_layers=args.layers,
+        device=args.device,
+        output=args.output,
+        seed=args.seed,
+        time_budget=args.time_budget,
+        progress=not args.no_progress,
+        plots=not args.no_plots,
+        svi=not args.no_svi,
+    )
     return 0
 
 

@@ -91,7 +91,8 @@ def test_uci_power_and_miniboone(tmp_path):
     (tmp_path / "power").mkdir()
     np.save(tmp_path / "power" / "data.npy", rng.randn(1000, 8) * 3 + 1)
     s = load_uci("POWER", str(tmp_path))
-    assert [t.shape for t in s] == [(810, 6), (90, 6), (100, 6)]  # MAF drops 2 of 8 columns (POWER is 6-D); 10% splits
+    # MAF drops 2 of 8 columns (POWER is 6-D); 10% splits
+    assert [t.shape for t in s] == [(810, 6), (90, 6), (100, 6)]
     both = torch.cat([s.train, s.val]).double()
     assert both.mean(0).abs().max() < 1e-5 and (both.std(0, unbiased=False) - 1).abs().max() < 1e-4
     (tmp_path / "miniboone").mkdir()

@@ -12,8 +12,11 @@ effects theta_j share a population mean mu and spread tau:
     mu ~ Normal(0, 5),  tau ~ HalfCauchy(5),  theta_j = mu + tau * eta_j,  eta_j ~ Normal(0, 1),
     y_j ~ Normal(theta_j, sigma_j).
 
-We use this *non-centred* form; the posterior over (mu, log tau, eta) is still skewed and has a funnel-like
-dependence between tau and the eta's, which a mean-field Gaussian (``AutoNormal``) cannot represent.
+We use this *non-centred* form, the posteriordb model ``eight_schools_noncentered`` as written in
+``pyro_flows.infer.posteriordb`` (the site ``theta_trans`` is eta; ``theta`` is a deterministic site), with
+Rubin's data built in: ``pyro_flows.experiments.data.eight_schools()``. The posterior over (mu, log tau, eta)
+is still skewed and has a funnel-like dependence between tau and the eta's, which a mean-field Gaussian
+(``AutoNormal``) cannot represent.
 
 The guides
 ----------
@@ -39,48 +42,43 @@ import time
 import torch
 
 import pyro
-import pyro.distributions as dist
 import pyro_flows
-from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
-from pyro_flows.infer import AutoFlow, guide_draws, importance_log_weights, psis_khat, to_inference_data
+from pyro_flows.experiments.data import eight_schools
+from pyro_flows.experiments.models import make_guide
+from pyro_flows.experiments.reports import markdown_table
+from pyro_flows.experiments.trainer import train_svi
+from pyro_flows.infer import guide_draws, importance_log_weights, psis_khat, to_inference_data
 
-Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
-
-
-def model(y, sigma):
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("schools", y.shape[-1]):
-        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
-        theta = pyro.deterministic("theta", mu + tau * eta)
-        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+model, LATENT_DIM = eight_schools()  # model() closes over the data; 10 latent dimensions
 
 
 def train(guide, steps, lr):
     """SVI with 4 vectorised particles per step (flows handle the (N, 1, D) particle batch)."""
     pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)}), elbo)
-    for step in range(steps):
-        loss = svi.step(Y, SIGMA)
-        if step % max(1, steps // 4) == 0:
-            print(f"  step {step:4d}  ELBO {-loss:9.2f}")
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)})
+    result = train_svi(model, guide, (), steps=steps, num_particles=4, optim=optim, max_plate_nesting=0)
+    for step in range(0, result.steps, max(1, result.steps // 4)):
+        print(f"  step {step:4d}  ELBO {-result.losses[step]:9.2f}")
     return guide
 
 
 def diagnose(name, guide, num_samples):
     with torch.no_grad():
-        lw = importance_log_weights(model, guide, Y, SIGMA, num_samples=num_samples, max_plate_nesting=1)
+        lw = importance_log_weights(model, guide, num_samples=num_samples, max_plate_nesting=0)
         khat = psis_khat(log_weights=lw)
-        draws = guide_draws(model, guide, Y, SIGMA, num_samples=num_samples, sites=["mu", "tau", "theta"])
+        draws = guide_draws(model, guide, num_samples=num_samples, sites=["mu", "tau", "theta"])
     # self-normalised importance weights correct the guide's moments towards the exact posterior
     w = torch.softmax(lw, 0)
     tau_is = (w * draws["tau"]).sum().item()
-    return {"guide": name, "elbo": lw.mean().item(), "khat": khat, "mu": draws["mu"].mean().item(),
-            "tau": draws["tau"].mean().item(), "tau_is": tau_is, "draws": draws}
+    return {
+        "guide": name,
+        "elbo": lw.mean().item(),
+        "khat": khat,
+        "mu": draws["mu"].mean().item(),
+        "tau": draws["tau"].mean().item(),
+        "tau_is": tau_is,
+        "draws": draws,
+    }
 
 
 def main(argv=None):
@@ -93,10 +91,15 @@ def main(argv=None):
     steps = args.steps or (5 if args.smoke else 500)
     n = 100 if args.smoke else 2000
     families = [args.family] if args.family else list(pyro_flows.FLOWS)
-    guides = [("AutoNormal", lambda: AutoNormal(model), 3e-2),
-              ("AutoMultivariateNormal", lambda: AutoMultivariateNormal(model), 1e-2)]
+    # make_guide: Pyro's autoguides by name, or pyro_flows.infer.AutoFlow(model, family, num_layers)
+    guides = [
+        ("AutoNormal", lambda: make_guide("AutoNormal", model), 3e-2),
+        ("AutoMultivariateNormal", lambda: make_guide("AutoMultivariateNormal", model), 1e-2),
+    ]
     for f in families:
-        guides.append((f"AutoFlow({f})", lambda f=f: AutoFlow(model, f, num_layers=2 if args.smoke else 4), 1e-2))
+        guides.append(
+            (f"AutoFlow({f})", lambda f=f: make_guide(f, model, num_layers=2 if args.smoke else 4), 1e-2)
+        )
     results = []
     for name, make, lr in guides:
         print(f"{name}:")
@@ -105,13 +108,25 @@ def main(argv=None):
         r = diagnose(name, guide, n)
         r["seconds"] = time.perf_counter() - t0
         results.append(r)
-    print("\n| guide | ELBO | PSIS k-hat | E[mu] | E[tau] | E[tau] importance-corrected | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['guide']} | {r['elbo']:.2f} | {r['khat']:.2f} | {r['mu']:.2f} | {r['tau']:.2f} | "
-              f"{r['tau_is']:.2f} | {r['seconds']:.1f} |")
-    print("\nk-hat < 0.5: good; 0.5-0.7: usable; > 0.7: unreliable. The reference posterior (posteriordb, "
-          "10,000 NUTS draws) has E[mu] about 4.4 and E[tau] about 3.6.")
+    print(
+        "\n"
+        + markdown_table(
+            results,
+            [
+                ("guide", "guide", None),
+                ("elbo", "ELBO", "{:.2f}"),
+                ("khat", "PSIS k-hat", "{:.2f}"),
+                ("mu", "E[mu]", "{:.2f}"),
+                ("tau", "E[tau]", "{:.2f}"),
+                ("tau_is", "E[tau] importance-corrected", "{:.2f}"),
+                ("seconds", "seconds", "{:.1f}"),
+            ],
+        )
+    )
+    print(
+        "\nk-hat < 0.5: good; 0.5-0.7: usable; > 0.7: unreliable. The reference posterior (posteriordb, "
+        "10,000 NUTS draws) has E[mu] about 4.4 and E[tau] about 3.6."
+    )
 
     # ArviZ: summary statistics of the best guide's draws (4 pseudo-chains of independent draws)
     best = max(results, key=lambda r: r["elbo"])

@@ -37,27 +37,16 @@ import torch
 import pyro
 import pyro.distributions as dist
 import pyro_flows
-from pyro.infer import SVI, Trace_ELBO
 from pyro_flows.distributions import ConditionalTransformedDistribution
+from pyro_flows.experiments.data import ridge_log_prob, ridge_sample
+from pyro_flows.experiments.reports import markdown_table
+from pyro_flows.experiments.trainer import conditional_density_loss, cosine_decay, train, train_svi
 from pyro_flows.infer import ConditionalFlow
 
 
 # ---------------------------------------------------------------------------------------------
 # Part A
 # ---------------------------------------------------------------------------------------------
-def ridge_sample(n, g):
-    c = torch.rand(n, 1, generator=g) * 2 - 1
-    x1 = c[:, 0] + 0.3 * torch.randn(n, generator=g)
-    x2 = torch.sin(3 * x1) + (0.1 + 0.3 * c[:, 0].abs()) * torch.randn(n, generator=g)
-    return torch.stack([x1, x2], -1), c
-
-
-def ridge_log_prob(x, c):
-    lp1 = dist.Normal(c[:, 0], 0.3).log_prob(x[:, 0])
-    lp2 = dist.Normal(torch.sin(3 * x[:, 0]), 0.1 + 0.3 * c[:, 0].abs()).log_prob(x[:, 1])
-    return lp1 + lp2
-
-
 def part_a(name, steps, smoke):
     g = torch.Generator().manual_seed(0)
     x_train, c_train = ridge_sample(512 if smoke else 20000, g)
@@ -65,17 +54,18 @@ def part_a(name, steps, smoke):
     flow = pyro_flows.flow(name, 2, num_layers=2 if smoke else 4, context_dim=1)
     base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
     cond = ConditionalTransformedDistribution(base, [flow])
-    opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=5e-4)
-    for step in range(steps):
-        idx = torch.randint(0, x_train.shape[0], (256,), generator=g)
-        loss = -cond.condition(c_train[idx]).log_prob(x_train[idx]).mean()  # one call, 256 contexts
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % max(1, steps // 4) == 0:
-            print(f"  [A] {name:20s} step {step:4d}  train NLL {loss.item():.3f}")
+    # conditional_density_loss: -cond.condition(c).log_prob(x).mean(), one call for 256 contexts
+    result = train(
+        cond,
+        conditional_density_loss,
+        (x_train, c_train),
+        steps=steps,
+        batch_size=256,
+        lr=5e-3,
+        lr_schedule=cosine_decay(0.1),
+    )
+    for step in range(0, result.steps, max(1, result.steps // 4)):
+        print(f"  [A] {name:20s} step {step:4d}  train NLL {result.losses[step]:.3f}")
     with torch.no_grad():
         nll = -cond.condition(c_test).log_prob(x_test).mean().item()
         floor = -ridge_log_prob(x_test, c_test).mean().item()
@@ -97,26 +87,30 @@ def simulate(n, g):
     return torch.stack([y1, y2], -1)
 
 
-def model(y):
-    with pyro.plate("observations", y.shape[0], dim=-1):
+def model(y, num_observations=None):
+    # the plate declares the data size and the minibatch it sees, so the ELBO is scaled to all observations
+    with pyro.plate("observations", num_observations or y.shape[0], subsample_size=y.shape[0], dim=-1):
         z = pyro.sample("z", dist.Normal(y.new_zeros(2), 1.0).to_event(1))
         pyro.sample("y1", dist.Normal(z[..., 0] * z[..., 1], 0.3), obs=y[:, 0])
         pyro.sample("y2", dist.Normal(z[..., 0] + z[..., 1], 0.5), obs=y[:, 1])
 
 
 def make_guide(qnet):
-    def guide(y):
+    def guide(y, num_observations=None):
         pyro.module("q", qnet)
-        with pyro.plate("observations", y.shape[0], dim=-1):
+        with pyro.plate("observations", num_observations or y.shape[0], subsample_size=y.shape[0], dim=-1):
             pyro.sample("z", qnet.condition(y))  # q(z | y): batch shape (num observations,)
+
     return guide
 
 
 def log_joint(z, y):
     """log p(z, y) for z of shape (..., 2) and y of shape (2,)."""
-    return (dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
-            + dist.Normal(z[..., 0] * z[..., 1], 0.3).log_prob(y[0])
-            + dist.Normal(z[..., 0] + z[..., 1], 0.5).log_prob(y[1]))
+    return (
+        dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        + dist.Normal(z[..., 0] * z[..., 1], 0.3).log_prob(y[0])
+        + dist.Normal(z[..., 0] + z[..., 1], 0.5).log_prob(y[1])
+    )
 
 
 def exact_log_evidence(y, n=400, lim=5.0):
@@ -132,17 +126,19 @@ def part_b(name, steps, smoke):
     pyro.set_rng_seed(0)
     qnet = ConditionalFlow(2, 2, name, num_layers=2 if smoke else 4)
     guide = make_guide(qnet)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 3e-3}), Trace_ELBO())
-    for step in range(steps):
-        y = simulate(128, g)  # fresh observations every step: amortisation over the prior predictive
-        loss = svi.step(y) / y.shape[0]
-        if step % max(1, steps // 4) == 0:
-            print(f"  [B] {name:20s} step {step:4d}  -ELBO per observation {loss:.3f}")
+    # many simulated observations (the prior predictive), 128 per step: amortisation over all of them
+    y_all = simulate(128 * steps, g)
+    n = y_all.shape[0]
+    result = train_svi(
+        lambda y: model(y, n), lambda y: guide(y, n), (y_all,), steps=steps, subsample_size=128, lr=3e-3
+    )
+    for step in range(0, result.steps, max(1, result.steps // 4)):
+        print(f"  [B] {name:20s} step {step:4d}  -ELBO per observation {result.losses[step] / n:.3f}")
     y_test = simulate(4 if smoke else 20, torch.Generator().manual_seed(123))
     gaps = []
     with torch.no_grad():
         for y in y_test:
-            q = qnet.condition(y)                 # no optimisation: the amortised posterior for this y
+            q = qnet.condition(y)  # no optimisation: the amortised posterior for this y
             z = q.sample((256 if smoke else 4000,))
             elbo = (log_joint(z, y) - q.log_prob(z)).mean().item()
             gaps.append(exact_log_evidence(y, n=100 if smoke else 400) - elbo)
@@ -166,16 +162,31 @@ def main(argv=None):
         b = part_b(name, steps, args.smoke)
         rows.append((name, a, b, time.perf_counter() - t0))
     print("\nPart A: conditional density estimation of p(x | c) (test NLL vs the exact conditional entropy)")
-    print("| family | test NLL | exact floor | gap (KL) | ridge width at c=0 (true 0.10) | at c=1 (true 0.40) |")
-    print("|---|---|---|---|---|---|")
-    for name, a, _, _ in rows:
-        print(f"| {name} | {a['nll']:.3f} | {a['floor']:.3f} | {a['nll'] - a['floor']:.3f} | "
-              f"{a['width_c0']:.2f} | {a['width_c1']:.2f} |")
+    print(
+        markdown_table(
+            [dict(a, family=name, gap=a["nll"] - a["floor"]) for name, a, _, _ in rows],
+            [
+                ("family", "family", None),
+                ("nll", "test NLL", "{:.3f}"),
+                ("floor", "exact floor", "{:.3f}"),
+                ("gap", "gap (KL)", "{:.3f}"),
+                ("width_c0", "ridge width at c=0 (true 0.10)", "{:.2f}"),
+                ("width_c1", "at c=1 (true 0.40)", "{:.2f}"),
+            ],
+        )
+    )
     print("\nPart B: amortised posterior q(z | y) on held-out y: KL(q || p) = log p(y) - ELBO (exact, grid)")
-    print("| family | mean KL | max KL | seconds (A + B) |")
-    print("|---|---|---|---|")
-    for name, _, b, s in rows:
-        print(f"| {name} | {b['kl_mean']:.3f} | {b['kl_max']:.3f} | {s:.1f} |")
+    print(
+        markdown_table(
+            [dict(b, family=name, seconds=s) for name, _, b, s in rows],
+            [
+                ("family", "family", None),
+                ("kl_mean", "mean KL", "{:.3f}"),
+                ("kl_max", "max KL", "{:.3f}"),
+                ("seconds", "seconds (A + B)", "{:.1f}"),
+            ],
+        )
+    )
     ok = all(math.isfinite(a["nll"]) and math.isfinite(b["kl_mean"]) for _, a, b, _ in rows)
     return 0 if ok else 1
 
