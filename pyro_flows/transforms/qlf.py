@@ -112,12 +112,12 @@ import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
+from ..nn.mexican_hat import MexicanHatNN, log_scale_range
 from ..registry import register_flow
 from ..validation import broadcast_context, check_dim
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = [
-    "mexican_hat",
     "ConditionedQLFLinear",
     "QLFLinear",
     "ConditionedDualAffineCoupling",
@@ -130,24 +130,36 @@ __all__ = [
     "ConditionalQLF",
     "qlf",
     "conditional_qlf",
+    "rqs_knots",
+    "rqs_forward",
+    "rqs_inverse",
 ]
 
-#: range of the Mexican hat h(u) = (1 - u^2) exp(-u^2/2): [H_MIN, 1], H_MIN = h(sqrt 3)
-H_MIN = -2.0 * math.exp(-1.5)
-_MIN_UNIT = 1e-3  # floor of the sigmoid-parameterised knot derivatives and slope fractions
+#: default half-range R of the linear layer's log-scales around log(kappa): cond(W) <= exp(2R)
+MAX_LOG_SCALE = 1.0
+#: default floor a of the activation's knot derivatives and bin slopes: derivative >= a^3
+MIN_DERIVATIVE = 0.2
+#: default bound c of each coupling conditioner's Lipschitz constant (product of weight norms)
+MAX_LIPSCHITZ = 100.0
 _MIN_BIN_WIDTH = 1e-3  # fraction of the box width
-
-
-def mexican_hat(u: torch.Tensor) -> torch.Tensor:
-    """``(1 - u^2) exp(-u^2 / 2)``: values in ``[-2 exp(-3/2), 1]`` (about ``[-0.446, 1]``)."""
-    u2 = u * u
-    return (1 - u2) * torch.exp(-0.5 * u2)
 
 
 def _check_positive(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 \
             or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_max_log_scale(value):
+    if value is None:
+        return None
+    return _check_positive(value, "max_log_scale")
+
+
+def _check_min_derivative(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 0.5:
+        raise ValueError(f"min_derivative must be a number in (0, 0.5), got {value!r}")
     return float(value)
 
 
@@ -160,123 +172,74 @@ def _hidden_dims(hidden_dims, default):
     return [check_dim(h, "hidden_dims entry") for h in hidden_dims]
 
 
-def _hat_spread(num_hats):
-    if num_hats == 1:
-        return [1.0]
-    return [0.8 + 0.4 * m / (num_hats - 1) for m in range(num_hats)]
-
-
-def _log_scale_range(num_hats):
-    """The open interval of initial log-scales the bias rule can reach (all b_m in [0, sqrt 3])."""
-    spread = _hat_spread(num_hats)
-    c_max = math.sqrt(3.0) / max(spread)
-    low = sum((1 - (c * c_max) ** 2) * math.exp(-0.5 * (c * c_max) ** 2) for c in spread) / num_hats
-    return low, 1.0
-
-
-def mexican_hat_biases(log_scale: float, num_hats: int) -> list:
-    """Distinct biases ``b_m`` with ``mean_m h(b_m) = log_scale`` (bisection on a common factor)."""
-    low, high = _log_scale_range(num_hats)
-    if not low < log_scale < high:
-        raise ValueError(
-            f"initial log-scale {log_scale:.4g} of the coupling is outside ({low:.4g}, {high:.4g}), "
-            f"the range the Mexican-hat read-out can start from; choose beta/kappa differently"
-        )
-    spread = _hat_spread(num_hats)
-
-    def mean_h(c):
-        return sum((1 - (c * s) ** 2) * math.exp(-0.5 * (c * s) ** 2) for s in spread) / num_hats
-
-    lo, hi = 0.0, math.sqrt(3.0) / max(spread)  # mean_h decreasing on [lo, hi]
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mean_h(mid) > log_scale:
-            lo = mid
-        else:
-            hi = mid
-    c = 0.5 * (lo + hi)
-    return [c * s for s in spread]
-
-
 # =================================================================================================
-# log-det cache shared by the parts and the block
+# f_lin: orthogonal times a bounded diagonal
 # =================================================================================================
-class _LogDetCache:
-    """Computes each log-det alongside its map and hands it to ``FlowTransform``'s memo.
+def householder_orthogonal(reflect: torch.Tensor) -> torch.Tensor:
+    """``-H_1 H_2 ... H_D`` for the reflections ``H_i = I - 2 v_i v_i^T / |v_i|^2``, where ``v_i``
+    is column ``i`` of ``V = I + tril(reflect, -1)`` (LAPACK's storage of Householder vectors).
 
-    Subclasses implement ``_forward(x) -> (y, logdet)`` and ``_backward(y) -> (x, logdet)`` where
-    ``logdet`` is always the forward log-det at ``x``.
+    Built in one pass with the UT transform (no loop over reflections): ``H_1 ... H_D =
+    I - V S^{-1} V^T`` with ``S = triu(V^T V)`` whose diagonal is halved. Orthogonal for any
+    ``reflect``; ``-I`` at ``reflect = 0`` is undone by the leading sign, so the result is ``I``.
     """
-
-    def _call(self, x):
-        y, ld = self._forward(x)
-        self._remember_logdet(x, y, ld)
-        return y
-
-    def _inverse(self, y):
-        x, ld = self._backward(y)
-        self._remember_logdet(x, y, ld)
-        return x
-
-    def _log_abs_det_jacobian(self, x, y):
-        return self._forward(x)[1]
+    d = reflect.shape[-1]
+    eye = torch.eye(d, dtype=reflect.dtype, device=reflect.device)
+    v = reflect.tril(-1) + eye
+    s = (v.transpose(-1, -2) @ v).triu()
+    s = s - 0.5 * s * eye  # halve the diagonal
+    tv = torch.linalg.solve_triangular(s, v.transpose(-1, -2), upper=True)
+    return v @ tv - eye
 
 
-# =================================================================================================
-# f_lin: invertible linear map
-# =================================================================================================
-class ConditionedQLFLinear(_LogDetCache, FlowTransform):
-    """``y = L U x + b`` with parameters from ``params() -> (lower, upper, log_diag, bias)``.
-
-    ``lower``/``upper`` hold the strictly lower/upper triangular entries (``D (D - 1) / 2`` each, in
-    ``torch.tril_indices``/``triu_indices`` order); see :class:`QLFLinear`.
-    """
+class ConditionedQLFLinear(FlowTransform):
+    """``y = W x + b`` with ``W = Q diag(exp(log_scale))`` and parameters from
+    ``params() -> (reflect, log_scale, bias)``; see :class:`QLFLinear`."""
 
     def __init__(self, input_dim, params, cache_size=1, context=None):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         self._params = params
 
     def _factors(self):
-        lower, upper, log_diag, bias = self._params()
-        d = self.input_dim
-        eye = torch.eye(d, dtype=log_diag.dtype, device=log_diag.device)
-        L = eye
-        U = torch.diag_embed(log_diag.exp())
-        if d > 1:
-            li = torch.tril_indices(d, d, -1, device=log_diag.device)
-            ui = torch.triu_indices(d, d, 1, device=log_diag.device)
-            L = L.index_put((li[0], li[1]), lower)
-            U = U.index_put((ui[0], ui[1]), upper)
-        return L, U, log_diag, bias
+        """``(Q, log_scale, bias)``."""
+        reflect, log_scale, bias = self._params()
+        return householder_orthogonal(reflect), log_scale, bias
 
     def weight(self) -> torch.Tensor:
-        """The matrix ``L U``."""
-        L, U, _, _ = self._factors()
-        return L @ U
+        """The matrix ``W = Q diag(exp(log_scale))``."""
+        q, log_scale, _ = self._factors()
+        return q * log_scale.exp()
 
-    def _forward(self, x):
-        L, U, log_diag, bias = self._factors()
-        y = x @ (L @ U).transpose(-1, -2) + bias
-        return y, log_diag.sum().expand(x.shape[:-1])
+    def _call_and_ladj(self, x):
+        q, log_scale, bias = self._factors()
+        y = F.linear(x, q * log_scale.exp(), bias)
+        return y, log_scale.sum().expand(x.shape[:-1])
 
-    def _backward(self, y):
-        L, U, log_diag, bias = self._factors()
-        rhs = (y - bias).reshape(-1, self.input_dim).transpose(0, 1)
-        z = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-        x = torch.linalg.solve_triangular(U, z, upper=True)
-        x = x.transpose(0, 1).reshape(y.shape)
-        return x, log_diag.sum().expand(y.shape[:-1])
+    def _inverse_and_ladj(self, y):
+        q, log_scale, bias = self._factors()
+        # W^{-1} = diag(exp(-log_scale)) Q^T, so x = (y - b) @ (Q diag(exp(-log_scale)))
+        x = (y - bias) @ (q * (-log_scale).exp())
+        return x, log_scale.sum().expand(y.shape[:-1])
+
+    def _log_abs_det_jacobian(self, x, y):
+        return self._params()[1].sum().expand(x.shape[:-1])
 
 
 class QLFLinear(ConditionedQLFLinear, TransformModule):
-    r"""Invertible linear map ``y = L U x + b`` (f_lin of a QLF block), initialised to ``kappa * I``.
+    r"""Invertible linear map ``y = Q diag(sigma) x + b`` (f_lin of a QLF block), initialised to
+    ``kappa * I``, with condition number at most ``exp(2 R)`` for any parameter values.
 
-    ``L`` is unit lower triangular, ``U`` upper triangular with diagonal ``exp(log_diag)``: invertible
-    for any parameter values, log-det ``sum(log_diag)``, inverse by two triangular solves.
+    ``Q`` is a product of ``D`` Householder reflections (orthogonal for any parameters, ``I`` at
+    init), ``log sigma = log kappa + R tanh(raw / R)`` lies in ``[log kappa - R, log kappa + R]``
+    (``R = max_log_scale``), so the singular values of ``W`` are ``sigma`` and the log-det is
+    ``sum(log sigma)``. The inverse is ``diag(1 / sigma) Q^T (y - b)``: both directions cost one
+    ``D x D`` matrix (built once per call) and one matmul.
 
     Arguments:
         input_dim (int): the event size D.
         kappa (float): the initial scale (``W = kappa * I``); default 1.
+        max_log_scale (float or None): ``R`` (default 2, so ``cond(W) <= e^4``); ``None`` removes
+            the bound (``log sigma = log kappa + raw``, unbounded condition number).
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -288,63 +251,27 @@ class QLFLinear(ConditionedQLFLinear, TransformModule):
         tensor([2.0794, 2.0794, 2.0794, 2.0794], grad_fn=<ExpandBackward0>)
     """
 
-    def __init__(self, input_dim, kappa=1.0, cache_size=1):
+    def __init__(self, input_dim, kappa=1.0, max_log_scale=MAX_LOG_SCALE, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         kappa = _check_positive(kappa, "kappa")
         super().__init__(input_dim, self._get_params, cache_size=cache_size)
-        n = input_dim * (input_dim - 1) // 2
-        self.lower = nn.Parameter(torch.zeros(n)) if n else None
-        self.upper = nn.Parameter(torch.zeros(n)) if n else None
-        self.log_diag = nn.Parameter(torch.full((input_dim,), math.log(kappa)))
+        self.log_kappa = math.log(kappa)
+        self.max_log_scale = _check_max_log_scale(max_log_scale)
+        self.reflect = nn.Parameter(torch.zeros(input_dim, input_dim))  # strict lower part used
+        self.log_scale_raw = nn.Parameter(torch.zeros(input_dim))
         self.bias = nn.Parameter(torch.zeros(input_dim))
 
     def _get_params(self):
-        return self.lower, self.upper, self.log_diag, self.bias
+        r = self.max_log_scale
+        raw = self.log_scale_raw
+        log_scale = self.log_kappa + (raw if r is None else r * torch.tanh(raw / r))
+        return self.reflect, log_scale, self.bias
 
 
 # =================================================================================================
 # f_aff: dual affine coupling with Mexican-hat log-scales
 # =================================================================================================
-class MexicanHatNN(nn.Module):
-    """Conditioner of the dual coupling: MLP features ``phi``, then ``(log s, t)`` (paper Eq. 15).
-
-    ``log s = mean_m h(w_m phi + b_m)`` with ``h`` the Mexican hat, ``t = w_t phi + b_t``; ``w_m``,
-    ``w_t`` and ``b_t`` start at zero and ``b_m`` at :func:`mexican_hat_biases` of ``log_scale_init``.
-
-    Arguments:
-        in_features (int): size of the conditioning input (other half, plus the context if any).
-        out_features (int): size of the half being transformed.
-        hidden_dims (list of int): MLP hidden sizes (tanh).
-        num_hats (int): M, the number of Mexican-hat responses averaged.
-        log_scale_init (float): the initial ``log s`` (in the reachable range, see module docstring).
-    """
-
-    def __init__(self, in_features, out_features, hidden_dims, num_hats=4, log_scale_init=0.0):
-        super().__init__()
-        in_features = check_dim(in_features, "in_features")
-        out_features = check_dim(out_features, "out_features")
-        num_hats = check_dim(num_hats, "num_hats")
-        layers, prev = [], in_features
-        for h in hidden_dims:
-            layers += [nn.Linear(prev, h), nn.Tanh()]
-            prev = h
-        self.features = nn.Sequential(*layers)
-        self.scale_weight = nn.Parameter(torch.zeros(num_hats, out_features, prev))
-        biases = torch.tensor(mexican_hat_biases(float(log_scale_init), num_hats))
-        self.scale_bias = nn.Parameter(biases.unsqueeze(-1).repeat(1, out_features))
-        self.shift = nn.Linear(prev, out_features)
-        nn.init.zeros_(self.shift.weight)
-        nn.init.zeros_(self.shift.bias)
-
-    def forward(self, z, context=None):
-        if context is not None:
-            z = torch.cat([z, context], dim=-1)
-        phi = self.features(z)
-        pre = torch.einsum("...h,moh->...mo", phi, self.scale_weight) + self.scale_bias
-        return mexican_hat(pre).mean(-2), self.shift(phi)
-
-
-class ConditionedDualAffineCoupling(_LogDetCache, FlowTransform):
+class ConditionedDualAffineCoupling(FlowTransform):
     """Dual affine coupling (paper Eq. 14) with conditioners ``nn1(x2, ctx)``, ``nn2(y1, ctx)``.
 
     Each conditioner returns ``(log_scale, shift)``; ``nn2`` is ``None`` when the second half is
@@ -363,38 +290,37 @@ class ConditionedDualAffineCoupling(_LogDetCache, FlowTransform):
             return x, None
         return broadcast_context(x, self._context)
 
-    def _forward(self, x):
+    def _call_and_ladj(self, x):
         x, ctx = self._prepare(x)
         x1, x2 = x[..., : self.split], x[..., self.split:]
         log_s1, t1 = self.nn1(x2, ctx)
         y1 = torch.exp(log_s1) * x1 + t1
-        ld = log_s1.sum(-1)
         if self.nn2 is None:
-            return y1, ld
+            return y1, log_s1.sum(-1)
         log_s2, t2 = self.nn2(y1, ctx)
         y2 = torch.exp(log_s2) * x2 + t2
-        return torch.cat([y1, y2], dim=-1), ld + log_s2.sum(-1)
+        return torch.cat([y1, y2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
 
-    def _backward(self, y):
+    def _inverse_and_ladj(self, y):
         y, ctx = self._prepare(y)
         y1, y2 = y[..., : self.split], y[..., self.split:]
         if self.nn2 is None:
-            x2, ld = y2, 0.0
-        else:
-            log_s2, t2 = self.nn2(y1, ctx)
-            x2 = (y2 - t2) * torch.exp(-log_s2)
-            ld = log_s2.sum(-1)
+            log_s1, t1 = self.nn1(y2, ctx)
+            return (y1 - t1) * torch.exp(-log_s1), log_s1.sum(-1)
+        log_s2, t2 = self.nn2(y1, ctx)
+        x2 = (y2 - t2) * torch.exp(-log_s2)
         log_s1, t1 = self.nn1(x2, ctx)
         x1 = (y1 - t1) * torch.exp(-log_s1)
-        return torch.cat([x1, x2], dim=-1), ld + log_s1.sum(-1)
+        return torch.cat([x1, x2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
 
 
-def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init):
+def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz):
     split = max(1, input_dim // 2)
     rest = input_dim - split
     hidden = _hidden_dims(hidden_dims, max(32, 4 * input_dim))
-    nn1 = MexicanHatNN(rest + context_dim, split, hidden, num_hats, log_scale_init)
-    nn2 = MexicanHatNN(split + context_dim, rest, hidden, num_hats, log_scale_init) if rest else None
+    nn1 = MexicanHatNN(rest + context_dim, split, hidden, num_hats, log_scale_init, max_lipschitz)
+    nn2 = MexicanHatNN(split + context_dim, rest, hidden, num_hats, log_scale_init,
+                       max_lipschitz) if rest else None
     return nn1, nn2
 
 
@@ -403,13 +329,16 @@ class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
 
     ``y1 = s1(x2) * x1 + t1(x2)``, ``y2 = s2(y1) * x2 + t2(y1)`` with ``x1`` the first
     ``max(1, D // 2)`` coordinates; every scale lies in ``[0.640, 2.718]`` for any parameters
-    (``log s`` is a mean of Mexican hats). Starts as ``x -> exp(log_scale_init) * x``.
+    (``log s`` is a mean of Mexican hats, :class:`~pyro_flows.nn.mexican_hat.MexicanHatNN`).
+    Starts as ``x -> exp(log_scale_init) * x``.
 
     Arguments:
         input_dim (int): the event size D (at least 2).
         hidden_dims (list of int): hidden sizes of each conditioner; default ``[max(32, 4D)] * 2``.
         num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
         log_scale_init (float): initial ``log s`` of every coordinate (default 0, volume preserving).
+        max_lipschitz (float or None): Lipschitz bound ``c`` of each conditioner (default 100;
+            ``None``: unbounded), see :class:`~pyro_flows.nn.mexican_hat.MexicanHatNN`.
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -421,14 +350,15 @@ class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
         True
     """
 
-    def __init__(self, input_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0, cache_size=1):
+    def __init__(self, input_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0,
+                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         if input_dim < 2:
             raise ValueError(
                 f"DualAffineCoupling needs input_dim >= 2 (nothing to condition on), got {input_dim}; "
                 f"use ConditionalDualAffineCoupling for a 1-D event with a context"
             )
-        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init)
+        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init, max_lipschitz)
         super().__init__(input_dim, None, None, cache_size=cache_size)
         self.nn1, self.nn2 = nn1, nn2
 
@@ -442,6 +372,8 @@ class ConditionalDualAffineCoupling(ConditionalFlowModule):
         hidden_dims (list of int): hidden sizes of each conditioner; default ``[max(32, 4D)] * 2``.
         num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
         log_scale_init (float): initial ``log s`` of every coordinate (default 0).
+        max_lipschitz (float or None): as for :class:`DualAffineCoupling`.
+        cache_size (int): cache size of the transforms ``condition`` returns (0 or 1).
 
     Example:
         >>> import torch
@@ -451,42 +383,41 @@ class ConditionalDualAffineCoupling(ConditionalFlowModule):
         torch.Size([5, 3])
     """
 
-    def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0):
+    def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0,
+                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
         super().__init__(input_dim, context_dim)
+        self.cache_size = cache_size
         self.nn1, self.nn2 = _coupling_nets(
-            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz
         )
 
     def _condition(self, context):
-        return ConditionedDualAffineCoupling(self.input_dim, self.nn1, self.nn2, context=context)
+        return ConditionedDualAffineCoupling(self.input_dim, self.nn1, self.nn2,
+                                             cache_size=self.cache_size, context=context)
 
 
 # =================================================================================================
-# f_act: contractive monotone rational-quadratic spline activation
+# f_act: contractive monotone rational-quadratic spline activation with a slope floor
 # =================================================================================================
-def _unit(theta):
-    """Sigmoid into ``(_MIN_UNIT, 1)``."""
-    return _MIN_UNIT + (1 - _MIN_UNIT) * torch.sigmoid(theta)
+def _logit(p):
+    return math.log(p / (1 - p))
 
 
-def _unit_inv(value):
-    v = (value - _MIN_UNIT) / (1 - _MIN_UNIT)
-    return math.log(v / (1 - v))
-
-
-def rqs_knots(theta_x, theta_y, theta_a, log_width):
+def rqs_knots(theta_x, theta_y, theta_a, log_width, min_derivative=MIN_DERIVATIVE):
     """Knots of the activation from raw parameters (shapes ``(D, K)``, ``(D, K)``, ``(D, K+1)``, ``(D,)``).
 
     Returns ``(xk, yk, alpha, delta)``: knot positions ``(D, K+1)`` in x and y, knot derivatives
-    ``(D, K+1)`` in ``(0, 1)``, bin slopes ``(D, K)`` below ``(1 + min(alpha_k, alpha_{k+1})) / 2``.
+    ``(D, K+1)`` in ``(a, 1)``, bin slopes ``(D, K)`` in ``(a, (1 + min(alpha_k, alpha_{k+1})) / 2)``
+    with ``a = min_derivative``.
     """
+    a = min_derivative
     K = theta_x.shape[-1]
     width = log_width.exp().unsqueeze(-1)  # half-width of the box
     frac = _MIN_BIN_WIDTH + (1 - _MIN_BIN_WIDTH * K) * torch.softmax(theta_x, dim=-1)
     dx = 2 * width * frac
-    alpha = _unit(theta_a)
+    alpha = a + (1 - a) * torch.sigmoid(theta_a)
     cap = 0.5 * (1 + torch.minimum(alpha[..., :-1], alpha[..., 1:]))
-    delta = _unit(theta_y) * cap
+    delta = a + (cap - a) * torch.sigmoid(theta_y)
     dy = delta * dx
     xk = F.pad(torch.cumsum(dx, -1), (1, 0)) - width
     xk = torch.cat([xk[..., :-1], width], dim=-1)  # the last knot exactly at +w
@@ -555,24 +486,25 @@ def rqs_inverse(y, xk, yk, alpha, delta):
     return x.transpose(0, 1), dlog.transpose(0, 1)
 
 
-class ConditionedRQSActivation(_LogDetCache, FlowTransform):
+class ConditionedRQSActivation(FlowTransform):
     """Elementwise spline activation with raw parameters from
     ``params() -> (theta_x, theta_y, theta_a, log_width)``; see :class:`RQSActivation`."""
 
-    def __init__(self, input_dim, params, cache_size=1, context=None):
+    def __init__(self, input_dim, params, min_derivative=MIN_DERIVATIVE, cache_size=1, context=None):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         self._params = params
+        self.min_derivative = _check_min_derivative(min_derivative)
 
     def knots(self):
         """``(xk, yk, alpha, delta)``, see :func:`rqs_knots`."""
-        return rqs_knots(*self._params())
+        return rqs_knots(*self._params(), min_derivative=self.min_derivative)
 
-    def _forward(self, x):
+    def _call_and_ladj(self, x):
         flat = x.reshape(-1, self.input_dim)
         y, dlog = rqs_forward(flat, *self.knots())
         return y.reshape(x.shape), dlog.sum(-1).reshape(x.shape[:-1])
 
-    def _backward(self, y):
+    def _inverse_and_ladj(self, y):
         flat = y.reshape(-1, self.input_dim)
         x, dlog = rqs_inverse(flat, *self.knots())
         return x.reshape(y.shape), dlog.sum(-1).reshape(y.shape[:-1])
@@ -581,16 +513,18 @@ class ConditionedRQSActivation(_LogDetCache, FlowTransform):
 class RQSActivation(ConditionedRQSActivation, TransformModule):
     r"""Contractive elementwise rational-quadratic spline activation (f_act of a QLF block).
 
-    Per coordinate: ``num_bins`` bins on a learnable box ``[-w, w]``, knot derivatives in ``(0, 1)``,
-    bin slopes capped by ``(1 + min(alpha_k, alpha_{k+1})) / 2`` so that the derivative stays
-    ``<= 1`` (see the module docstring for what is proven), linear tails outside the box with the
-    boundary derivative as slope, analytic inverse. Starts as ``x -> beta * x``.
+    Per coordinate: ``num_bins`` bins on a learnable box ``[-w, w]``, knot derivatives in
+    ``(a, 1)``, bin slopes in ``(a, (1 + min(alpha_k, alpha_{k+1})) / 2)`` with
+    ``a = min_derivative``, so that the derivative lies in ``[a^3, 1]`` for any parameters (see the
+    module docstring), linear tails outside the box with the boundary derivative as slope, analytic
+    inverse. Starts as ``x -> beta * x``.
 
     Arguments:
         input_dim (int): the event size D.
         num_bins (int): bins per coordinate, K (default 8; the paper uses 16).
         bound (float): initial half-width ``w`` of the box (default 3).
-        beta (float): the initial slope, in ``(0, 1)`` (default 0.8).
+        beta (float): the initial slope, in ``(a, 1)`` (default 0.8).
+        min_derivative (float): ``a``, in ``(0, 0.5)`` (default 0.1).
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -601,33 +535,37 @@ class RQSActivation(ConditionedRQSActivation, TransformModule):
         tensor([[ 0.5000, -2.0000]])
     """
 
-    def __init__(self, input_dim, num_bins=8, bound=3.0, beta=0.8, cache_size=1):
+    def __init__(self, input_dim, num_bins=8, bound=3.0, beta=0.8, min_derivative=MIN_DERIVATIVE,
+                 cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         num_bins = check_dim(num_bins, "num_bins")
         bound = _check_positive(bound, "bound")
-        beta = _check_beta(beta)
-        super().__init__(input_dim, self._get_params, cache_size=cache_size)
+        a = _check_min_derivative(min_derivative)
+        beta = _check_beta(beta, a)
+        super().__init__(input_dim, self._get_params, min_derivative=a, cache_size=cache_size)
         self.num_bins = num_bins
         self.theta_x = nn.Parameter(torch.zeros(input_dim, num_bins))
-        # all slopes beta: alpha = beta and delta = beta = unit(theta_y) * (1 + beta) / 2
-        self.theta_y = nn.Parameter(torch.full((input_dim, num_bins), _unit_inv(2 * beta / (1 + beta))))
-        self.theta_a = nn.Parameter(torch.full((input_dim, num_bins + 1), _unit_inv(beta)))
+        # all slopes beta: alpha = beta, and delta = beta with cap = (1 + beta) / 2
+        self.theta_y = nn.Parameter(torch.full((input_dim, num_bins), _logit((beta - a) / ((1 + beta) / 2 - a))))
+        self.theta_a = nn.Parameter(torch.full((input_dim, num_bins + 1), _logit((beta - a) / (1 - a))))
         self.log_width = nn.Parameter(torch.full((input_dim,), math.log(bound)))
 
     def _get_params(self):
         return self.theta_x, self.theta_y, self.theta_a, self.log_width
 
 
-def _check_beta(beta):
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 2 * _MIN_UNIT < beta < 1:
-        raise ValueError(f"beta must be a number in (0, 1) (and above {2 * _MIN_UNIT}), got {beta!r}")
+def _check_beta(beta, min_derivative=MIN_DERIVATIVE):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not min_derivative < beta < 1:
+        raise ValueError(
+            f"beta must be a number in (min_derivative, 1) = ({min_derivative}, 1), got {beta!r}"
+        )
     return float(beta)
 
 
 # =================================================================================================
 # the block
 # =================================================================================================
-class ConditionedQLF(_LogDetCache, FlowTransform):
+class ConditionedQLF(FlowTransform):
     """One QLF block ``f_act o f_aff o f_lin`` from three conditioned parts (``coupling`` may be
     ``None`` for ``D = 1`` without a context); see :class:`QLF`."""
 
@@ -637,26 +575,26 @@ class ConditionedQLF(_LogDetCache, FlowTransform):
         self.coupling = coupling
         self.activation = activation
 
-    def _forward(self, x):
-        h, ld = self.linear._forward(x)
+    def _call_and_ladj(self, x):
+        h, ld = self.linear._call_and_ladj(x)
         if self.coupling is not None:
-            h, ld_aff = self.coupling._forward(h)
+            h, ld_aff = self.coupling._call_and_ladj(h)
             ld = ld + ld_aff
-        y, ld_act = self.activation._forward(h)
+        y, ld_act = self.activation._call_and_ladj(h)
         return y, ld + ld_act
 
-    def _backward(self, y):
-        h, ld = self.activation._backward(y)
+    def _inverse_and_ladj(self, y):
+        h, ld = self.activation._inverse_and_ladj(y)
         if self.coupling is not None:
-            h, ld_aff = self.coupling._backward(h)
+            h, ld_aff = self.coupling._inverse_and_ladj(h)
             ld = ld + ld_aff
-        x, ld_lin = self.linear._backward(h)
+        x, ld_lin = self.linear._inverse_and_ladj(h)
         return x, ld + ld_lin
 
 
-def _split_expansion(beta, kappa, num_hats, has_coupling):
+def _split_expansion(beta, kappa, num_hats, has_coupling, min_derivative=MIN_DERIVATIVE):
     """``(kappa, log s0)`` with ``kappa * s0 * beta = 1`` (blockwise volume preservation)."""
-    beta = _check_beta(beta)
+    beta = _check_beta(beta, _check_min_derivative(min_derivative))
     total = -math.log(beta)
     if not has_coupling:
         if kappa is not None and not math.isclose(kappa, 1 / beta):
@@ -668,7 +606,7 @@ def _split_expansion(beta, kappa, num_hats, has_coupling):
     else:
         kappa = _check_positive(kappa, "kappa")
         log_s0 = total - math.log(kappa)
-    low, high = _log_scale_range(num_hats)
+    low, high = log_scale_range(num_hats)
     if not low < log_s0 < high:
         raise ValueError(
             f"kappa={kappa:.6g} with beta={beta:.6g} needs an initial coupling log-scale "
@@ -684,6 +622,7 @@ class QLF(ConditionedQLF, TransformModule):
     (``s0 * I`` at init) and ``f_act`` an :class:`RQSActivation` (``beta * I`` at init), with
     ``kappa * s0 * beta = 1``: the block starts as the identity with log-det 0, an expansion followed
     by a contraction. The parts are the submodules ``linear``, ``coupling`` and ``activation``.
+    Bounds for any parameters: see the module docstring.
 
     Arguments:
         input_dim (int): the event size D.
@@ -692,10 +631,16 @@ class QLF(ConditionedQLF, TransformModule):
         num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
         num_bins (int): spline bins per coordinate (default 8).
         bound (float): initial half-width of the spline box (default 3).
-        beta (float): the activation's initial slope, in ``(0, 1)`` (default 0.8; the paper advises
-            ``[0.5, 1]``).
+        beta (float): the activation's initial slope, in ``(min_derivative, 1)`` (default 0.8; the
+            paper advises ``[0.5, 1]``).
         kappa (float or None): initial scale of the linear layer; default splits the expansion
             ``1 / beta`` evenly between ``kappa`` and the coupling scale.
+        max_log_scale (float or None): the linear layer's log-scales stay within this distance of
+            ``log kappa`` (default 2; ``None``: unbounded).
+        min_derivative (float): floor of the activation's knot derivatives and bin slopes
+            (default 0.1).
+        max_lipschitz (float or None): Lipschitz bound of each coupling conditioner (default 100;
+            ``None``: unbounded).
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -709,29 +654,32 @@ class QLF(ConditionedQLF, TransformModule):
     """
 
     def __init__(self, input_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0, beta=0.8,
-                 kappa=None, cache_size=1):
+                 kappa=None, max_log_scale=MAX_LOG_SCALE, min_derivative=MIN_DERIVATIVE,
+                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         num_hats = check_dim(num_hats, "num_hats")
-        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1)
-        linear = QLFLinear(input_dim, kappa=kappa, cache_size=0)
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1, min_derivative)
+        linear = QLFLinear(input_dim, kappa=kappa, max_log_scale=max_log_scale, cache_size=0)
         coupling = None
         if input_dim > 1:
-            coupling = DualAffineCoupling(input_dim, hidden_dims, num_hats, log_s0, cache_size=0)
-        activation = RQSActivation(input_dim, num_bins, bound, beta, cache_size=0)
+            coupling = DualAffineCoupling(input_dim, hidden_dims, num_hats, log_s0, max_lipschitz,
+                                          cache_size=0)
+        activation = RQSActivation(input_dim, num_bins, bound, beta, min_derivative, cache_size=0)
         ConditionedQLF.__init__(self, linear, coupling, activation, cache_size=cache_size)
 
 
 class ConditionalQLF(ConditionalFlowModule):
     r"""Conditional QLF block: the context enters both coupling conditioners.
 
-    The linear layer and the activation are shared by every context (unconditional), as in the
-    issue's design: the coupling is where a context can act without changing the exact log-det
-    structure.
+    The linear layer and the activation are shared by every context (unconditional): the coupling
+    is where a context can act without changing the exact log-det structure.
 
     Arguments:
         input_dim (int): the event size D.
         context_dim (int): the context size C.
-        hidden_dims, num_hats, num_bins, bound, beta, kappa: as for :class:`QLF`.
+        hidden_dims, num_hats, num_bins, bound, beta, kappa, max_log_scale, min_derivative,
+            max_lipschitz: as for :class:`QLF`.
+        cache_size (int): cache size of the transforms ``condition`` returns (0 or 1).
 
     Example:
         >>> import torch
@@ -743,19 +691,23 @@ class ConditionalQLF(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0,
-                 beta=0.8, kappa=None):
+                 beta=0.8, kappa=None, max_log_scale=MAX_LOG_SCALE, min_derivative=MIN_DERIVATIVE,
+                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
         super().__init__(input_dim, context_dim)
         num_hats = check_dim(num_hats, "num_hats")
-        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, True)
-        self.linear = QLFLinear(self.input_dim, kappa=kappa, cache_size=0)
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, True, min_derivative)
+        self.cache_size = cache_size
+        self.linear = QLFLinear(self.input_dim, kappa=kappa, max_log_scale=max_log_scale, cache_size=0)
         self.coupling = ConditionalDualAffineCoupling(
-            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0, max_lipschitz,
+            cache_size=0
         )
-        self.activation = RQSActivation(self.input_dim, num_bins, bound, beta, cache_size=0)
+        self.activation = RQSActivation(self.input_dim, num_bins, bound, beta, min_derivative,
+                                        cache_size=0)
 
     def _condition(self, context):
         return ConditionedQLF(self.linear, self.coupling.condition(context), self.activation,
-                              context=context)
+                              cache_size=self.cache_size, context=context)
 
 
 def qlf(input_dim, hidden_dims=None, **kwargs):
@@ -769,7 +721,12 @@ def qlf(input_dim, hidden_dims=None, **kwargs):
 
 
 def conditional_qlf(input_dim, context_dim, hidden_dims=None, **kwargs):
-    """A :class:`ConditionalQLF` block; kwargs as for :class:`QLF`."""
+    """A :class:`ConditionalQLF` block; kwargs as for :class:`QLF` (``cache_size`` included).
+
+    Example:
+        >>> import pyro_flows
+        >>> t = pyro_flows.flow("qlf", 2, num_layers=2, context_dim=3, hidden_dims=[16])
+    """
     return ConditionalQLF(input_dim, context_dim, hidden_dims=hidden_dims, **kwargs)
 
 
