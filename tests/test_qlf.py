@@ -184,10 +184,11 @@ def test_coupling_scale_bounds_are_attained():
     z = torch.randn(10, 2, dtype=torch.float64)
     ctx = torch.randn(10, 1, dtype=torch.float64)
     with torch.no_grad():
-        m.nn1.head.weight.zero_()
-        m.nn1.head.bias.fill_(0.0)
+        w, b = m.nn1.layers()[-1]
+        w.zero_()
+        b.fill_(0.0)
         assert torch.allclose(m.nn1(z, ctx)[0].exp(), torch.tensor(math.e, dtype=torch.float64))
-        m.nn1.head.bias.fill_(math.sqrt(3.0))
+        b.fill_(math.sqrt(3.0))
         assert torch.allclose(m.nn1(z, ctx)[0].exp(), torch.tensor(math.exp(H_MIN), dtype=torch.float64))
 
 
@@ -206,15 +207,15 @@ def test_paper_constraints_alone_are_not_contractive():
 def test_activation_is_contractive(scale):
     torch.manual_seed(2)
     act = perturb(RQSActivation(16, num_bins=8, beta=0.9).double(), scale, seed=3)
-    xk, yk, alpha, delta = act.knots()
-    w = xk[:, -1:].max().item()
+    table = act.table()
+    w = act.theta[:, -1].exp().max().item()
     x = torch.linspace(-1.5 * w, 1.5 * w, 20001, dtype=torch.float64).unsqueeze(-1).expand(-1, 16)
-    y, dlog = rqs_forward(x, xk, yk, alpha, delta)
+    y, dlog = rqs_forward(x, table)
     assert dlog.max() <= 1e-12, f"activation derivative {dlog.exp().max().item()} exceeds 1"
     assert (y[1:] > y[:-1]).all(), "activation not strictly increasing"
     # the returned log-derivative is the derivative of the computed map
     xs = x[::997].clone().requires_grad_(True)
-    ys, dls = rqs_forward(xs, xk.detach(), yk.detach(), alpha.detach(), delta.detach())
+    ys, dls = rqs_forward(xs, [col.detach() for col in table])
     (g,) = torch.autograd.grad(ys.sum(), xs)
     assert torch.allclose(g.log(), dls, atol=1e-10)
 
@@ -247,7 +248,7 @@ def test_activation_slope_floor(a):
     # and through the module, with huge raw parameters
     act = perturb(RQSActivation(8, num_bins=6, min_derivative=a).double(), 50.0, seed=4)
     x = torch.linspace(-60, 60, 4001, dtype=torch.float64).unsqueeze(-1).expand(-1, 8)
-    _, dlog = rqs_forward(x, *act.knots())
+    _, dlog = rqs_forward(x, act.table())
     assert dlog.min() >= math.log(2 * a * a / (1 + a)) - 1e-9 and dlog.max() <= 1e-12
 
 
@@ -260,7 +261,7 @@ def test_linear_layer_condition_is_bounded(scale):
     sv = torch.linalg.svdvals(W)
     R = MAX_LOG_SCALE
     assert sv.max() <= kappa * math.exp(R) * (1 + 1e-12) and sv.min() >= kappa * math.exp(-R) * (1 - 1e-12)
-    q = householder_orthogonal(t.reflect)
+    q = householder_orthogonal(t.theta[:, :D])
     assert (q.T @ q - torch.eye(D, dtype=torch.float64)).abs().max() < 1e-12, "Q is orthogonal"
     x = torch.randn(50, D, dtype=torch.float64)
     ld = t.log_abs_det_jacobian(x, t(x))
@@ -270,7 +271,7 @@ def test_linear_layer_condition_is_bounded(scale):
     # the opt-out: no bound on the scales
     u = QLFLinear(D, max_log_scale=None).double()
     with torch.no_grad():
-        u.log_scale_raw.fill_(10.0)
+        u.theta[:, D] = 10.0
     assert torch.allclose(torch.linalg.svdvals(u.weight()), torch.full((D,), math.exp(10.0), dtype=torch.float64))
 
 

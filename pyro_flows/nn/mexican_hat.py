@@ -93,7 +93,9 @@ class MexicanHatNN(nn.Module):
     and ``t = w_t phi + b_t`` (tanh features in ``[-1, 1]``: ``|t| <= ||w_t||_1 + |b_t|`` whatever
     the input). ``w_m``, ``w_t`` and ``b_t`` start at zero and ``b_m`` at :func:`mexican_hat_biases`
     of ``log_scale_init``, so the network starts constant, ``(log_scale_init, 0)``. The ``M`` hat
-    weights and the shift read-out are one matrix, applied with one matmul.
+    weights and the shift read-out are one matrix, applied with one matmul, and all weights and
+    biases live in one parameter tensor ``params`` (:meth:`layers` gives the views): one tensor
+    for the optimiser to update instead of six.
 
     Arguments:
         in_features (int): size of the conditioning input (other half, plus the context if any).
@@ -131,33 +133,37 @@ class MexicanHatNN(nn.Module):
             raise ValueError("hidden_dims must name at least one hidden layer, got []")
         self.num_hats = num_hats
         self.out_features = out_features
-        self.linears = nn.ModuleList()
-        prev = in_features
-        for h in hidden_dims:
-            self.linears.append(nn.Linear(prev, h))
-            prev = h
-        # rows: M * out hat pre-activations (hat-major), then out shifts
-        self.head = nn.Linear(prev, (num_hats + 1) * out_features)
-        nn.init.zeros_(self.head.weight)
+        dims = [in_features] + hidden_dims + [(num_hats + 1) * out_features]
+        self._shapes = list(zip(dims[1:], dims[:-1]))  # (out, in) per layer
+        # one parameter tensor: per layer the weight (row-major), then the bias
+        chunks = []
+        for out, inp in self._shapes[:-1]:  # hidden layers: nn.Linear's default initialisation
+            bound = 1 / math.sqrt(inp)
+            chunks += [torch.empty(out * inp).uniform_(-bound, bound), torch.empty(out).uniform_(-bound, bound)]
+        out, inp = self._shapes[-1]  # read-out: zero weights, hat biases, zero shift bias
         biases = torch.tensor(mexican_hat_biases(float(log_scale_init), num_hats))
-        with torch.no_grad():
-            self.head.bias.zero_()
-            self.head.bias[: num_hats * out_features] = biases.repeat_interleave(out_features)
+        chunks += [torch.zeros(out * inp), biases.repeat_interleave(out_features), torch.zeros(out_features)]
+        self.params = nn.Parameter(torch.cat(chunks))
+
+    def layers(self):
+        """The ``(weight, bias)`` of each layer, as views of the one parameter tensor."""
+        sizes = [n for out, inp in self._shapes for n in (out * inp, out)]
+        flat = self.params.split(sizes)
+        return [(flat[2 * i].view(out, inp), flat[2 * i + 1]) for i, (out, inp) in enumerate(self._shapes)]
 
     def forward(self, z, context=None):
         if context is not None:
             z = torch.cat([z, context], dim=-1)
-        first = self.linears[0]
-        w = first.weight
+        layers = self.layers()
+        w, b = layers[0]
         if self.max_lipschitz is not None:
-            weights = [lin.weight for lin in self.linears] + [self.head.weight]
-            norms = torch.stack(torch._foreach_norm(weights))
             c = self.max_lipschitz
+            norms = torch.stack([torch.linalg.vector_norm(lw) for lw, _ in layers])
             w = w * (c / norms.prod().clamp(min=c))  # no inf/NaN while the read-out is still 0
-        phi = torch.tanh(F.linear(z, w, first.bias))
-        for lin in self.linears[1:]:
-            phi = torch.tanh(lin(phi))
-        out = self.head(phi)
+        phi = torch.tanh(F.linear(z, w, b))
+        for w, b in layers[1:-1]:
+            phi = torch.tanh(F.linear(phi, w, b))
+        out = F.linear(phi, *layers[-1])
         m, o = self.num_hats, self.out_features
         pre, shift = out.split([m * o, o], dim=-1)
         hats = mexican_hat(pre.unflatten(-1, (m, o)))

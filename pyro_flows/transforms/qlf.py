@@ -130,7 +130,7 @@ __all__ = [
     "ConditionalQLF",
     "qlf",
     "conditional_qlf",
-    "rqs_knots",
+    "rqs_table",
     "rqs_forward",
     "rqs_inverse",
 ]
@@ -186,10 +186,11 @@ def householder_orthogonal(reflect: torch.Tensor) -> torch.Tensor:
     d = reflect.shape[-1]
     eye = torch.eye(d, dtype=reflect.dtype, device=reflect.device)
     v = reflect.tril(-1) + eye
-    s = (v.transpose(-1, -2) @ v).triu()
-    s = s - 0.5 * s * eye  # halve the diagonal
-    tv = torch.linalg.solve_triangular(s, v.transpose(-1, -2), upper=True)
-    return v @ tv - eye
+    vt = v.transpose(-1, -2)
+    g = vt @ v
+    s = torch.addcmul(g.triu(), g, eye, value=-0.5)  # triu(V^T V) with the diagonal halved
+    tv = torch.linalg.solve_triangular(s, vt, upper=True)
+    return torch.addmm(eye, v, tv, beta=-1)
 
 
 class ConditionedQLFLinear(FlowTransform):
@@ -218,7 +219,7 @@ class ConditionedQLFLinear(FlowTransform):
     def _inverse_and_ladj(self, y):
         q, log_scale, bias = self._factors()
         # W^{-1} = diag(exp(-log_scale)) Q^T, so x = (y - b) @ (Q diag(exp(-log_scale)))
-        x = (y - bias) @ (q * (-log_scale).exp())
+        x = (y - bias) @ (q / log_scale.exp())
         return x, log_scale.sum().expand(y.shape[:-1])
 
     def _log_abs_det_jacobian(self, x, y):
@@ -229,11 +230,12 @@ class QLFLinear(ConditionedQLFLinear, TransformModule):
     r"""Invertible linear map ``y = Q diag(sigma) x + b`` (f_lin of a QLF block), initialised to
     ``kappa * I``, with condition number at most ``exp(2 R)`` for any parameter values.
 
-    ``Q`` is a product of ``D`` Householder reflections (orthogonal for any parameters, ``I`` at
-    init), ``log sigma = log kappa + R tanh(raw / R)`` lies in ``[log kappa - R, log kappa + R]``
+    ``Q`` is (minus) a product of ``D`` Householder reflections (orthogonal for any parameters,
+    ``I`` at init, see :func:`householder_orthogonal`), ``log sigma = log kappa + R tanh(raw / R)`` lies in ``[log kappa - R, log kappa + R]``
     (``R = max_log_scale``), so the singular values of ``W`` are ``sigma`` and the log-det is
     ``sum(log sigma)``. The inverse is ``diag(1 / sigma) Q^T (y - b)``: both directions cost one
-    ``D x D`` matrix (built once per call) and one matmul.
+    ``D x D`` matrix (built once per call) and one matmul. The parameters are one tensor ``theta``
+    of shape ``(D, D + 2)``: reflection vectors (strict lower part), raw log-scales, bias.
 
     Arguments:
         input_dim (int): the event size D.
@@ -257,15 +259,16 @@ class QLFLinear(ConditionedQLFLinear, TransformModule):
         super().__init__(input_dim, self._get_params, cache_size=cache_size)
         self.log_kappa = math.log(kappa)
         self.max_log_scale = _check_max_log_scale(max_log_scale)
-        self.reflect = nn.Parameter(torch.zeros(input_dim, input_dim))  # strict lower part used
-        self.log_scale_raw = nn.Parameter(torch.zeros(input_dim))
-        self.bias = nn.Parameter(torch.zeros(input_dim))
+        # one tensor: reflection vectors (strict lower part of the first D columns), raw
+        # log-scales, bias
+        self.theta = nn.Parameter(torch.zeros(input_dim, input_dim + 2))
 
     def _get_params(self):
-        r = self.max_log_scale
-        raw = self.log_scale_raw
-        log_scale = self.log_kappa + (raw if r is None else r * torch.tanh(raw / r))
-        return self.reflect, log_scale, self.bias
+        d, r = self.input_dim, self.max_log_scale
+        reflect, raw, bias = self.theta.split([d, 1, 1], dim=-1)
+        raw = raw.squeeze(-1)
+        log_scale = (raw if r is None else r * torch.tanh(raw / r)) + self.log_kappa
+        return reflect, log_scale, bias.squeeze(-1)
 
 
 # =================================================================================================
@@ -403,110 +406,101 @@ def _logit(p):
     return math.log(p / (1 - p))
 
 
-def rqs_knots(theta_x, theta_y, theta_a, log_width, min_derivative=MIN_DERIVATIVE):
-    """Knots of the activation from raw parameters (shapes ``(D, K)``, ``(D, K)``, ``(D, K+1)``, ``(D,)``).
+def rqs_table(theta, min_derivative=MIN_DERIVATIVE):
+    """Per-bin table of the activation from raw parameters ``theta`` of shape ``(D, 3K + 2)``.
 
-    Returns ``(xk, yk, alpha, delta)``: knot positions ``(D, K+1)`` in x and y, knot derivatives
-    ``(D, K+1)`` in ``(a, 1)``, bin slopes ``(D, K)`` in ``(a, (1 + min(alpha_k, alpha_{k+1})) / 2)``
-    with ``a = min_derivative``.
+    ``theta`` holds, per coordinate, ``K`` bin-width logits, ``K`` bin-slope logits, ``K + 1``
+    knot-derivative logits and the log half-width of the box. Returns eight ``(D, K + 2)`` tensors:
+    bins ``1 .. K`` are the spline's, bins ``0`` and ``K + 1`` the linear tails (an RQ bin whose slope
+    and knot derivatives all equal the boundary derivative is exactly linear, for any position, so
+    the tails need no separate branch). They are: left edge ``x0``, inverse width ``1/w``, bottom
+    ``y0``, height ``h``, bin slope ``d``, left knot derivative ``a0``, ``e2 = 2 (d - a0)`` and
+    ``c = a0 + a1 - 2 d`` (``e2`` and ``c`` exactly 0 in the tails).
     """
     a = min_derivative
-    K = theta_x.shape[-1]
-    width = log_width.exp().unsqueeze(-1)  # half-width of the box
-    frac = _MIN_BIN_WIDTH + (1 - _MIN_BIN_WIDTH * K) * torch.softmax(theta_x, dim=-1)
-    dx = 2 * width * frac
-    alpha = a + (1 - a) * torch.sigmoid(theta_a)
-    cap = 0.5 * (1 + torch.minimum(alpha[..., :-1], alpha[..., 1:]))
-    delta = a + (cap - a) * torch.sigmoid(theta_y)
-    dy = delta * dx
-    xk = F.pad(torch.cumsum(dx, -1), (1, 0)) - width
-    xk = torch.cat([xk[..., :-1], width], dim=-1)  # the last knot exactly at +w
-    yk = F.pad(torch.cumsum(dy, -1), (1, 0))
-    yk = yk - 0.5 * yk[..., -1:]
-    return xk, yk, alpha, delta
+    K = (theta.shape[-1] - 2) // 3
+    tx, ty, ta, log_width = theta.split([K, K, K + 1, 1], dim=-1)
+    width = log_width.exp()  # half-width of the box, (D, 1)
+    frac = torch.softmax(tx, dim=-1)
+    alpha = torch.sigmoid(ta).mul(1 - a).add(a)  # knot derivatives in (a, 1)
+    lo, hi = alpha[..., :1], alpha[..., -1:]
+    half_cap = torch.minimum(alpha[..., :-1], alpha[..., 1:])  # cap = (1 + half_cap) / 2
+    delta = torch.addcmul(torch.full_like(half_cap, a), half_cap.add(1 - 2 * a), torch.sigmoid(ty), value=0.5)
+    # extended bins: left tail, K spline bins, right tail (the tails are one box half-width wide);
+    # spline bins are at least _MIN_BIN_WIDTH of the box wide
+    dx = torch.cat([width, frac.mul(2 * (1 - _MIN_BIN_WIDTH * K)).add(2 * _MIN_BIN_WIDTH) * width, width], -1)
+    d = torch.cat([lo, delta, hi], dim=-1)
+    knots = torch.cat([lo, alpha, hi], dim=-1)
+    a0, a1 = knots[..., :-1], knots[..., 1:]
+    dy = d * dx
+    cx, cy = torch.cumsum(dx, -1), torch.cumsum(dy, -1)
+    x0 = torch.add(cx - dx, width, alpha=-2)  # the box is [-w, w]
+    y0 = torch.add(cy - dy, cy[..., -1:], alpha=-0.5)  # centred: beta * x when every slope is beta
+    e2 = torch.add(d, a0, alpha=-1).mul(2)
+    c = torch.add(a0 + a1, d, alpha=-2)
+    return x0, dx.reciprocal(), y0, dy, d, a0, e2, c
 
 
-def _gather(t, idx):
-    return torch.gather(t, 1, idx)
+def _bins(v, edges, table):
+    """The table entries of the bins of ``v`` (``(N, D)``), given the bins' left edges ``(D, K + 2)``."""
+    D, nb = edges.shape
+    idx = (v.unsqueeze(-1) >= edges[:, 1:]).sum(-1)  # 0 .. K + 1
+    idx = idx + torch.arange(0, D * nb, nb, device=v.device)
+    return [torch.take(col, idx) for col in table]
 
 
-def rqs_forward(x, xk, yk, alpha, delta):
-    """Activation and log-derivative at ``x`` (``(N, D)``); knots as from :func:`rqs_knots`."""
-    xt = x.transpose(0, 1)  # (D, N)
-    K = delta.shape[-1]
-    lo, hi = xk[:, :1], xk[:, -1:]
-    xc = torch.minimum(torch.maximum(xt, lo), hi)
-    idx = (torch.searchsorted(xk.contiguous(), xc.contiguous()) - 1).clamp(0, K - 1)
-    x0, w = _gather(xk[:, :-1], idx), _gather(xk[:, 1:] - xk[:, :-1], idx)
-    y0, h = _gather(yk[:, :-1], idx), _gather(yk[:, 1:] - yk[:, :-1], idx)
-    a0, a1, d = _gather(alpha[:, :-1], idx), _gather(alpha[:, 1:], idx), _gather(delta, idx)
-    xi = ((xc - x0) / w).clamp(0, 1)
-    s = xi * (1 - xi)
-    den = d + (a0 + a1 - 2 * d) * s
-    y_in = y0 + h * (d * xi * xi + a0 * s) / den
-    dlog_in = 2 * torch.log(d) + torch.log(a1 * xi * xi + 2 * d * s + a0 * (1 - xi) ** 2) \
-        - 2 * torch.log(den)
-    a_lo, a_hi = alpha[:, :1], alpha[:, -1:]
-    below, above = xt < lo, xt > hi
-    y = torch.where(below, yk[:, :1] + a_lo * (xt - lo),
-                    torch.where(above, yk[:, -1:] + a_hi * (xt - hi), y_in))
-    dlog = torch.where(below, torch.log(a_lo).expand_as(xt),
-                       torch.where(above, torch.log(a_hi).expand_as(xt), dlog_in))
-    return y.transpose(0, 1), dlog.transpose(0, 1)
+def _log_derivative(xi, d, a0, e2, c, den):
+    """``log f'`` from ``f' = d^2 (a0 + e2 xi + c xi^2) / den^2``, exact (``log d``) in the tails."""
+    n2 = torch.addcmul(a0, xi, torch.addcmul(e2, c, xi))
+    return torch.log(n2 * (d / den).square())
 
 
-def rqs_inverse(y, xk, yk, alpha, delta):
+def rqs_forward(x, table):
+    """Activation and log-derivative at ``x`` (``(N, D)``); ``table`` from :func:`rqs_table`."""
+    x0, iw, y0, h, d, a0, e2, c = _bins(x, table[0], table)
+    xi = (x - x0) * iw
+    s = torch.addcmul(xi, xi, xi, value=-1)  # xi (1 - xi)
+    den = torch.addcmul(d, c, s)
+    y = torch.addcdiv(y0, h * xi * torch.addcmul(a0, e2, xi, value=0.5), den)
+    return y, _log_derivative(xi, d, a0, e2, c, den)
+
+
+def rqs_inverse(y, table):
     """Inverse activation at ``y`` (``(N, D)``) and the forward log-derivative at the result."""
-    yt = y.transpose(0, 1)
-    K = delta.shape[-1]
-    lo, hi = yk[:, :1], yk[:, -1:]
-    yc = torch.minimum(torch.maximum(yt, lo), hi)
-    idx = (torch.searchsorted(yk.contiguous(), yc.contiguous()) - 1).clamp(0, K - 1)
-    x0, w = _gather(xk[:, :-1], idx), _gather(xk[:, 1:] - xk[:, :-1], idx)
-    y0, h = _gather(yk[:, :-1], idx), _gather(yk[:, 1:] - yk[:, :-1], idx)
-    a0, a1, d = _gather(alpha[:, :-1], idx), _gather(alpha[:, 1:], idx), _gather(delta, idx)
-    r = (yc - y0).clamp(min=0)
-    rho = a0 + a1 - 2 * d
-    qa = h * (d - a0) + r * rho
-    qb = h * a0 - r * rho
-    qc = -d * r
-    disc = (qb * qb - 4 * qa * qc).clamp(min=0)
-    xi = ((2 * qc) / (-qb - torch.sqrt(disc))).clamp(0, 1)
-    s = xi * (1 - xi)
-    den = d + rho * s
-    x_in = x0 + xi * w
-    dlog_in = 2 * torch.log(d) + torch.log(a1 * xi * xi + 2 * d * s + a0 * (1 - xi) ** 2) \
-        - 2 * torch.log(den)
-    a_lo, a_hi = alpha[:, :1], alpha[:, -1:]
-    below, above = yt < lo, yt > hi
-    x = torch.where(below, xk[:, :1] + (yt - lo) / a_lo,
-                    torch.where(above, xk[:, -1:] + (yt - hi) / a_hi, x_in))
-    dlog = torch.where(below, torch.log(a_lo).expand_as(yt),
-                       torch.where(above, torch.log(a_hi).expand_as(yt), dlog_in))
-    return x.transpose(0, 1), dlog.transpose(0, 1)
+    x0, iw, y0, h, d, a0, e2, c = _bins(y, table[2], table)
+    r = y - y0
+    qa = torch.addcmul(h * e2, r, c, value=2)  # 2 qa
+    qb = torch.addcmul(h * a0, r, c, value=-1)
+    rd = r * d  # qc = -r d
+    disc = torch.addcmul(qb * qb, qa, rd, value=2).clamp(min=0)  # qb^2 - 4 qa qc
+    xi = torch.div(rd + rd, qb + disc.sqrt())  # the cancellation-free root
+    s = torch.addcmul(xi, xi, xi, value=-1)
+    den = torch.addcmul(d, c, s)
+    x = torch.addcdiv(x0, xi, iw)
+    return x, _log_derivative(xi, d, a0, e2, c, den)
 
 
 class ConditionedRQSActivation(FlowTransform):
-    """Elementwise spline activation with raw parameters from
-    ``params() -> (theta_x, theta_y, theta_a, log_width)``; see :class:`RQSActivation`."""
+    """Elementwise spline activation with raw parameters ``params() -> theta`` (``(D, 3K + 2)``,
+    see :func:`rqs_table`); see :class:`RQSActivation`."""
 
     def __init__(self, input_dim, params, min_derivative=MIN_DERIVATIVE, cache_size=1, context=None):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         self._params = params
         self.min_derivative = _check_min_derivative(min_derivative)
 
-    def knots(self):
-        """``(xk, yk, alpha, delta)``, see :func:`rqs_knots`."""
-        return rqs_knots(*self._params(), min_derivative=self.min_derivative)
+    def table(self):
+        """The per-bin table, see :func:`rqs_table`."""
+        return rqs_table(self._params(), self.min_derivative)
 
     def _call_and_ladj(self, x):
         flat = x.reshape(-1, self.input_dim)
-        y, dlog = rqs_forward(flat, *self.knots())
+        y, dlog = rqs_forward(flat, self.table())
         return y.reshape(x.shape), dlog.sum(-1).reshape(x.shape[:-1])
 
     def _inverse_and_ladj(self, y):
         flat = y.reshape(-1, self.input_dim)
-        x, dlog = rqs_inverse(flat, *self.knots())
+        x, dlog = rqs_inverse(flat, self.table())
         return x.reshape(y.shape), dlog.sum(-1).reshape(y.shape[:-1])
 
 
@@ -517,14 +511,15 @@ class RQSActivation(ConditionedRQSActivation, TransformModule):
     ``(a, 1)``, bin slopes in ``(a, (1 + min(alpha_k, alpha_{k+1})) / 2)`` with
     ``a = min_derivative``, so that the derivative lies in ``[a^3, 1]`` for any parameters (see the
     module docstring), linear tails outside the box with the boundary derivative as slope, analytic
-    inverse. Starts as ``x -> beta * x``.
+    inverse. Starts as ``x -> beta * x``. The raw parameters are one tensor ``theta`` of shape
+    ``(D, 3K + 2)`` (see :func:`rqs_table`).
 
     Arguments:
         input_dim (int): the event size D.
         num_bins (int): bins per coordinate, K (default 8; the paper uses 16).
         bound (float): initial half-width ``w`` of the box (default 3).
         beta (float): the initial slope, in ``(a, 1)`` (default 0.8).
-        min_derivative (float): ``a``, in ``(0, 0.5)`` (default 0.1).
+        min_derivative (float): ``a``, in ``(0, 0.5)`` (default 0.2).
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -544,14 +539,18 @@ class RQSActivation(ConditionedRQSActivation, TransformModule):
         beta = _check_beta(beta, a)
         super().__init__(input_dim, self._get_params, min_derivative=a, cache_size=cache_size)
         self.num_bins = num_bins
-        self.theta_x = nn.Parameter(torch.zeros(input_dim, num_bins))
+        K = num_bins
         # all slopes beta: alpha = beta, and delta = beta with cap = (1 + beta) / 2
-        self.theta_y = nn.Parameter(torch.full((input_dim, num_bins), _logit((beta - a) / ((1 + beta) / 2 - a))))
-        self.theta_a = nn.Parameter(torch.full((input_dim, num_bins + 1), _logit((beta - a) / (1 - a))))
-        self.log_width = nn.Parameter(torch.full((input_dim,), math.log(bound)))
+        init = torch.cat([
+            torch.zeros(K),
+            torch.full((K,), _logit((beta - a) / ((1 + beta) / 2 - a))),
+            torch.full((K + 1,), _logit((beta - a) / (1 - a))),
+            torch.full((1,), math.log(bound)),
+        ])
+        self.theta = nn.Parameter(init.repeat(input_dim, 1))
 
     def _get_params(self):
-        return self.theta_x, self.theta_y, self.theta_a, self.log_width
+        return self.theta
 
 
 def _check_beta(beta, min_derivative=MIN_DERIVATIVE):
