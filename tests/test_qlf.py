@@ -16,24 +16,6 @@ import math
 import pyro.distributions as dist
 import pytest
 import torch
-
-import pyro_flows
-from pyro_flows.datasets import ENTROPY, toy_sample
-from pyro_flows.nn.mexican_hat import H_MIN, MexicanHatNN, mexican_hat, mexican_hat_biases
-from pyro_flows.transforms.qlf import (
-    MAX_LIPSCHITZ,
-    MAX_LOG_SCALE,
-    MIN_DERIVATIVE,
-    QLF,
-    ConditionalDualAffineCoupling,
-    ConditionalQLF,
-    DualAffineCoupling,
-    QLFLinear,
-    RQSActivation,
-    householder_orthogonal,
-    rqs_forward,
-)
-
 from conformance import (
     Case,
     check_bad_input,
@@ -44,6 +26,27 @@ from conformance import (
     check_persistence,
     check_shapes,
     perturb,
+)
+
+import pyro_flows
+from pyro_flows.datasets import ENTROPY, toy_sample
+from pyro_flows.nn.mexican_hat import (
+    H_MIN,
+    MexicanHatNN,
+    mexican_hat,
+    mexican_hat_biases,
+)
+from pyro_flows.transforms.qlf import (
+    MAX_LOG_SCALE,
+    MIN_DERIVATIVE,
+    QLF,
+    ConditionalDualAffineCoupling,
+    ConditionalQLF,
+    DualAffineCoupling,
+    QLFLinear,
+    RQSActivation,
+    householder_orthogonal,
+    rqs_forward,
 )
 
 PART_CASES = [

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..validation import check_dim
 
-__all__ = ["H_MIN", "mexican_hat", "mexican_hat_biases", "log_scale_range", "MexicanHatNN"]
+__all__ = ["H_MIN", "MexicanHatNN", "log_scale_range", "mexican_hat", "mexican_hat_biases"]
 
 #: range of the Mexican hat h(u) = (1 - u^2) exp(-u^2/2): [H_MIN, 1], H_MIN = h(sqrt 3)
 H_MIN = -2.0 * math.exp(-1.5)

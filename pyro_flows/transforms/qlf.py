@@ -10,13 +10,15 @@ their own (:class:`QLFLinear`, :class:`DualAffineCoupling` / :class:`Conditional
 single log-det. Every map below is computed in closed form (no iterative solver): the log-det is the
 exact log-det of the map computed and the inverse is analytic, for any parameter values.
 
-**f_lin** (:class:`QLFLinear`): ``y = L U x + b`` with ``L`` unit lower triangular, ``U`` upper
-triangular with diagonal ``exp(log_diag)`` (positive for any raw value, so the map is invertible for
-any parameters), log-det ``sum(log_diag)``, inverse by two triangular solves. The paper uses a
-(strided) invertible convolution initialised to ``kappa * I``; for vectors that is a ``D x D`` matrix.
-We use a PLU form without a permutation (``P = I``) because the initial value must be exactly
-``kappa * I``; a bias ``b`` (initialised to 0) is added so a block can also translate (the paper's
-multi-scale image model gets that from its coupling shifts only).
+**f_lin** (:class:`QLFLinear`): ``y = Q diag(sigma) x + b``. The paper uses a (strided) invertible
+convolution initialised to ``kappa * I``; for vectors that is a ``D x D`` matrix. An LU form can
+start there too, but its condition number is unbounded (1e11 after moderate parameter moves, and
+then the inverse is silently wrong), so ``Q`` is orthogonal, minus a product of ``D`` Householder
+reflections built in one pass (:func:`householder_orthogonal`, ``I`` at init), and
+``log sigma = log kappa + R tanh(raw / R)``: the singular values are ``sigma``, in
+``kappa [e^-R, e^R]``, for any parameters (``R = max_log_scale``, default 1; ``None`` opts out).
+Log-det ``sum(log sigma)``; inverse ``diag(1 / sigma) Q^T (y - b)``, as cheap as the forward. A bias
+``b`` (initialised to 0) lets a block translate.
 
 **f_aff** (:class:`DualAffineCoupling`): with ``x = (x1, x2)``, ``x1`` the first ``r = max(1, D // 2)``
 coordinates, ``y1 = s1(x2) * x1 + t1(x2)`` then ``y2 = s2(y1) * x2 + t2(y1)`` (paper Eq. 14), so no
@@ -33,7 +35,11 @@ and ``b_t`` start at zero, so the coupling starts as the linear map ``x -> s0 * 
 not say how the ``M`` biases are initialised beyond "the blockwise volume-preserving rule": equal
 biases would stay equal forever (identical gradients, ``w_m`` start at 0), so we use
 ``b_m = c * (0.8 ... 1.2)`` (spread evenly) with ``c`` found by bisection such that
-``mean_m h(b_m) = log s0`` (all ``b_m`` on the decreasing branch ``[0, sqrt 3]`` of ``h``). The
+``mean_m h(b_m) = log s0`` (all ``b_m`` on the decreasing branch ``[0, sqrt 3]`` of ``h``). Each
+conditioner's first weight is scaled by ``min(1, c / prod_l ||W_l||_F)`` (``c = max_lipschitz``,
+default 100; inactive at init), so ``t`` is ``c``-Lipschitz and ``log s`` ``1.39 c``-Lipschitz for any
+parameters (:class:`~pyro_flows.nn.mexican_hat.MexicanHatNN`); without it, large weights make the
+coupling's off-diagonal Jacobian, and with it the inverse's error, grow without bound. The
 conditional variant feeds ``cat(x_other, context)`` to both conditioners (the context is broadcast
 against the input batch both ways); the linear layer and the activation stay unconditional.
 For ``D = 1`` the second half is empty: the conditional coupling is then an affine map of the
@@ -42,12 +48,15 @@ the whole initial expansion into ``kappa``.
 
 **f_act** (:class:`RQSActivation`): an elementwise monotone rational-quadratic spline (Gregory &
 Delbourgo; Durkan et al.) with ``K`` bins per coordinate on a box ``[-w, w]`` (``w = exp(log_width)``
-learnable, paper appendix C), knot derivatives ``alpha_i`` in ``(0, 1)`` (sigmoid, Eq. 32), bin widths
-from a softmax (Eq. 27, with a minimum bin width ``1e-3 * 2w`` so float32 stays safe), and bin slopes
-``delta_k = Delta y_k / Delta x_k`` from a sigmoid (Eq. 28). Outside the box the activation is linear
-with the boundary knot's derivative (continuous derivative); the y-range is centred so that the
-spline is ``beta * x`` when all slopes equal ``beta``. Evaluation per bin is Eq. 16-17 and the inverse
-solves the bin's quadratic with the cancellation-free root ``2c / (-b - sqrt(b^2 - 4ac))``.
+learnable, paper appendix C), knot derivatives ``alpha_i`` in ``(a, 1)`` (sigmoid, Eq. 32; ``a =
+min_derivative``, default 0.2), bin widths from a softmax (Eq. 27, with a minimum bin width
+``1e-3 * 2w`` so float32 stays safe), and bin slopes ``delta_k = Delta y_k / Delta x_k`` in
+``(a, cap_k)`` from a sigmoid (Eq. 28). Outside the box the activation is linear with the boundary
+knot's derivative (continuous derivative); the tails are evaluated as two more RQ bins whose slope
+and knot derivatives are all that derivative (such a bin is exactly linear), so one bin lookup and
+one formula serve every input. The y-range is centred so that the spline is ``beta * x`` when all
+slopes equal ``beta``. Evaluation per bin is Eq. 16-17 and the inverse solves the bin's quadratic with
+the cancellation-free root ``2c / (-b - sqrt(b^2 - 4ac))``.
 
 *Contractivity.* The paper claims ``alpha_i, delta_k in (0, 1)`` make ``d f_act / dx <= 1``. That is
 false: with ``delta = 1`` and ``alpha_k = alpha_{k+1} -> 0`` the derivative at the bin centre tends to
@@ -72,6 +81,25 @@ and on random and extreme parameters. The cap is tight where both knot derivativ
 
 The tails have slopes ``alpha_0, alpha_K < 1``. The bound is what the paper's stability argument
 needs; it plays no role in exactness.
+
+*Slope floor.* With knot derivatives and slopes above ``a``: ``f' = delta^2 N / den^2`` where ``N``
+(weights ``xi^2, 2 xi (1 - xi), (1 - xi)^2``) and ``den`` (weights ``1 - 2s, 2s``) are convex
+combinations of values in ``[a, 1]``, so ``f' >= delta^2 a >= a^3`` (proven); the infimum over the
+parameterisation is ``2 a^2 / (1 + a)`` (``alpha = 1``, ``delta = a``, bin centre; on a grid, tested):
+0.067 at the default ``a = 0.2``.
+
+**Bounds for any parameter values** (per block, ``D`` coordinates; ``R``, ``c``, ``a`` as above):
+the linear map has condition number ``<= e^{2R}`` (``e^2`` by default); the coupling's diagonal
+slopes lie in ``[0.640, 2.718]`` and its conditioners are Lipschitz as stated; the activation's
+slopes lie in ``[a^3, 1]`` (proven; ``[2 a^2 / (1 + a), 1]`` on the grid). So the block's log-det
+lies in ``D [log kappa - R + H_MIN + 3 log a, log kappa + R + 1]`` (``H_MIN = -0.446``),
+whatever ``num_bins``, ``hidden_dims`` or the number of blocks. At default sizes with every
+parameter moved by ``s * N(0, 1)`` (``s`` in {2, 5}, ``D`` in {5, 8, 16}, 4 blocks, inputs
+``1.5 N(0, 1)``), float64 reconstruction errors stay below ``1e-6`` (tested; at most 3e-7
+seen). Against the previous unbounded defaults (LU linear layer, floor ``1e-3``, no Lipschitz
+bound), test NLL at equal steps was 0.02 nats better on checkerboard and far better on
+``breast_cancer`` (the unbounded version overfits into huge test NLL); ``max_log_scale=None, min_derivative=1e-3, max_lipschitz=None``
+restores unbounded conditioning.
 
 Pyro's ``_monotonic_rational_spline`` cannot be reused: it fixes the box to ``[-B, B]^2`` with identity
 tails and boundary derivatives 1 and builds its knots from raw parameters internally, whereas here
@@ -118,21 +146,21 @@ from ..validation import broadcast_context, check_dim
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = [
-    "ConditionedQLFLinear",
-    "QLFLinear",
-    "ConditionedDualAffineCoupling",
-    "DualAffineCoupling",
-    "ConditionalDualAffineCoupling",
-    "ConditionedRQSActivation",
-    "RQSActivation",
-    "ConditionedQLF",
     "QLF",
+    "ConditionalDualAffineCoupling",
     "ConditionalQLF",
-    "qlf",
+    "ConditionedDualAffineCoupling",
+    "ConditionedQLF",
+    "ConditionedQLFLinear",
+    "ConditionedRQSActivation",
+    "DualAffineCoupling",
+    "QLFLinear",
+    "RQSActivation",
     "conditional_qlf",
-    "rqs_table",
+    "qlf",
     "rqs_forward",
     "rqs_inverse",
+    "rqs_table",
 ]
 
 #: default half-range R of the linear layer's log-scales around log(kappa): cond(W) <= exp(2R)
