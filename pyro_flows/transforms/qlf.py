@@ -472,7 +472,8 @@ def rqs_table(theta, min_derivative=MIN_DERIVATIVE):
 def _bins(v, edges, table):
     """The table entries of the bins of ``v`` (``(N, D)``), given the bins' left edges ``(D, K + 2)``."""
     D, nb = edges.shape
-    idx = (v.unsqueeze(-1) >= edges[:, 1:]).sum(-1)  # 0 .. K + 1
+    # bins 0 .. K + 1: the number of inner edges <= v (searchsorted wants the event dim first)
+    idx = torch.searchsorted(edges[:, 1:].contiguous(), v.t().contiguous(), right=True).t()
     idx = idx + torch.arange(0, D * nb, nb, device=v.device)
     return [torch.take(col, idx) for col in table]
 
