@@ -1,10 +1,12 @@
-"""Tests of the QLF family (issue 7) beyond the shared conformance suite.
+"""Tests of the QLF family beyond the shared conformance suite.
 
 * the three exposed parts (and the conditional block built by hand) pass the conformance checks;
 * blockwise volume-preserving initialisation: each block starts as the identity with log-det 0, split
   as ``D log kappa + D log s0 + D log beta``;
-* the coupling scales stay in ``[0.640, 2.718]`` for any parameters, the activation is contractive
-  (derivative ``<= 1``) and the paper's unconstrained parameterisation is not;
+* bounds for any parameters: the coupling scales stay in ``[0.640, 2.718]`` and its conditioners are
+  ``c``-Lipschitz, the linear layer's singular values lie in ``kappa [e^-R, e^R]``, the activation's
+  derivative in ``[a^3, 1]`` (the paper's unconstrained parameterisation is not contractive);
+* at default sizes with every parameter moved by ``s * N(0, 1)`` the inverse reconstructs;
 * argument errors, ``D = 1``;
 * a short 2-D density fit (slow).
 """
@@ -14,22 +16,6 @@ import math
 import pyro.distributions as dist
 import pytest
 import torch
-
-import pyro_flows
-from pyro_flows.datasets import ENTROPY, toy_sample
-from pyro_flows.transforms.qlf import (
-    H_MIN,
-    QLF,
-    ConditionalDualAffineCoupling,
-    ConditionalQLF,
-    DualAffineCoupling,
-    QLFLinear,
-    RQSActivation,
-    mexican_hat,
-    mexican_hat_biases,
-    rqs_forward,
-)
-
 from conformance import (
     Case,
     check_bad_input,
@@ -40,6 +26,27 @@ from conformance import (
     check_persistence,
     check_shapes,
     perturb,
+)
+
+import pyro_flows
+from pyro_flows.datasets import ENTROPY, toy_sample
+from pyro_flows.nn.mexican_hat import (
+    H_MIN,
+    MexicanHatNN,
+    mexican_hat,
+    mexican_hat_biases,
+)
+from pyro_flows.transforms.qlf import (
+    MAX_LOG_SCALE,
+    MIN_DERIVATIVE,
+    QLF,
+    ConditionalDualAffineCoupling,
+    ConditionalQLF,
+    DualAffineCoupling,
+    QLFLinear,
+    RQSActivation,
+    householder_orthogonal,
+    rqs_forward,
 )
 
 PART_CASES = [
@@ -89,21 +96,22 @@ def test_one_dimensional_blocks_exact(case, scale):
 def test_blockwise_volume_preserving_init(beta, kappa):
     torch.manual_seed(0)
     D = 5
+    a = min(MIN_DERIVATIVE, beta / 2)
     # float32 storage of the initial values costs ~1e-7 of log-det; exact when built in float64
-    block32 = QLF(D, hidden_dims=[16], beta=beta, kappa=kappa)
+    block32 = QLF(D, hidden_dims=[16], beta=beta, kappa=kappa, min_derivative=a)
     x32 = 2.0 * torch.randn(200, D)
     assert block32.log_abs_det_jacobian(x32, block32(x32)).abs().max() < 1e-5
     torch.set_default_dtype(torch.float64)  # restored by the conftest fixture
-    block = QLF(D, hidden_dims=[16], beta=beta, kappa=kappa)
+    block = QLF(D, hidden_dims=[16], beta=beta, kappa=kappa, min_derivative=a)
     x = 2.0 * torch.randn(200, D, dtype=torch.float64)  # includes points outside the spline box
     y = block(x)
     ld = block.log_abs_det_jacobian(x, y)
     assert ld.abs().max() < 1e-12, "a block must start with log-det 0"
     assert torch.allclose(y, x, atol=1e-12), "a block must start as the identity"
     # ... as an expansion followed by a contraction: per coordinate kappa * s0 = 1 / beta
-    h1, ld_lin = block.linear._forward(x)
-    h2, ld_aff = block.coupling._forward(h1)
-    _, ld_act = block.activation._forward(h2)
+    h1, ld_lin = block.linear._call_and_ladj(x)
+    h2, ld_aff = block.coupling._call_and_ladj(h1)
+    _, ld_act = block.activation._call_and_ladj(h2)
     assert torch.allclose(ld_act, torch.full_like(ld_act, D * math.log(beta)), atol=1e-12)
     assert torch.allclose(ld_lin + ld_aff, torch.full_like(ld_act, -D * math.log(beta)), atol=1e-12)
     assert (ld_lin > 0).all() or kappa == 1.0
@@ -179,10 +187,11 @@ def test_coupling_scale_bounds_are_attained():
     z = torch.randn(10, 2, dtype=torch.float64)
     ctx = torch.randn(10, 1, dtype=torch.float64)
     with torch.no_grad():
-        m.nn1.scale_weight.zero_()
-        m.nn1.scale_bias.fill_(0.0)
+        w, b = m.nn1.layers()[-1]
+        w.zero_()
+        b.fill_(0.0)
         assert torch.allclose(m.nn1(z, ctx)[0].exp(), torch.tensor(math.e, dtype=torch.float64))
-        m.nn1.scale_bias.fill_(math.sqrt(3.0))
+        b.fill_(math.sqrt(3.0))
         assert torch.allclose(m.nn1(z, ctx)[0].exp(), torch.tensor(math.exp(H_MIN), dtype=torch.float64))
 
 
@@ -201,15 +210,15 @@ def test_paper_constraints_alone_are_not_contractive():
 def test_activation_is_contractive(scale):
     torch.manual_seed(2)
     act = perturb(RQSActivation(16, num_bins=8, beta=0.9).double(), scale, seed=3)
-    xk, yk, alpha, delta = act.knots()
-    w = xk[:, -1:].max().item()
+    table = act.table()
+    w = act.theta[:, -1].exp().max().item()
     x = torch.linspace(-1.5 * w, 1.5 * w, 20001, dtype=torch.float64).unsqueeze(-1).expand(-1, 16)
-    y, dlog = rqs_forward(x, xk, yk, alpha, delta)
+    y, dlog = rqs_forward(x, table)
     assert dlog.max() <= 1e-12, f"activation derivative {dlog.exp().max().item()} exceeds 1"
     assert (y[1:] > y[:-1]).all(), "activation not strictly increasing"
     # the returned log-derivative is the derivative of the computed map
     xs = x[::997].clone().requires_grad_(True)
-    ys, dls = rqs_forward(xs, xk.detach(), yk.detach(), alpha.detach(), delta.detach())
+    ys, dls = rqs_forward(xs, [col.detach() for col in table])
     (g,) = torch.autograd.grad(ys.sum(), xs)
     assert torch.allclose(g.log(), dls, atol=1e-10)
 
@@ -226,6 +235,114 @@ def test_slope_cap_is_contractive_on_a_grid():
     assert _rq_derivative(a0[:1], a1[:, :1], 0.51 * torch.ones(1, 1, 1, dtype=torch.float64), xi).max() > 1
 
 
+@pytest.mark.parametrize("a", [0.05, MIN_DERIVATIVE, 0.4])
+def test_activation_slope_floor(a):
+    # the parameterisation's extremes: alpha in (a, 1), delta in (a, cap); the derivative stays
+    # above the proven a^3 and above 2 a^2 / (1 + a), the infimum found on a fine grid
+    g = torch.linspace(0, 1, 26, dtype=torch.float64)
+    a0 = (a + (1 - a) * g).view(-1, 1, 1, 1)
+    a1 = (a + (1 - a) * g).view(1, -1, 1, 1)
+    cap = 0.5 * (1 + torch.minimum(a0, a1))
+    delta = a + (cap - a) * g.view(1, 1, -1, 1)
+    xi = torch.linspace(0, 1, 101, dtype=torch.float64).view(1, 1, 1, -1)
+    d = _rq_derivative(a0, a1, delta, xi)
+    assert d.min() >= 2 * a * a / (1 + a) - 1e-12 and d.max() <= 1 + 1e-12
+    assert abs(d.min().item() - 2 * a * a / (1 + a)) < 1e-9, "the infimum is attained (alpha = 1, delta = a)"
+    # and through the module, with huge raw parameters
+    act = perturb(RQSActivation(8, num_bins=6, min_derivative=a).double(), 50.0, seed=4)
+    x = torch.linspace(-60, 60, 4001, dtype=torch.float64).unsqueeze(-1).expand(-1, 8)
+    _, dlog = rqs_forward(x, act.table())
+    assert dlog.min() >= math.log(2 * a * a / (1 + a)) - 1e-9 and dlog.max() <= 1e-12
+
+
+@pytest.mark.parametrize("scale", [0.0, 5.0, 100.0])
+def test_linear_layer_condition_is_bounded(scale):
+    torch.manual_seed(4)
+    kappa, D = 1.7, 9
+    t = perturb(QLFLinear(D, kappa=kappa).double(), scale, seed=5)
+    W = t.weight()
+    sv = torch.linalg.svdvals(W)
+    R = MAX_LOG_SCALE
+    assert sv.max() <= kappa * math.exp(R) * (1 + 1e-12) and sv.min() >= kappa * math.exp(-R) * (1 - 1e-12)
+    q = householder_orthogonal(t.theta[:, :D])
+    assert (q.T @ q - torch.eye(D, dtype=torch.float64)).abs().max() < 1e-12, "Q is orthogonal"
+    x = torch.randn(50, D, dtype=torch.float64)
+    ld = t.log_abs_det_jacobian(x, t(x))
+    assert torch.allclose(ld, torch.linalg.slogdet(W)[1].expand(50), atol=1e-10)
+    if scale == 0:
+        assert torch.allclose(W, kappa * torch.eye(D, dtype=torch.float64), atol=1e-14)
+    # the opt-out: no bound on the scales
+    u = QLFLinear(D, max_log_scale=None).double()
+    with torch.no_grad():
+        u.theta[:, D] = 10.0
+    assert torch.allclose(torch.linalg.svdvals(u.weight()), torch.full((D,), math.exp(10.0), dtype=torch.float64))
+
+
+def test_householder_product_is_the_product_of_reflections():
+    torch.manual_seed(6)
+    D = 5
+    A = torch.randn(D, D, dtype=torch.float64)
+    V = A.tril(-1) + torch.eye(D, dtype=torch.float64)
+    Q = torch.eye(D, dtype=torch.float64)
+    for i in range(D):
+        v = V[:, i : i + 1]
+        Q = Q @ (torch.eye(D, dtype=torch.float64) - 2 * v @ v.T / (v.T @ v))
+    assert torch.allclose(householder_orthogonal(A), -Q, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [3.0, 30.0])
+def test_conditioner_lipschitz_bound(scale):
+    torch.manual_seed(7)
+    c = 5.0
+    net = perturb(MexicanHatNN(3, 2, [16, 16], num_hats=3, max_lipschitz=c).double(), scale, seed=8)
+    z = torch.randn(400, 3, dtype=torch.float64) * 3
+    jac_s = torch.autograd.functional.jacobian(lambda u: net(u)[0].sum(0), z).permute(1, 0, 2)
+    jac_t = torch.autograd.functional.jacobian(lambda u: net(u)[1].sum(0), z).permute(1, 0, 2)
+    assert torch.linalg.matrix_norm(jac_t, ord=2).max() <= c * (1 + 1e-9)
+    assert torch.linalg.matrix_norm(jac_s, ord=2).max() <= 1.3802 * c * 2  # mean of M hats, 2 outputs
+    # the bound is active: without it the same weights are far steeper
+    free = MexicanHatNN(3, 2, [16, 16], num_hats=3).double()
+    free.load_state_dict(net.state_dict())
+    jac_free = torch.autograd.functional.jacobian(lambda u: free(u)[1].sum(0), z).permute(1, 0, 2)
+    assert torch.linalg.matrix_norm(jac_free, ord=2).max() > c
+
+
+# ------------------------------------------------------------------------------------------------
+# never silently wrong: default sizes, parameters moved far from init
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("D", [5, 8, 16])
+def test_reconstructs_with_huge_parameter_moves(D, conditional):
+    torch.set_default_dtype(torch.float64)  # restored by the conftest fixture
+    for s in (2.0, 5.0):
+        torch.manual_seed(0)
+        kw = {"context_dim": 3} if conditional else {}
+        m = pyro_flows.flow("qlf", D, num_layers=4, cache_size=0, **kw)
+        with torch.no_grad():
+            for p in m.parameters():
+                p += s * torch.randn_like(p)
+        x = 1.5 * torch.randn(128, D)
+        t = m.condition(torch.randn(128, 3)) if conditional else m
+        with torch.no_grad():
+            y = t(x)
+            err = (t.inv(y.clone()) - x).abs().max().item()
+        assert err < 1e-6, f"D={D} s={s}: max|inv(f(x)) - x| = {err:.3g}"
+
+
+def test_cache_size_is_accepted_everywhere():
+    x = torch.randn(4, 3)
+    for cache_size in (0, 1):
+        t = pyro_flows.flow("qlf", 3, num_layers=2, cache_size=cache_size, hidden_dims=[8])
+        assert all(p._cache_size == cache_size for p in t.parts)
+        m = pyro_flows.flow("qlf", 3, num_layers=2, context_dim=2, cache_size=cache_size, hidden_dims=[8])
+        c = m.condition(torch.randn(2))
+        assert all(p._cache_size == cache_size for p in c.parts)
+        y = c(x)
+        assert (c.inv(y) is x) == (cache_size == 1)
+        d = ConditionalDualAffineCoupling(3, 2, hidden_dims=[8], cache_size=cache_size).condition(torch.randn(2))
+        assert d._cache_size == cache_size
+
+
 # ------------------------------------------------------------------------------------------------
 # arguments
 # ------------------------------------------------------------------------------------------------
@@ -233,6 +350,10 @@ def test_slope_cap_is_contractive_on_a_grid():
     "make, message",
     [
         (lambda: QLF(3, beta=1.0), "beta"),
+        (lambda: QLF(3, beta=0.1), "beta"),  # below the default min_derivative
+        (lambda: QLF(3, min_derivative=0.5), "min_derivative"),
+        (lambda: QLF(3, max_log_scale=0.0), "max_log_scale"),
+        (lambda: QLF(3, max_lipschitz=-1.0), "max_lipschitz"),
         (lambda: QLF(3, beta=0.0), "beta"),
         (lambda: QLF(3, kappa=-1.0), "kappa"),
         (lambda: QLF(3, beta=0.5, kappa=0.2), "log-scale"),
