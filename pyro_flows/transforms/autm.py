@@ -528,44 +528,54 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
                 if done:
                     break
             self.last_solve_passes = passes
+        with torch.no_grad():
+            raw = _made_apply(self.arn, fixed, u, ctx0)
+            y, logd = self._map(u, self._coefficients(raw))
+        jac = self._jacobian(u, logd, weights, ctx)
+        self._certify(u, v, y, logd, jac)
         need_graph = torch.is_grad_enabled() and (
             v.requires_grad or (ctx is not None and ctx.requires_grad)
             or any(p.requires_grad for p in self.arn.parameters()))
-        if need_graph:
-            # implicit gradients: D one-step Newton corrections at the solution, each through the
-            # conditioner evaluated at the previous one; after D of them every coordinate carries the
-            # exact first derivatives of the inverse (the conditioner is strictly triangular)
-            ug = u
-            for _ in range(D):
-                coeffs = self._coefficients(_made_apply(self.arn, weights, ug, ctx))
-                y, logd = self._map(u, coeffs)
-                ug = u - (y - v) / torch.exp(logd).detach()
-            u = ug
+        if not need_graph:
+            return u, logd.sum(-1)
+        # implicit gradients in one pass: u - J^{-1} (E(u) - v) with J (the Jacobian at the solution)
+        # held fixed has the value u (plus a Newton correction of the order of the residual) and
+        # exactly the first derivatives of the inverse: du/dv = J^{-1}, du/dtheta = -J^{-1} dE/dtheta
         raw = _made_apply(self.arn, weights, u, ctx)
-        y, logd = self._map(u, self._coefficients(raw))
-        self._certify(u, v, y, logd, self._jacobian(u, weights, ctx))
+        y, _ = self._map(u, self._coefficients(raw))
+        corr = torch.linalg.solve_triangular(jac, (y - v).unsqueeze(-1), upper=False).squeeze(-1)
+        u = u - corr
+        raw = _made_apply(self.arn, weights, u, ctx)
+        _, logd = self._map(u, self._coefficients(raw))
         return u, logd.sum(-1)
 
-    def _jacobian(self, u, weights, ctx):
-        """The (lower triangular) Jacobian of the explicit map at ``u``, ``(..., D, D)``, no graph."""
+    def _jacobian(self, u, logd, weights, ctx):
+        """The (lower triangular) Jacobian of the explicit map at ``u``, ``(..., D, D)``, no graph.
+
+        ``J[k, j] = q'_k [k = j] + sum_p (d q_k / d raw_pk) (d raw_pk / d u_j)``: one backward pass of
+        the elementwise map for the sensitivities and a forward-mode Jacobian of the conditioner alone.
+        """
         from torch.func import jacfwd, vmap
 
         fixed = [w.detach() for w in weights]
         u = u.detach()
-        batch = u.shape[:-1]
-        flat_u = u.reshape(-1, self.input_dim)
-
-        def one(ui, ci):
-            raw = _made_apply(self.arn, fixed, ui, ci)
-            return self._map(ui, self._coefficients(raw))[0]
-
+        ctx = None if ctx is None else ctx.detach()
+        with torch.enable_grad():
+            raw = _made_apply(self.arn, fixed, u, ctx).detach().requires_grad_(True)
+            y, _ = self._map(u, self._coefficients(raw))
+            (sens,) = torch.autograd.grad(y.sum(), raw)  # (..., P, D)
         with torch.no_grad():
+            batch, D = u.shape[:-1], self.input_dim
+            flat_u = u.reshape(-1, D)
             if ctx is None:
-                jac = vmap(jacfwd(lambda ui: one(ui, None)))(flat_u)
+                jr = vmap(jacfwd(lambda ui: _made_apply(self.arn, fixed, ui, None)))(flat_u)
             else:
-                flat_c = ctx.detach().reshape(-1, ctx.shape[-1])
-                jac = vmap(jacfwd(one, argnums=0))(flat_u, flat_c)
-        return jac.reshape(batch + jac.shape[-2:])
+                flat_c = ctx.reshape(-1, ctx.shape[-1])
+                jr = vmap(jacfwd(lambda ui, ci: _made_apply(self.arn, fixed, ui, ci), argnums=0))(
+                    flat_u, flat_c)
+            jr = jr.reshape(batch + jr.shape[-3:])  # (..., P, D, D)
+            jac = (sens.unsqueeze(-1) * jr).sum(-3)
+            return jac + torch.diag_embed(torch.exp(logd.detach()))
 
 
 class AUTMAutoregressive(ConditionedAUTMAutoregressive, TransformModule):
