@@ -487,3 +487,22 @@ def test_log_prob_of_external_data_is_one_explicit_pass_with_exact_gradients():
     x, ladj = t.inverse_and_ladj(data)
     y_back, ladj_back = t.call_and_ladj(x.detach().clone())
     assert torch.allclose(y_back, data, atol=1e-10) and torch.allclose(ladj, ladj_back, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_explicit_direction_has_no_host_sync_and_compiles(name, single_pass, monkeypatch):
+    torch.manual_seed(0)
+    t = CONSTRUCTORS[name][0](4, hidden_dims=[8], single_pass=single_pass, cache_size=0)
+    fn = t._inverse_and_ladj if single_pass == "log_prob" else t._call_and_ladj
+    x = torch.randn(16, 4)
+    syncs = []
+    item, as_bool = torch.Tensor.item, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: syncs.append(1) or item(self))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: syncs.append(1) or as_bool(self))
+    out, ladj = fn(x)
+    (out.sum() + ladj.sum()).backward()
+    monkeypatch.undo()
+    assert not syncs, f"{len(syncs)} host syncs in the explicit direction"
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")(x)
+    assert torch.allclose(compiled[0], out) and torch.allclose(compiled[1], ladj)
