@@ -124,25 +124,31 @@ _DERIV_FACTOR = {"cubic": 3.0, "quadratic": 2.0, "sigmoid": 1.0}
 # ----------------------------------------------------------------------------------------------
 # the scalar map
 # ----------------------------------------------------------------------------------------------
-def _scaled_nonlinearity(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float):
+def _scaled_nonlinearity(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, c: torch.Tensor):
     """``(p n'(v), p n(v))`` of the tamed nonlinearity, with ``ps = p * _DERIV_FACTOR[kind]``.
 
     Written with few elementwise operations: for "cubic" ``n = vc^2 (3 v - 2 vc)`` (``v^3`` inside
     ``[-R, R]``, tangent lines outside, ``vc = clamp(v, -R, R)``) and ``n' = 3 vc^2``; for "quadratic"
-    ``n = vc (2 v - vc)`` and ``n' = 2 vc``; for "sigmoid" ``n = s``, ``n' = s (1 - s)``.
+    ``n = vc (2 v - vc)`` and ``n' = 2 vc``; for "sigmoid" ``n = s``, ``n' = s (1 - s)``. ``c`` is a
+    0-d tensor (``-2/3``, ``-1/2``, or ``1`` for "sigmoid"): tensor constants, not Python numbers,
+    keep scalar conversions out of the forward and backward passes.
     """
     if kind == "sigmoid":
         s = torch.sigmoid(v)
         pn = ps * s
-        return pn * (1 - s), pn
+        return pn * (c - s), pn
     vc = v.clamp(-tail, tail)
     if kind == "cubic":
         u = ps * (vc * vc)
-        return u, u * torch.add(v, vc, alpha=-2.0 / 3.0)
+        return u, u * torch.addcmul(v, c, vc)
     if kind == "quadratic":
         u = ps * vc
-        return u, u * torch.add(v, vc, alpha=-0.5)
+        return u, u * torch.addcmul(v, c, vc)
     raise ValueError(f"g must be one of {INTEGRANDS}, got {kind!r}")
+
+
+#: the constant ``c`` of :func:`_scaled_nonlinearity`
+_NL_CONST = {"cubic": -2.0 / 3.0, "quadratic": -0.5, "sigmoid": 1.0}
 
 
 def _slope_bound(kind: str, tail: float) -> float:
@@ -221,17 +227,18 @@ def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 
         y = torch.addcmul(beta * _phi1(alpha), torch.exp(alpha), x)
         return y, alpha.expand_as(y)
     h = 1.0 / num_steps
+    one, half, c = (x.new_full((), value) for value in (1.0, 0.5, _NL_CONST[g]))
     e_half, s_half = torch.exp(0.5 * h * alpha), 0.5 * h * beta * _phi1(0.5 * h * alpha)
-    e_full, s_full = e_half * e_half, h * beta * _phi1(h * alpha)
+    # phi1(2z) = phi1(z) (e^z + 1) / 2, so the full step's shift needs no second phi1
+    e_full, s_full = e_half * e_half, s_half * (e_half + one)
     ps = (h * _DERIV_FACTOR[g]) * gamma
-    one = x.new_ones(())
     v = torch.addcmul(s_half, e_half, x)
     logd, prod = alpha - num_steps * math.log(2.0), None
     for k in range(num_steps):
-        u1, pn1 = _scaled_nonlinearity(g, v, ps, tail_bound)
-        u2, pn2 = _scaled_nonlinearity(g, v + pn1, ps, tail_bound)
-        v = torch.add(v, pn1 + pn2, alpha=0.5)
-        factor = torch.addcmul(one, u1 + 1, u2 + 1)  # in [1.25, 3.25]: a log every 8 steps is safe
+        u1, pn1 = _scaled_nonlinearity(g, v, ps, tail_bound, c)
+        u2, pn2 = _scaled_nonlinearity(g, v + pn1, ps, tail_bound, c)
+        v = torch.addcmul(v, half, pn1 + pn2)
+        factor = torch.addcmul(one, u1 + one, u2 + one)  # in [1.25, 3.25]: a log every 8 steps is safe
         prod = factor if prod is None else prod * factor
         if k % 8 == 7 or k == num_steps - 1:
             logd, prod = logd + torch.log(prod), None
@@ -252,10 +259,11 @@ def autm_reverse_integration(y, alpha, beta, gamma, g: str, num_steps: int, tail
     e_half, s_half = torch.exp(-0.5 * h * alpha), 0.5 * h * beta * _phi1(0.5 * h * alpha)
     e_full, s_full = torch.exp(-h * alpha), h * beta * _phi1(h * alpha)
     ps = (h * _DERIV_FACTOR[g]) * gamma
+    c = y.new_full((), _NL_CONST[g])
     w = (y - s_half) * e_half
     for k in range(num_steps):
-        pn1 = _scaled_nonlinearity(g, w, ps, tail_bound)[1]
-        pn2 = _scaled_nonlinearity(g, w - pn1, ps, tail_bound)[1]
+        pn1 = _scaled_nonlinearity(g, w, ps, tail_bound, c)[1]
+        pn2 = _scaled_nonlinearity(g, w - pn1, ps, tail_bound, c)[1]
         w = w - 0.5 * (pn1 + pn2)
         w = (w - s_full) * e_full if k < num_steps - 1 else (w - s_half) * e_half
     return w
