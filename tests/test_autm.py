@@ -14,22 +14,24 @@
 
 import itertools
 import math
+import warnings
 
-import pytest
-import torch
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from conformance import Case, check_exact, check_float32, check_gradients
 
 import pyro_flows
 from pyro_flows.datasets import ENTROPY, toy_sample
+from pyro_flows.solvers import ConvergenceWarning
 from pyro_flows.transforms.autm import (
     INTEGRANDS,
     autm_coefficients,
     autm_map,
     autm_reverse_integration,
+    log_slope_bound,
 )
-
-from conformance import Case, check_exact, check_float32, check_gradients
 
 CONSTRUCTORS = {
     "autm_autoregressive": (pyro_flows.autm_autoregressive, pyro_flows.conditional_autm_autoregressive),
@@ -80,8 +82,9 @@ def test_monotone_for_extreme_raw_parameters(g, num_steps):
             # the log-derivative is the derivative of the computed map
             (dy,) = torch.autograd.grad(y.sum(), xs)
             assert torch.allclose(dy.log(), logd, atol=1e-9, rtol=1e-9)
-            # and stays inside the documented bounds: |log q'| <= A + K |log(1 - kappa - kappa^2 / 2)|
-            bound = 5.0 + num_steps * -math.log(1 - 0.5 - 0.125)
+            # and stays inside the documented bound, which does not grow with num_steps
+            bound = log_slope_bound(num_steps, 5.0, 2.0, g)
+            assert bound <= 5.0 + 1.97 * 2.0
             assert logd.abs().max() <= bound + 1e-9
             # onto: the slope stays >= exp(-bound) out to +-1e12 (mean value theorem), so q -> +-inf
             far = torch.tensor([-1e12, 1e12], dtype=torch.float64)
@@ -132,7 +135,8 @@ def test_converges_to_the_continuous_map(g):
     errors = []
     for k in (8, 16, 32, 64, 128):
         # the layer's raw c is the paper's c in units of 1 / M (M = sup |n'|)
-        coeffs = autm_coefficients(_raw(a, b, c * SLOPE[g], g), g, k)
+        # a nonlinear budget B large enough that c_max = min(B, K/2) = K/2 (the clamp fades as K grows)
+        coeffs = autm_coefficients(_raw(a, b, c * SLOPE[g], g), g, k, nonlinear_bound=1e3)
         y, logd = autm_map(x, *coeffs, g, k)
         errors.append(max((y - v_ref).abs().max().item(), (logd - logd_ref).abs().max().item()))
     assert errors[-1] < 1e-3, errors
@@ -154,7 +158,7 @@ def test_blow_up_is_tamed():
     v_ref, _ = _rk4(lambda s: (c * n_tamed(s[0]), torch.zeros_like(s[0])), (x, torch.zeros_like(x)), 5000)
     errs = []
     for k in (16, 64, 256, 1024):
-        coeffs = autm_coefficients(_raw(0.0, 0.0, c * SLOPE[g], g), g, k)
+        coeffs = autm_coefficients(_raw(0.0, 0.0, c * SLOPE[g], g), g, k, nonlinear_bound=1e3)
         y, logd = autm_map(x, *coeffs, g, k)
         assert torch.isfinite(y).all() and (y[1:] > y[:-1]).all() and torch.isfinite(logd).all()
         errs.append(((y - v_ref).abs() / v_ref.abs()).max().item())
@@ -192,19 +196,21 @@ def test_reverse_integration_approaches_the_inverse(g):
 @pytest.mark.parametrize("g", ["sigmoid", "quadratic", "cubic"])
 def test_inverse_iterations_are_bounded(name, g):
     torch.manual_seed(0)
-    t = CONSTRUCTORS[name][0](4, hidden_dims=[16], g=g, num_steps=8).double()
+    # single_pass="sample": the inverse is the numerical direction
+    t = CONSTRUCTORS[name][0](4, hidden_dims=[16], g=g, num_steps=8, single_pass="sample").double()
     y = 2.0 * torch.randn(200, 4, dtype=torch.float64)
     for scale in (0.0, 0.3, 2.0):
         with torch.no_grad():
             for p in t.parameters():
                 p.add_(scale * torch.randn_like(p))
             x = t.inv(y.clone())
-        assert (t(x) - y).abs().max() < 1e-9
+        assert (t(x) - y).abs().max() < 1e-9 * (1 + y.abs().max())
         # safeguarded Newton from the reversed integration, inside a guaranteed bracket: a few Newton
         # steps at moderate parameters; at scale 2 a few entries fall back to bisection inside the
         # bracket |q(x0) - y| / min q', which needs at most about 60 halvings to reach 1e-12
         bound = 12 if scale < 1 else 64
-        assert 1 <= t.last_inverse_iterations <= bound, (scale, t.last_inverse_iterations)
+        assert 1 <= t.last_solve_iterations <= bound, (scale, t.last_solve_iterations)
+        assert t.last_solve_passes <= 4 and t.last_error_bound < 1e-8 * (1 + x.abs().max())
 
 
 def test_bad_arguments():
@@ -212,8 +218,14 @@ def test_bad_arguments():
         pyro_flows.autm_autoregressive(3, g="quartic")
     with pytest.raises(ValueError, match="num_steps"):
         pyro_flows.autm_coupling(3, num_steps=0)
-    with pytest.raises(ValueError, match="step_bound"):
-        pyro_flows.autm_autoregressive(3, step_bound=1.0)
+    with pytest.raises(ValueError, match="nonlinear_bound"):
+        pyro_flows.autm_autoregressive(3, nonlinear_bound=0.0)
+    with pytest.raises(ValueError, match="single_pass"):
+        pyro_flows.autm_coupling(3, single_pass="fast")
+    with pytest.raises(ValueError, match="lipschitz"):
+        pyro_flows.autm_coupling(3, lipschitz=-1.0)
+    with pytest.raises(ValueError, match="cache_size"):
+        pyro_flows.autm_coupling(3, cache_size=2)
     with pytest.raises(ValueError, match="input_dim >= 2"):
         pyro_flows.autm_coupling(1)
     with pytest.raises(ValueError, match="split_dim"):
@@ -297,13 +309,13 @@ def test_fits_1d_bimodal():
 
 @pytest.mark.slow
 def test_fits_8gaussians():
-    # data -> noise by the explicit forward map (TransformedDistribution over t.inv), which keeps this
-    # test short; the solver direction is then used for sampling
+    # data -> noise by the explicit map (single_pass="log_prob", the default), which keeps this test
+    # short; the numerical direction is then used for sampling
     torch.manual_seed(0)
     train = toy_sample("8gaussians", 4000, seed=0)
     test = toy_sample("8gaussians", 4000, seed=1)
     t = pyro_flows.flow("autm_autoregressive", 2, num_layers=4, g="cubic", num_steps=4, hidden_dims=[32, 32])
-    d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [t.inv])
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [t])
     _fit(d, t.parameters(), train, steps=400, lr=0.01)
     with torch.no_grad():
         nll = -d.log_prob(test).mean().item()
@@ -320,11 +332,177 @@ def test_fits_8gaussians():
 def test_conditioner_output_is_checked():
     from pyro.nn import AutoRegressiveNN, DenseNN
 
+    from pyro_flows.nn import LipschitzMADE
     from pyro_flows.transforms.autm import AUTMAutoregressive, AUTMCoupling
 
-    bad_made = AUTMAutoregressive(3, AutoRegressiveNN(3, [9], param_dims=[1, 1]))
-    with pytest.raises(ValueError, match="param_dims"):
-        bad_made(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="output_multiplier=3"):
+        AUTMAutoregressive(3, LipschitzMADE(3, [9], output_multiplier=2))
+    with pytest.raises(TypeError, match="LipschitzMADE"):  # no Lipschitz bound: no certified inverse
+        AUTMAutoregressive(3, AutoRegressiveNN(3, [9], param_dims=[3]))
     bad_dense = AUTMCoupling(4, 2, DenseNN(2, [8], param_dims=[4]))
     with pytest.raises(ValueError, match="param_dims"):
         bad_dense(torch.randn(2, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# never silently wrong
+# ----------------------------------------------------------------------------------------------
+def _explicit_log_slopes(t, u):
+    """Per-coordinate log q' of the explicit map of layer ``t`` at ``u``."""
+    if hasattr(t, "arn"):
+        raw = t.arn(u)
+        return t._map(u, t._coefficients(raw))[1]
+    _, raw = t._raw(u[..., : t.split_dim])
+    return t._map(u[..., t.split_dim:], t._coefficients(raw))[1]
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_log_slope_bound_holds_for_huge_parameters(name):
+    # |log q'| <= log_slope_bound for any parameter values, and the bound does not grow with num_steps
+    torch.manual_seed(0)
+    bounds = []
+    for num_steps in (1, 8, 64):
+        t = CONSTRUCTORS[name][0](5, num_steps=num_steps).double()
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(100.0 * torch.randn_like(p))
+            u = 50.0 * torch.randn(256, 5, dtype=torch.float64)
+            logd = _explicit_log_slopes(t, u)
+        bound = log_slope_bound(num_steps, t.log_scale_bound, t.nonlinear_bound, t.g)
+        assert logd.abs().max() <= bound + 1e-9, (num_steps, logd.abs().max(), bound)
+        assert logd.abs().max() > 0.5 * bound  # the perturbation reaches the bound: the check bites
+        bounds.append(bound)
+    # the guarantee A + 1.97 B holds for every num_steps (the bound peaks at K = 2B, then falls to A + B)
+    assert max(bounds) <= t.log_scale_bound + 1.97 * 2.0 and bounds[2] < bounds[1]
+
+
+def _round_trip(name, D, s, conditional, **kw):
+    torch.manual_seed(0)
+    f = pyro_flows.flow(name, D, num_layers=4, context_dim=3 if conditional else None, cache_size=0, **kw)
+    f = f.double()
+    with torch.no_grad():
+        for p in f.parameters():
+            p += s * torch.randn_like(p)
+    t = f.condition(torch.randn(3, dtype=torch.float64)) if conditional else f
+    x = 1.5 * torch.randn(128, D, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            x_rec = t.inv(t(x).clone())
+    warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return (x_rec - x).abs().max().item(), warned
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+@pytest.mark.parametrize("D", [5, 8, 16])
+def test_default_flows_reconstruct_under_large_perturbations(name, D, conditional):
+    # default sizes, 4 layers, every parameter moved by s N(0, 1): at s = 2 the round trip (numerical
+    # direction, then explicit) reconstructs to 1e-6 with no warning
+    err, warned = _round_trip(name, D, 2.0, conditional)
+    assert err < 1e-6 and not warned, (err, warned)
+
+
+# Known gap at s = 5: every layer's numerical result is certified to sqrt(eps) (1 + |x|) in its own
+# variable, but the round trip through 4 layers can lose more (1.5e-6 to 1.2e-4 here) when the layers'
+# Jacobians amplify each other's rounding; a per-layer check cannot see that (a stack-level check in
+# the composed flow could). Tracked with strict xfails so a fix shows up.
+_S5_GAP = {("autm_autoregressive", 8, True), ("autm_coupling", 8, False),
+           ("autm_autoregressive", 16, False), ("autm_autoregressive", 16, True)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conditional", [False, True], ids=["plain", "conditional"])
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+@pytest.mark.parametrize("D", [5, 8, 16])
+def test_default_flows_reconstruct_or_warn_at_s5(name, D, conditional, request):
+    if (name, D, conditional) in _S5_GAP:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="stack-level rounding amplification"))
+    err, warned = _round_trip(name, D, 5.0, conditional)
+    assert err < 1e-6 or warned, err
+
+
+def test_float32_large_inputs_warn_or_reconstruct():
+    # float32 at |x| ~ 1e3: the certified bound of the numerical direction flags an inaccurate result
+    torch.manual_seed(0)
+    t = pyro_flows.flow("autm_autoregressive", 8, num_layers=4)
+    with torch.no_grad():
+        for p in t.parameters():
+            p += 0.5 * torch.randn_like(p)
+    x = 1e3 * torch.randn(256, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            x_rec = t.inv(t(x).clone())
+    warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    err = ((x_rec - x).abs() / (1 + x.abs())).max().item()
+    assert err < 1e-3 or warned, err
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_cache_size_is_accepted_everywhere(name):
+    plain, cond = CONSTRUCTORS[name]
+    for t in (plain(3, cache_size=0), pyro_flows.flow(name, 3, num_layers=2, cache_size=0)):
+        x = torch.randn(4, 3)
+        y = t(x)
+        assert torch.allclose(t.inv(y), x, atol=1e-4)
+    c = cond(3, 2, cache_size=0).condition(torch.randn(2))
+    assert c._cache_size == 0
+    pyro_flows.flow(name, 3, num_layers=2, context_dim=2, cache_size=0).condition(torch.randn(2))
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_single_pass_puts_the_explicit_map_on_the_chosen_direction(name):
+    # count conditioner passes: the explicit direction evaluates the conditioner once
+    plain, cond = CONSTRUCTORS[name]
+    calls = []
+    for single_pass in ("log_prob", "sample"):
+        m_plain = plain(4, single_pass=single_pass, cache_size=0)
+        m_cond = cond(4, 2, single_pass=single_pass, cache_size=0)
+        for t, module in ((m_plain, m_plain), (m_cond.condition(torch.randn(2)), m_cond)):
+            net = module.arn if hasattr(module, "arn") else module.nn
+            calls.clear()
+            hook = net.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+            x = torch.randn(6, 4)
+            y = t(x)
+            n_call = len(calls)
+            calls.clear()
+            x_rec = t.inv(y.clone())
+            n_inv = len(calls)
+            hook.remove()
+            assert torch.allclose(x_rec, x, atol=1e-4)
+            explicit, numerical = (n_inv, n_call) if single_pass == "log_prob" else (n_call, n_inv)
+            assert explicit == 1, (single_pass, n_call, n_inv)
+            # the numerical direction: one conditioner pass (coupling), or Gauss-Jacobi passes that
+            # reuse the conditioner's weights without calling the module (autoregressive)
+            assert numerical <= 1, (single_pass, n_call, n_inv)
+
+
+def test_log_prob_of_external_data_is_one_explicit_pass_with_exact_gradients():
+    # single_pass="log_prob": TransformedDistribution.log_prob runs the explicit map; its gradient is
+    # that of the exact density (compare with the numerical direction's log-det at the same pair)
+    torch.manual_seed(0)
+    t = pyro_flows.autm_autoregressive(3, hidden_dims=[12], num_steps=4).double()
+    data = torch.randn(5, 3, dtype=torch.float64)
+    x, ladj = t.inverse_and_ladj(data)
+    y_back, ladj_back = t.call_and_ladj(x.detach().clone())
+    assert torch.allclose(y_back, data, atol=1e-10) and torch.allclose(ladj, ladj_back, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_explicit_direction_has_no_host_sync_and_compiles(name, single_pass, monkeypatch):
+    torch.manual_seed(0)
+    t = CONSTRUCTORS[name][0](4, hidden_dims=[8], single_pass=single_pass, cache_size=0)
+    fn = t._inverse_and_ladj if single_pass == "log_prob" else t._call_and_ladj
+    x = torch.randn(16, 4)
+    syncs = []
+    item, as_bool = torch.Tensor.item, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: syncs.append(1) or item(self))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: syncs.append(1) or as_bool(self))
+    out, ladj = fn(x)
+    (out.sum() + ladj.sum()).backward()
+    monkeypatch.undo()
+    assert not syncs, f"{len(syncs)} host syncs in the explicit direction"
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")(x)
+    assert torch.allclose(compiled[0], out) and torch.allclose(compiled[1], ladj)
