@@ -3,7 +3,7 @@
 * the stable D-scale against the paper's formula and a 50-digit reference (tiny frequencies);
 * contractivity and exact inversion for extreme parameter values (plain and conditional);
 * the shift inversions (exact after D passes) and the iteration report;
-* the other orientation (``fast_direction="forward"``) through the conformance checks;
+* the other orientation (``single_pass="sample"``) through the conformance checks;
 * the paper's 1-D experiment in miniature (7 well-separated Gaussians, pure D-scale layers) and a 2-D
   toy density, with NLL margins against exact entropies.
 """
@@ -175,7 +175,7 @@ def test_shift_inversion_is_exact_within_D_passes(shift_tol):
 
 
 def test_forward_orientation_passes_the_conformance_checks():
-    kw = dict(hidden_dims=[8], num_scales=2, num_sinusoids=2, fast_direction="forward")
+    kw = dict(hidden_dims=[8], num_scales=2, num_sinusoids=2, single_pass="sample")
     cases = [Case("fwd", lambda d: Sinusoidal(d, **kw)),
              Case("cfwd", lambda d, c: ConditionalSinusoidal(d, c, **kw), conditional=True),
              Case("nocache", lambda d: Sinusoidal(d, hidden_dims=[8], num_scales=2, cache_size=0))]
@@ -203,8 +203,12 @@ def test_bad_arguments():
         Sinusoidal(8, hidden_dims=[4])
     with pytest.raises(ValueError, match="eps"):
         Sinusoidal(2, eps=1.0)
-    with pytest.raises(ValueError, match="fast_direction"):
-        Sinusoidal(2, fast_direction="sideways")
+    with pytest.raises(ValueError, match="single_pass"):
+        Sinusoidal(2, single_pass="sideways")
+    with pytest.raises(TypeError, match="fast_direction"):  # the old name is gone, not aliased
+        Sinusoidal(2, fast_direction="forward")
+    with pytest.raises(ValueError, match="single_pass"):
+        ConditionalSinusoidal(2, 2, single_pass="forward")
     with pytest.raises(ValueError, match="num_scales"):
         ConditionalSinusoidal(2, 2, num_scales=0)
     with pytest.raises(ValueError, match="shift_tol"):

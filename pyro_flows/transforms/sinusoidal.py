@@ -42,9 +42,9 @@ Choices made where the paper is vague or numerically loose (all documented here,
   at initialisation (ReZero-style, as the paper suggests). For ``input_dim == 1`` (or ``shift=False``,
   the paper's "pure D-scale" flow) there are no shift networks: a strictly triangular shift in one
   dimension is a constant, which the D-scale's ``d`` already provides.
-* **Direction.** Pyro's ``_call`` maps noise to data. By default (``fast_direction="inverse"``) the
+* **Direction.** Pyro's ``_call`` maps noise to data. By default (``single_pass="log_prob"``) the
   paper's orientation is kept: ``_inverse`` (data -> noise, i.e. ``log_prob`` of data) is the analytic
-  LDU block and ``_call`` (sampling, ``rsample``) is the numerical inverse. ``fast_direction="forward"``
+  LDU block and ``_call`` (sampling, ``rsample``) is the numerical inverse. ``single_pass="sample"``
   swaps them (IAF-like: cheap ``rsample`` for SVI guides, numerical ``log_prob`` of external data).
 * **Exact inversion.** The triangular shift ``z = u + s_L(u)`` is inverted by the fixed point
   ``u <- z - s_L(u)`` started at ``z``. Because the Jacobian of ``s_L`` is strictly triangular
@@ -94,7 +94,7 @@ from ..solvers import (
     implicit_monotone_root,
     monotone_root,
 )
-from ..validation import broadcast_context, check_dim, check_finite
+from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = [
@@ -106,8 +106,6 @@ __all__ = [
     "sinusoidal",
     "conditional_sinusoidal",
 ]
-
-_DIRECTIONS = ("inverse", "forward")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +187,7 @@ def _init_raw(num_scales, input_dim, K):
     return raw
 
 
-def _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction, max_iter,
+def _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass, max_iter,
                 shift_tol):
     input_dim = check_dim(input_dim, "input_dim")
     check_dim(num_scales, "num_scales")
@@ -197,8 +195,7 @@ def _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_dir
     check_dim(max_iter, "max_iter")
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):
         raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
-    if fast_direction not in _DIRECTIONS:
-        raise ValueError(f"fast_direction must be one of {_DIRECTIONS}, got {fast_direction!r}")
+    check_single_pass(single_pass)
     if shift_tol is not None and not (isinstance(shift_tol, (int, float)) and shift_tol >= 0):
         raise ValueError(f"shift_tol must be None or a number >= 0, got {shift_tol!r}")
     if hidden_dims is None:
@@ -235,8 +232,8 @@ class ConditionedSinusoidal(FlowTransform):
             with the context as given (not broadcast), so its outputs (``(..., D)`` and
             ``(..., D, K)``) broadcast against the input batch.
         context: the context the callables were bound to (``None`` for an unconditional block).
-        fast_direction: ``"inverse"`` (the paper's: ``log_prob`` analytic, sampling numerical) or
-            ``"forward"`` (sampling analytic, ``log_prob`` numerical).
+        single_pass: ``"log_prob"`` (the paper's: ``log_prob`` analytic, sampling numerical) or
+            ``"sample"`` (sampling analytic, ``log_prob`` numerical).
         max_iter: Banach iterations per D-scale before finishing with bracketed Newton.
         shift_tol: early-stopping tolerance of the shift inversions. ``0`` (default): stop only on an
             exactly repeated iterate or after the ``D`` passes that make the result exact; ``None``:
@@ -261,17 +258,15 @@ class ConditionedSinusoidal(FlowTransform):
         True
     """
 
-    def __init__(self, input_dim, upper, lower, scales, context=None, *, fast_direction="inverse",
+    def __init__(self, input_dim, upper, lower, scales, context=None, *, single_pass="log_prob",
                  max_iter=100, shift_tol=0.0, on_fail="warn", cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
-        if fast_direction not in _DIRECTIONS:
-            raise ValueError(f"fast_direction must be one of {_DIRECTIONS}, got {fast_direction!r}")
         if on_fail not in ("warn", "raise"):
             raise ValueError(f"on_fail must be 'warn' or 'raise', got {on_fail!r}")
         self._upper_fn = upper
         self._lower_fn = lower
         self._scales_fn = scales
-        self.fast_direction = fast_direction
+        self.single_pass = check_single_pass(single_pass)
         self.max_iter = check_dim(max_iter, "max_iter")
         self.shift_tol = shift_tol
         self.on_fail = on_fail
@@ -369,31 +364,26 @@ class ConditionedSinusoidal(FlowTransform):
         self.last_inverse_info = info
         return x, lad
 
-    # -- Pyro's Transform interface -------------------------------------------------------------
+    # -- the protocol -----------------------------------------------------------------------------
     # ``lad`` below is always the log-det of the data -> noise LDU map at its data-side point, so the
     # forward log-det is ``-lad`` when ``_call`` is the numerical (noise -> data) direction.
-    def _call(self, x):
-        if self.fast_direction == "inverse":
+    def _call_and_ladj(self, x):
+        if self.single_pass == "log_prob":
             y, lad = self._ldu_inverse(x)
-            self._remember_logdet(x, y, -lad)
-        else:
-            y, lad = self._ldu(x)
-            self._remember_logdet(x, y, lad)
-        return y
+            return y, -lad
+        return self._ldu(x)
 
-    def _inverse(self, y):
-        if self.fast_direction == "inverse":
+    def _inverse_and_ladj(self, y):
+        if self.single_pass == "log_prob":
             x, lad = self._ldu(y)
-            self._remember_logdet(x, y, -lad)
-        else:
-            x, lad = self._ldu_inverse(y)
-            self._remember_logdet(x, y, lad)
-        return x
+            return x, -lad
+        return self._ldu_inverse(y)
 
     def _log_abs_det_jacobian(self, x, y):
-        data, sign = (y, -1.0) if self.fast_direction == "inverse" else (x, 1.0)
-        _, lad = self._ldu(data, output=False)
-        return sign * lad
+        # the analytic direction without its last shift (the log-det does not depend on it)
+        if self.single_pass == "log_prob":
+            return -self._ldu(y, output=False)[1]
+        return self._ldu(x, output=False)[1]
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -413,7 +403,7 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
         shift: ``False`` gives a block of pure D-scales (no shift conditioners).
         eps: the residual weight is ``(1 - eps) tanh(.)``, so every D-scale has slope in
             ``[eps, 2 - eps]``.
-        fast_direction, max_iter, shift_tol, on_fail, cache_size: see :class:`ConditionedSinusoidal`.
+        single_pass, max_iter, shift_tol, on_fail, cache_size: see :class:`ConditionedSinusoidal`.
         nonlinearity: activation of the conditioners (default ``torch.nn.ReLU()``, as MADE).
 
     Example:
@@ -428,11 +418,11 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
     """
 
     def __init__(self, input_dim, hidden_dims=None, num_scales=4, num_sinusoids=4, shift=True, eps=1e-3,
-                 fast_direction="inverse", max_iter=100, shift_tol=0.0, on_fail="warn",
+                 single_pass="log_prob", max_iter=100, shift_tol=0.0, on_fail="warn",
                  nonlinearity=None, cache_size=1):
-        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction,
+        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass,
                                   max_iter, shift_tol)
-        super().__init__(input_dim, None, None, self._scales, fast_direction=fast_direction,
+        super().__init__(input_dim, None, None, self._scales, single_pass=single_pass,
                          max_iter=max_iter, shift_tol=shift_tol, on_fail=on_fail, cache_size=cache_size)
         self.eps = float(eps)
         self.num_scales, self.num_sinusoids = int(num_scales), int(num_sinusoids)
@@ -471,7 +461,7 @@ class ConditionalSinusoidal(ConditionalFlowModule):
         context_dim: the context size ``C``.
         hidden_dims: hidden widths of the shift conditioners and of the D-scale network
             (``None``: ``[10 D, 10 D]``).
-        num_scales, num_sinusoids, shift, eps, fast_direction, max_iter, shift_tol, on_fail,
+        num_scales, num_sinusoids, shift, eps, single_pass, max_iter, shift_tol, on_fail,
             nonlinearity, cache_size: as in :class:`Sinusoidal`.
 
     Example:
@@ -485,16 +475,16 @@ class ConditionalSinusoidal(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_scales=4, num_sinusoids=4, shift=True,
-                 eps=1e-3, fast_direction="inverse", max_iter=100, shift_tol=0.0, on_fail="warn",
+                 eps=1e-3, single_pass="log_prob", max_iter=100, shift_tol=0.0, on_fail="warn",
                  nonlinearity=None, cache_size=1):
-        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction,
+        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass,
                                   max_iter, shift_tol)
         super().__init__(input_dim, context_dim)
         if on_fail not in ("warn", "raise"):
             raise ValueError(f"on_fail must be 'warn' or 'raise', got {on_fail!r}")
         self.eps = float(eps)
         self.num_scales, self.num_sinusoids = int(num_scales), int(num_sinusoids)
-        self.options = dict(fast_direction=fast_direction, max_iter=max_iter, shift_tol=shift_tol,
+        self.options = dict(single_pass=single_pass, max_iter=max_iter, shift_tol=shift_tol,
                             on_fail=on_fail, cache_size=cache_size)
         act = torch.nn.ReLU() if nonlinearity is None else nonlinearity
         self.raw_scales = torch.nn.Parameter(_init_raw(num_scales, input_dim, num_sinusoids))
@@ -559,4 +549,5 @@ register_flow(
     conditional_sinusoidal,
     permutation=None,
     test_kwargs={"hidden_dims": [8], "num_scales": 2, "num_sinusoids": 2},
+    has_single_pass=True,
 )
