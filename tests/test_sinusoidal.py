@@ -226,23 +226,25 @@ def test_reconstructs_or_warns_at_default_sizes(D, conditional, single_pass):
 
 
 def test_certificate_bounds_the_true_error():
-    """A float32 block's certified bound covers its distance to the float64 solution (the truth to
-    ~1e-12), and an unreachable tolerance warns (or raises) naming the bound."""
+    """A float32 block's certified bound covers its distance to the exact solution (the float64
+    solve of the same, float32-representable, parameters: exact to ~1e-12), and an unreachable
+    tolerance warns (or raises) naming the bound."""
     D = 6
-    m = perturb(Sinusoidal(D, hidden_dims=[24, 24]).double(), 2.0)
-    z = 1.5 * torch.randn(256, D, dtype=f64)
+    m = perturb(Sinusoidal(D, hidden_dims=[24, 24]), 2.0)  # float32 parameters
+    z = 1.5 * torch.randn(256, D)
     with torch.no_grad():
-        x64 = m(z)
-        m32 = m.float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            x32 = m32(z.float())
-    bound = m32.last_inverse_info["error_bound"]
+            x32 = m(z)
+        bound = m.last_inverse_info["error_bound"]
+        m = m.double()
+        x64 = m(z.double())
     err = (x32.double() - x64).norm(dim=-1).max().item()
     assert 0 < err <= bound, (err, bound)
     m = m.double()
     tight = Sinusoidal(D, hidden_dims=[24, 24], atol=1e-30, rtol=0.0).double()
     tight.load_state_dict(m.state_dict())
+    z = z.double()
     with pytest.warns(ConvergenceWarning, match="error bound"):
         tight(z.clone())
     tight.on_fail = "raise"

@@ -21,8 +21,8 @@ and ``alpha = (1 - eps^(1/S)) tanh(.)``.
   (``log(2 - e^(-t)) <= t``). So the per-block, per-coordinate log-slope is in
   ``[log eps, -log eps]`` (``+-6.91`` at the default ``eps = 1e-3``) and the block's log-det in
   ``[D log eps, -D log eps]``, whatever ``num_scales``, ``num_sinusoids`` or the widths;
-* each shift is a gated, normalised :class:`~pyro_flows.nn.LipschitzMADE`,
-  ``s(x) = tanh(g) min(1, L / B) net(x)`` with ``B`` a guaranteed bound of ``Lip(net)`` (see
+* each shift is a normalised :class:`~pyro_flows.nn.LipschitzMADE`,
+  ``s(x) = min(1, L / B) net(x)`` with ``B`` a guaranteed bound of ``Lip(net)`` (see
   :class:`ShiftNet`), so ``Lip(s) <= shift_lipschitz = L`` (default ``0.5``). A
   strictly triangular shift with ``Lip(s) <= L < 1`` has ``1 - L <= sigma(I + J_s) <= 1 + L``;
 * hence the block's Jacobian ``(I + J_L) diag(prod_s tau_s') (I + J_U)`` has singular values in
@@ -57,8 +57,8 @@ Choices made where the paper is vague or numerically loose (tested in ``tests/te
   "independent conditioner"); in :class:`ConditionalSinusoidal` free parameters plus a dense network
   of the context soft-clamped to ``+-4`` (``4 tanh(h / 4)``), through the same constraints (so the bounds hold for every context). The context
   also enters both shift conditioners (not their Lipschitz bound in ``x``).
-* **Identity at initialisation** (ReZero, as the paper suggests): ``alpha = 0`` and the shift gates
-  ``g = 0``. For ``input_dim == 1`` (or ``shift=False``, the paper's "pure D-scale" flow) there are no
+* **Identity at initialisation** (ReZero, as the paper suggests): ``alpha = 0`` and the shifts' last
+  layers are zero. For ``input_dim == 1`` (or ``shift=False``, the paper's "pure D-scale" flow) there are no
   shifts.
 * **Direction** (``single_pass``). Pyro's ``_call`` maps noise to data. ``"log_prob"`` (default) keeps
   the paper's orientation: ``_inverse`` (data -> noise, ``log_prob`` of data) is the analytic block
@@ -252,7 +252,7 @@ def _spectral_bound(W):
 
 def _shift_weights(*nets):
     """Effective ``[(W, b), ...]`` of each :class:`ShiftNet` in ``nets`` (all of the same shapes; ``None``
-    entries give ``None``), with gate and normalisation folded into the last layer. Their bounds are
+    entries give ``None``), with the normalisation folded into the last layer. Their bounds are
     computed together (one batched product per layer), once per call of the block, however often
     the networks are then applied."""
     live = [n for n in nets if n is not None]
@@ -266,28 +266,28 @@ def _shift_weights(*nets):
         if j == 0 and first.context_dim:
             W = W[..., :first.input_dim]
         B = _spectral_bound(W) if B is None else B * _spectral_bound(W)
-    t = torch.tanh(torch.stack([n.gate for n in live]))
-    if first.bound is not None:
-        t = t * torch.clamp(first.bound / B, max=1.0)
+    k = None if first.bound is None else torch.clamp(first.bound / B, max=1.0)
     out = []
     for i, (n, ws) in enumerate(zip(live, layers)):
         pairs = [(W, layer.bias) for W, layer in zip(ws, n.net.layers)]
-        W, b = pairs[-1]
-        pairs[-1] = (W * t[i], b * t[i])
+        if k is not None:
+            W, b = pairs[-1]
+            pairs[-1] = (W * k[i], b * k[i])
         out.append(pairs)
     it = iter(out)
     return [None if n is None else next(it) for n in nets]
 
 
 class ShiftNet(torch.nn.Module):
-    """A strictly triangular shift ``s(x) = tanh(g) * k * net(x, context)`` with ``Lip_x(s) <= lipschitz``.
+    """A strictly triangular shift ``s(x) = k * net(x, context)`` with ``Lip_x(s) <= lipschitz``.
 
     ``net`` is a :class:`~pyro_flows.nn.LipschitzMADE` (one output per coordinate, ELU, masked
     layers) used unnormalised; ``k = min(1, lipschitz / B)`` where ``B`` is the product of the
     layers' guaranteed spectral bounds (Schatten-8 norms of the masked weights, context columns
-    excluded, see :func:`_spectral_bound`), so ``Lip_x(s) <= |tanh g| min(B, lipschitz)`` for every parameter value and context.
-    Normalising the whole network once (not each layer) leaves the network free to distribute its
-    gain over layers. The gate ``g`` starts at zero (identity block at initialisation). ``upper=True``
+    excluded, see :func:`_spectral_bound`), so ``Lip_x(s) <= min(B, lipschitz)`` for every parameter
+    value and context. Normalising the whole network once (not each layer) leaves the network free to distribute its
+    gain over layers. The last layer starts at zero (identity block at initialisation; the bound's
+    derivative is never evaluated at zero: it is clamped away). ``upper=True``
     reverses input and output order (flipped masks of the first and last layers), so output ``i``
     depends on ``x_{>i}`` instead of ``x_{<i}``.
 
@@ -315,7 +315,9 @@ class ShiftNet(torch.nn.Module):
                 first, last = self.net.layers[0], self.net.layers[-1]
                 first.mask[:, :input_dim] = first.mask[:, :input_dim].flip(-1).clone()
                 last.mask.copy_(last.mask.flip(0))
-        self.gate = torch.nn.Parameter(torch.zeros(()))
+        with torch.no_grad():  # identity block at initialisation
+            self.net.layers[-1].weight.zero_()
+            self.net.layers[-1].bias.zero_()
         self.input_dim, self.context_dim = input_dim, context_dim
         self.bound = None if lipschitz is None else float(lipschitz)
 
@@ -332,7 +334,7 @@ class ShiftNet(torch.nn.Module):
                 B = B * _spectral_bound(W.unsqueeze(0))
             if self.bound is not None:
                 B = B.clamp(max=self.bound)
-            return float(torch.tanh(self.gate).abs() * B)
+            return float(B)
 
     def forward(self, x, context=None):
         return _apply(self.weights(), x, context)
@@ -347,12 +349,23 @@ def _shift_lower_bound(L, D):
 
 
 #: default x-space tolerance of the certified inverse, per dtype (float32: the conformance bar; the
-#: residual floor of float32 over the guaranteed slope bound is about ``6e-8 / 2.5e-4 = 2.4e-4``).
+#: residual floor of float32 over the guaranteed slope bound is about ``6e-8 |z| / 2.5e-4`` at the
+#: default bounds, so float32 inverses of badly conditioned blocks warn).
 _CERTIFIED_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 
 #: the context moves each raw D-scale parameter by at most this much (a soft clamp), so frequencies
 #: and offsets stay within a fixed distance of the free parameters for every context.
 _CONTEXT_RANGE = 4.0
+
+def _shift_residual(weights, u, z, ctx, eps):
+    """``|u + s(u) - z|_2`` plus an allowance for the rounding of its evaluation (a few ulps of each
+    term, and ``sqrt(n)`` ulps for each length-``n`` sum in the network: the probabilistic rounding
+    bound of Higham and Mary)."""
+    out = _apply(weights, u, ctx)
+    width = sum(W.shape[-1] for W, _ in weights)
+    slack = (4 + math.sqrt(width)) * eps * (u.abs() + out.abs() + z.abs())
+    return ((u + out - z).abs() + slack).norm(dim=-1)
+
 
 _CHECKS = frozenset([1, 2, 3, 4] + [c * 2 ** k for k in range(1, 20) for c in (3, 4)])
 
@@ -536,23 +549,22 @@ class ConditionedSinusoidal(FlowTransform):
         if lower is not None:
             u = implicit_fixed_point(lambda v: z - _apply(lower, v, ctx), u_lower, max_iter=D + 1,
                                      on_fail="ignore")
+        stages = [u.detach()]  # the input of each D-scale solve, then the input of the upper shift
         lad = 0.0
         for s in reversed(range(S)):
             p = _scale(params, s)
             u = implicit_monotone_root(lambda v, p=p: _dscale_and_derivative(v, *p), roots[s], u)
             lad = lad + dscale_log_derivative(u, *p[:4])
+            stages.append(u.detach())
         lad = lad.sum(-1)
         x = u
         if upper is not None:
             x = implicit_fixed_point(lambda v: u - _apply(upper, v, ctx), x_star, max_iter=D + 1,
                                      on_fail="ignore")
-        # 3. certify: the block's residual at x, over a guaranteed lower bound of its slope
+        # 3. certify the returned x
         with torch.no_grad():
             xd = x.detach()
-            z_check, _ = self._ldu_with(xd, cd, pd, upd, lod)
-            m = (_shift_lower_bound(L_U, D) * _shift_lower_bound(L_L, D)
-                 * (1 - pd[0].abs()).prod(-2).amin(-1))
-            bound = (z_check - z.detach()).norm(dim=-1) / m
+            bound = self._certify(z.detach(), stages, xd, pd, upd, lod, cd, L_U, L_L)
             atol, rtol = self._tolerances(z.dtype)
             failed = bound > atol + rtol * xd.norm(dim=-1)
             worst = float(bound.max()) if bound.numel() else 0.0
@@ -560,14 +572,47 @@ class ConditionedSinusoidal(FlowTransform):
             self.last_inverse_info = info
             if bool(failed.any()):
                 msg = (f"{type(self).__name__}: the numerical inverse reached a certified x-space error "
-                       f"bound of {worst:.3g} (|residual| / guaranteed slope bound {float(m.min()):.3g}; "
-                       f"tolerance atol={atol:.3g} + rtol={rtol:.3g} * |x|) on {int(failed.sum())} of "
-                       f"{failed.numel()} points; the block is too ill-conditioned for this dtype: "
-                       f"lower eps or shift_lipschitz, or use float64")
+                       f"bound of {worst:.3g} (tolerance atol={atol:.3g} + rtol={rtol:.3g} * |x|) on "
+                       f"{int(failed.sum())} of {failed.numel()} points; the block is too "
+                       f"ill-conditioned for this dtype: lower eps or shift_lipschitz, or use float64")
                 if self.on_fail == "raise":
                     raise SolverError(msg, residual=worst)
                 warnings.warn(msg, ConvergenceWarning, stacklevel=4)
         return x, lad
+
+    def _certify(self, z, stages, x, params, upper, lower, ctx, L_U, L_L):
+        """A guaranteed bound of ``|x - x*|_2`` per point (``x*`` the exact preimage of ``z``), from the
+        residual of each stage and how the errors of its input propagate:
+
+        * a shift ``v + s(v) = t`` with ``Lip(s) <= L``: ``|v - v*| <= (|residual| + |t - t*|) / m``,
+          ``m = 1 - L`` (:func:`_shift_lower_bound` for ``L >= 1``);
+        * a D-scale, elementwise: ``|v - v*| <= (|residual| + |t - t*|) / m_loc``, where the slope on
+          the interval that holds both is at least ``m_loc = max(1 - |alpha|, tau'(v) - delta M)``,
+          ``delta = (|residual| + |t - t*|) / (1 - |alpha|)`` and ``M = 2 |alpha| sum_k w_k a_k``
+          bounds ``|tau''|``. The local slope makes the bound sharp where the block is well
+          conditioned; the global one keeps it guaranteed everywhere.
+        """
+        D = self.input_dim
+        eps = torch.finfo(z.dtype).eps
+        err = torch.zeros_like(z[..., 0])
+        if lower is not None:
+            u = stages[0]
+            err = _shift_residual(lower, u, z, ctx, eps) / _shift_lower_bound(L_L, D)
+        err = err.unsqueeze(-1)  # elementwise bound of the D-scales' input error
+        for i, s in enumerate(reversed(range(params[0].shape[-2]))):
+            alpha, a, b, w, d = _scale(params, s)
+            t, v = stages[i], stages[i + 1]
+            value, slope = _dscale_and_derivative(v, alpha, a, b, w, d)
+            # the residual, plus what rounding may hide in it (|sin(a v) / a| <= |v|, sum |alpha w| <= 1)
+            e = (value - t).abs() + 8 * eps * (t.abs() + 2 * v.abs() + d.abs()) + err
+            A = alpha.abs()
+            curvature = 2 * A * (w * a).sum(-1)
+            m_loc = torch.maximum(1 - A, slope - e / (1 - A) * curvature)
+            err = e / m_loc
+        err = err.norm(dim=-1)
+        if upper is not None:
+            err = (_shift_residual(upper, x, stages[-1], ctx, eps) + err) / _shift_lower_bound(L_U, D)
+        return err
 
     # -- the protocol -----------------------------------------------------------------------------
     # ``lad`` below is always the log-det of the data -> noise LDU map at its data-side point, so the
