@@ -389,8 +389,9 @@ def test_seven_gaussians_pure_dscale_layers():
 
 @pytest.mark.slow
 def test_two_dimensional_toy_density():
-    """8gaussians (entropy 2.8314 nats): 3 LDU blocks reach a test NLL within 0.25 nats (seeded runs:
-    ~0.13); the best Gaussian is at 4.25. Samples drawn by the numerical inverse put 1/8 +- 0.04 of
+    """8gaussians (entropy 2.8314 nats): 3 LDU blocks reach a test NLL within 0.4 nats (seeded runs:
+    ~0.30 with the default Lipschitz-bounded shifts, ~0.14 with ``shift_lipschitz=None``); the best
+    Gaussian is at 4.25. Samples drawn by the numerical inverse put 1/8 +- 0.04 of
     their mass near each mode (nearest centre) and at least 90% within 3 component standard deviations
     of a centre (the true density: 98.9%)."""
     torch.manual_seed(0)
@@ -404,7 +405,7 @@ def test_two_dimensional_toy_density():
         nll = -d.log_prob(test).mean().item()
         samples = d.sample((3000,))
     H = ENTROPY["8gaussians"]
-    assert nll < H + 0.25, nll
+    assert nll < H + 0.4, nll
     centres = torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1)] + [(sx * h, sy * h) for sx in (1, -1)
                                                                    for sy in (1, -1) for h in [2 ** -0.5]])
     centres = centres * 4.0 / 1.414
@@ -416,7 +417,8 @@ def test_two_dimensional_toy_density():
     assert (dist_to.min(-1).values < 3 * std).float().mean() > 0.9
     for block in flow:
         info = block.last_inverse_info
-        assert info["lower_shift"] <= 2 and info["upper_shift"] <= 2
+        assert info["lower_shift"] <= 2 and info["upper_shift"] <= 2  # D = 2 passes make it exact
+        assert info["error_bound"] < 1e-3  # the float32 certificate
 
 
 @pytest.mark.slow

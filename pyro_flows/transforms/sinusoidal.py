@@ -37,10 +37,13 @@ nilpotent) and a contraction when ``L < 1``: it stops earlier once the a-posteri
 ``L / (1 - L) * |step|`` is below the dtype's tolerance (checked on a schedule: passes 1, 2, 3, 4, 6,
 8, 12, ...). Each D-scale is inverted by bracketed Newton (:func:`~pyro_flows.solvers.monotone_root`
 on the bracket ``(y - d) / (1 -+ |alpha|)``), stopping on the x-space bound
-``|residual| / (1 - |alpha|)``; then the upper shift like the lower one. Finally the block is applied
-to the result and the residual is turned into an x-space bound,
-``|x - x*|_2 <= |LDU(x) - z|_2 / ((1 - L_U)(1 - L_L) min_i prod_s (1 - |alpha_si|))``; if it exceeds
-``atol + rtol |x|_2`` (default ``1e-8`` in float64, ``1e-3`` in float32) a :class:`~pyro_flows.solvers.ConvergenceWarning` names the bound reached (or
+``|residual| / (1 - |alpha|)``; then the upper shift like the lower one. Finally each stage's
+residual (with an allowance for the rounding of its evaluation) is turned into a guaranteed x-space
+bound and propagated through the later stages: a shift divides by ``1 - L``, a D-scale by a
+guaranteed lower bound of its slope near the solution (``max(1 - |alpha|, tau'(v) - delta M)``, with
+``M`` a bound of ``|tau''|``: sharp where the block is well conditioned, the worst case where not).
+If the bound exceeds ``atol + rtol |x|_2`` (default ``1e-8`` in float64, ``1e-3`` in float32) a
+:class:`~pyro_flows.solvers.ConvergenceWarning` names the bound reached (or
 :class:`~pyro_flows.solvers.SolverError` with ``on_fail="raise"``). The bound and iteration counts
 of the last solve are in ``last_inverse_info``.
 
@@ -244,20 +247,21 @@ def _spectral_bound(W):
     batched matmuls), inflated by ``1 + (r + c)^2 eps`` for the rounding of those products. It is
     exact for rank one and within ``rank^(1/8)`` of ``||W||_2`` (``1.3`` for rank 8, ``1.7`` for 64)."""
     Wt = W.transpose(-1, -2)
-    G = W @ Wt if W.shape[-2] <= W.shape[-1] else Wt @ W
-    H = G @ G
+    G = torch.bmm(W, Wt) if W.shape[-2] <= W.shape[-1] else torch.bmm(Wt, W)
+    H = torch.bmm(G, G)
     margin = 1 + (W.shape[-2] + W.shape[-1]) ** 2 * torch.finfo(W.dtype).eps
     return (H * H).sum((-1, -2)).clamp_min(torch.finfo(W.dtype).tiny).pow(0.125) * margin
 
 
-def _shift_weights(*nets):
+def _shift_weights(*nets, bounds=False):
     """Effective ``[(W, b), ...]`` of each :class:`ShiftNet` in ``nets`` (all of the same shapes; ``None``
-    entries give ``None``), with the normalisation folded into the last layer. Their bounds are
+    entries give ``None``), with the normalisation folded into the last layer (and, with
+    ``bounds=True``, the guaranteed ``Lip_x`` of each, as floats). Their bounds are
     computed together (one batched product per layer), once per call of the block, however often
     the networks are then applied."""
     live = [n for n in nets if n is not None]
     if not live:
-        return [None] * len(nets)
+        return ([None] * len(nets), [0.0] * len(nets)) if bounds else [None] * len(nets)
     first = live[0]
     layers = [[layer.masked_weight() for layer in n.net.layers] for n in live]
     B = None
@@ -275,7 +279,13 @@ def _shift_weights(*nets):
             pairs[-1] = (W * k[i], b * k[i])
         out.append(pairs)
     it = iter(out)
-    return [None if n is None else next(it) for n in nets]
+    weights = [None if n is None else next(it) for n in nets]
+    if not bounds:
+        return weights
+    # the guaranteed Lip_x of each shift as used: min(B, L) (one host sync, numerical direction only)
+    lip = (B if first.bound is None else B.clamp(max=first.bound)).detach().tolist()
+    it = iter(lip)
+    return weights, [0.0 if n is None else next(it) for n in nets]
 
 
 class ShiftNet(torch.nn.Module):
@@ -522,7 +532,7 @@ class ConditionedSinusoidal(FlowTransform):
         D = self.input_dim
         params = self._scales_fn(self._context)
         S = params[0].shape[-2]
-        upper, lower = _shift_weights(self._upper_fn, self._lower_fn)
+        (upper, lower), (L_U, L_L) = _shift_weights(self._upper_fn, self._lower_fn, bounds=True)
         info = {"lower_shift": 0, "dscale_newton": [0] * S, "upper_shift": 0, "error_bound": 0.0}
 
         def detach(ws):
@@ -531,8 +541,6 @@ class ConditionedSinusoidal(FlowTransform):
         pd = tuple(p.detach() for p in params)
         upd, lod = detach(upper), detach(lower)
         cd = None if ctx is None else ctx.detach()
-        L_U = 0.0 if upper is None else self._upper_fn.lipschitz()
-        L_L = 0.0 if lower is None else self._lower_fn.lipschitz()
         # 1. solve without a graph, keeping the point each stage produced
         with torch.no_grad():
             u_lower = z.detach()
