@@ -1,23 +1,35 @@
-"""Family tests of Sinusoidal Flow (issue 4), beyond the shared conformance suite.
+"""Family tests of Sinusoidal Flow, beyond the shared conformance suite.
 
-* the stable D-scale against the paper's formula and a 50-digit reference (tiny frequencies);
-* contractivity and exact inversion for extreme parameter values (plain and conditional);
+* the stable D-scale against the paper's formula and a 300-digit reference (tiny frequencies);
+* the documented bounds (D-scale slopes, shift Lipschitz constants, the block's singular values) for
+  huge parameter values (plain and conditional);
+* never silently wrong: default sizes with parameters moved far from initialisation reconstruct or
+  warn; the certified bound covers the true error;
 * the shift inversions (exact after D passes) and the iteration report;
-* the other orientation (``fast_direction="forward"``) through the conformance checks;
+* the other orientation (``single_pass="sample"``) through the conformance checks;
 * the paper's 1-D experiment in miniature (7 well-separated Gaussians, pure D-scale layers) and a 2-D
   toy density, with NLL margins against exact entropies.
 """
 
 import math
+import warnings
 
 import pyro.distributions as dist
 import pytest
 import torch
+from conformance import (
+    Case,
+    batch_jacobian,
+    check_exact,
+    check_float32,
+    check_gradients,
+    perturb,
+)
 from pyro.distributions.torch_transform import ComposeTransformModule
 
 import pyro_flows
-from conformance import Case, check_exact, check_float32, check_gradients, perturb
 from pyro_flows.datasets import ENTROPY, toy_sample
+from pyro_flows.solvers import ConvergenceWarning, SolverError
 from pyro_flows.transforms.sinusoidal import (
     ConditionalSinusoidal,
     Sinusoidal,
@@ -103,46 +115,141 @@ def test_dscale_log_derivative_is_the_derivative_of_the_computed_map():
 
 
 @pytest.mark.parametrize("raw_scale", [30.0, 1e3])
-def test_contractive_for_extreme_parameters(raw_scale):
-    eps = 1e-3
+def test_slopes_bounded_for_extreme_parameters(raw_scale):
+    eps, S = 1e-3, 3
+    A = 1 - eps ** (1 / S)
     g = torch.Generator().manual_seed(3)
-    raw = raw_scale * torch.randn(3, 5, 3 * 4 + 2, generator=g, dtype=f64)
-    raw[..., 0] = raw_scale * torch.sign(torch.randn(3, 5, generator=g, dtype=f64))  # |alpha| -> 1 - eps
+    raw = raw_scale * torch.randn(S, 5, 3 * 4 + 2, generator=g, dtype=f64)
+    raw[..., 0] = raw_scale * torch.sign(torch.randn(S, 5, generator=g, dtype=f64))  # |alpha| -> A
     u = 10 * torch.randn(2000, 5, generator=g, dtype=f64)
     v = u + 1e-3 * torch.randn(2000, 5, generator=g, dtype=f64)
-    for alpha, a, b, w, d in _constrain(raw, eps):
-        assert alpha.abs().max() <= 1 - eps + 1e-15
-        slope = dscale_log_derivative(u, alpha, a, b, w).exp()
-        assert torch.isfinite(slope).all()
-        assert slope.min() >= eps * (1 - 1e-9) and slope.max() <= (2 - eps) * (1 + 1e-9)
+    params = _constrain(raw, eps)
+    total = torch.zeros_like(u)
+    for s in range(S):
+        alpha, a, b, w, d = (p[s] for p in params)
+        assert alpha.abs().max() <= A + 1e-15
+        log_slope = dscale_log_derivative(u, alpha, a, b, w)
+        assert torch.isfinite(log_slope).all()
+        slope = log_slope.exp()
+        assert slope.min() >= (1 - A) * (1 - 1e-9) and slope.max() <= (1 + A) * (1 + 1e-9)
         # the residual u - tau(u) is a contraction with constant |alpha|
         res_u, res_v = u - dscale(u, alpha, a, b, w, d), v - dscale(v, alpha, a, b, w, d)
-        ratio = (res_u - res_v).abs() / (u - v).abs()
-        assert ratio.max() <= (1 - eps) * (1 + 1e-6)
-    # the module with such parameters still inverts exactly (Banach skipped -> bracketed Newton)
-    t = Sinusoidal(5, hidden_dims=[10], num_scales=3, num_sinusoids=4, eps=eps).double()
+        assert ((res_u - res_v).abs() / (u - v).abs()).max() <= A * (1 + 1e-6)
+        total = total + log_slope
+        u = dscale(u, alpha, a, b, w, d)
+        v = dscale(v, alpha, a, b, w, d)
+    # the documented per-block bound: log-slope of the D-scale chain in [log eps, -log eps]
+    assert total.min() >= math.log(eps) - 1e-9 and total.max() <= -math.log(eps) + 1e-9
+    assert total.min() < math.log(eps) + 1.5  # and the extreme parameters do reach near it
+    # the module with such parameters still inverts exactly
+    t = Sinusoidal(5, hidden_dims=[10], num_scales=S, num_sinusoids=4, eps=eps).double()
     with torch.no_grad():
         t.raw_scales.copy_(raw)
     x = 3 * torch.randn(50, 5, generator=g, dtype=f64)
     z = t.inv(x)  # analytic direction (data -> noise)
     x_rec = t(z.clone())
     assert (x_rec - x).abs().max() < 1e-7
-    assert sum(t.last_inverse_info["dscale_newton"]) > 0
+    assert t.last_inverse_info["error_bound"] < 1e-8
 
 
-def test_conditional_dscales_contractive_for_every_context():
+@pytest.mark.parametrize("conditional", [False, True])
+def test_block_condition_bound_holds_for_huge_parameters(conditional):
+    """The documented bound: every singular value of a block's Jacobian lies in
+    ``[(1 - L)^2 eps, (1 + L)^2 / eps]`` and each shift has ``Lip <= L``, for any parameter values."""
+    D, eps, L = 6, 1e-3, 0.5
+    if conditional:
+        m = ConditionalSinusoidal(D, 2, eps=eps, shift_lipschitz=L).double()
+    else:
+        m = Sinusoidal(D, eps=eps, shift_lipschitz=L).double()
+    perturb(m, 50.0)
+    assert m.upper_nn.lipschitz() <= L * (1 + 1e-5) and m.lower_nn.lipschitz() <= L * (1 + 1e-5)
+    ctx = 10 * torch.randn(40, 2, dtype=f64)
+    t = m.condition(ctx) if conditional else m
+    x = 3 * torch.randn(40, D, dtype=f64)
+    jac = batch_jacobian(lambda inp: t.inv(inp), x)  # the analytic LDU block, data -> noise
+    sv = torch.linalg.svdvals(jac)
+    assert sv.min() >= (1 - L) ** 2 * eps * (1 - 1e-9), sv.min()
+    assert sv.max() <= (1 + L) ** 2 / eps * (1 + 1e-9), sv.max()
+    lad = -t.inv.log_abs_det_jacobian(x, t.inv(x))
+    assert lad.abs().max() <= -D * math.log(eps) + 1e-9
+    # a Lipschitz estimate of each shift from random pairs never exceeds the guaranteed bound
+    for net in (m.upper_nn, m.lower_nn):
+        a, b = torch.randn(500, D, dtype=f64), torch.randn(500, D, dtype=f64)
+        c = ctx[:1].expand(500, 2) if conditional else None
+        ratio = (net(a, c) - net(b, c)).norm(dim=-1) / (a - b).norm(dim=-1)
+        assert ratio.max() <= L * (1 + 1e-9)
+
+
+def test_conditional_dscales_bounded_for_every_context():
     m = ConditionalSinusoidal(3, 2, hidden_dims=[8], num_scales=2, num_sinusoids=3).double()
     perturb(m, 2.0)
     ctx = 1e3 * torch.randn(64, 2, dtype=f64)
-    for alpha, a, b, w, d in m._scales(ctx):
-        # softplus may underflow to a = 0 for huge contexts: the stable form is then its exact limit
-        assert alpha.abs().max() <= 1 - m.eps + 1e-15 and (a >= 0).all()
-        assert torch.allclose(w.sum(-1), torch.ones((), dtype=f64))
+    alpha, a, _, w, d = m._scales(ctx)
+    # softplus may underflow to a = 0 for huge raw values: the stable form is then its exact limit
+    assert alpha.abs().max() <= 1 - m.eps ** 0.5 + 1e-15 and (a >= 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones((), dtype=f64))
+    # the context moves raw parameters by at most 4 (soft clamp): offsets stay near the free ones
+    assert (d - m.raw_scales[..., -1]).abs().max() <= 4
     t = m.condition(ctx)
     x = torch.randn(64, 3, dtype=f64)
     y = t(x)
     assert torch.isfinite(y).all()
     assert (t.inv(y.clone()) - x).abs().max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# never silently wrong: default sizes, parameters moved far from initialisation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("D", [5, 8, 16])
+def test_reconstructs_or_warns_at_default_sizes(D, conditional, single_pass):
+    """``flow("sinusoidal", D)`` at defaults, every parameter moved by s * N(0, 1): s = 2 reconstructs
+    to 1e-6 (a warning would fail: pytest turns ConvergenceWarning into an error); s = 5 reconstructs
+    or warns."""
+    for s in (2.0, 5.0):
+        torch.manual_seed(0)
+        m = pyro_flows.flow("sinusoidal", D, num_layers=4, context_dim=3 if conditional else None,
+                            single_pass=single_pass).double()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(s * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        t = m.condition(torch.randn(128, 3, dtype=f64, generator=g)) if conditional else m
+        x = 1.5 * torch.randn(128, D, dtype=f64, generator=g)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always" if s == 5.0 else "error", ConvergenceWarning)
+            with torch.no_grad():
+                x_rec = t.inv(t(x).clone())
+        warned = any(issubclass(c.category, ConvergenceWarning) for c in caught)
+        assert warned or (x_rec - x).abs().max() < 1e-6, (s, (x_rec - x).abs().max())
+
+
+def test_certificate_bounds_the_true_error():
+    """A float32 block's certified bound covers its distance to the exact solution (the float64
+    solve of the same, float32-representable, parameters: exact to ~1e-12), and an unreachable
+    tolerance warns (or raises) naming the bound."""
+    D = 6
+    m = perturb(Sinusoidal(D, hidden_dims=[24, 24]), 2.0)  # float32 parameters
+    z = 1.5 * torch.randn(256, D)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            x32 = m(z)
+        bound = m.last_inverse_info["error_bound"]
+        m = m.double()
+        x64 = m(z.double())
+    err = (x32.double() - x64).norm(dim=-1).max().item()
+    assert 0 < err <= bound, (err, bound)
+    m = m.double()
+    tight = Sinusoidal(D, hidden_dims=[24, 24], atol=1e-30, rtol=0.0).double()
+    tight.load_state_dict(m.state_dict())
+    z = z.double()
+    with pytest.warns(ConvergenceWarning, match="error bound"):
+        tight(z.clone())
+    tight.on_fail = "raise"
+    with pytest.raises(SolverError, match="error bound"):
+        tight(z.clone())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,24 +265,27 @@ def test_identity_at_initialisation():
     assert torch.equal(y, x) and torch.equal(tc.log_abs_det_jacobian(x, y), torch.zeros(7))
 
 
-@pytest.mark.parametrize("shift_tol", [None, 0.0])
-def test_shift_inversion_is_exact_within_D_passes(shift_tol):
+def test_shift_inversion_is_exact_within_D_passes():
     D = 6
-    t = perturb(Sinusoidal(D, hidden_dims=[12], num_scales=2, shift_tol=shift_tol).double(), 1.0)
+    t = perturb(Sinusoidal(D, hidden_dims=[12], num_scales=2).double(), 1.0)
     x = torch.randn(100, D, dtype=f64)
     z = t.inv(x)
     x_rec = t(z.clone())
     info = t.last_inverse_info
     assert (x_rec - x).abs().max() < 1e-9
     assert 1 <= info["lower_shift"] <= D and 1 <= info["upper_shift"] <= D
-    assert len(info["dscale_fixed_point"]) == 2 and len(info["dscale_newton"]) == 2
+    assert len(info["dscale_newton"]) == 2
     # the upper shift is strictly upper triangular: its last coordinate is a constant
     assert (t.upper_nn(x)[:, -1] - t.upper_nn(torch.randn(100, D, dtype=f64))[:, -1]).abs().max() == 0
     assert (t.lower_nn(x)[:, 0] - t.lower_nn(torch.randn(100, D, dtype=f64))[:, 0]).abs().max() == 0
+    jac = batch_jacobian(lambda v: t.upper_nn(v), x[:3])
+    assert (jac.tril() == 0).all() and (jac.triu(1) != 0).any()
+    jac = batch_jacobian(lambda v: t.lower_nn(v), x[:3])
+    assert (jac.triu() == 0).all() and (jac.tril(-1) != 0).any()
 
 
-def test_forward_orientation_passes_the_conformance_checks():
-    kw = dict(hidden_dims=[8], num_scales=2, num_sinusoids=2, fast_direction="forward")
+def test_sample_orientation_passes_the_conformance_checks():
+    kw = {"hidden_dims": [8], "num_scales": 2, "num_sinusoids": 2, "single_pass": "sample"}
     cases = [Case("fwd", lambda d: Sinusoidal(d, **kw)),
              Case("cfwd", lambda d, c: ConditionalSinusoidal(d, c, **kw), conditional=True),
              Case("nocache", lambda d: Sinusoidal(d, hidden_dims=[8], num_scales=2, cache_size=0))]
@@ -203,12 +313,18 @@ def test_bad_arguments():
         Sinusoidal(8, hidden_dims=[4])
     with pytest.raises(ValueError, match="eps"):
         Sinusoidal(2, eps=1.0)
-    with pytest.raises(ValueError, match="fast_direction"):
-        Sinusoidal(2, fast_direction="sideways")
+    with pytest.raises(ValueError, match="single_pass"):
+        Sinusoidal(2, single_pass="sideways")
+    with pytest.raises(TypeError, match="fast_direction"):  # the old name is gone, not aliased
+        Sinusoidal(2, fast_direction="forward")
+    with pytest.raises(ValueError, match="single_pass"):
+        ConditionalSinusoidal(2, 2, single_pass="forward")
     with pytest.raises(ValueError, match="num_scales"):
         ConditionalSinusoidal(2, 2, num_scales=0)
-    with pytest.raises(ValueError, match="shift_tol"):
-        Sinusoidal(2, shift_tol=-1.0)
+    with pytest.raises(ValueError, match="shift_lipschitz"):
+        Sinusoidal(2, shift_lipschitz=-1.0)
+    with pytest.raises(ValueError, match="on_fail"):
+        Sinusoidal(2, on_fail="ignore")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,10 +389,11 @@ def test_seven_gaussians_pure_dscale_layers():
 
 @pytest.mark.slow
 def test_two_dimensional_toy_density():
-    """8gaussians (entropy 2.8314 nats): 3 LDU blocks reach a test NLL within 0.25 nats (seeded runs:
-    ~0.13); the best Gaussian is at 4.25. Samples drawn by the numerical inverse put 1/8 +- 0.04 of
-    their mass near each mode (nearest centre) and at least 90% within 3 component standard deviations
-    of a centre (the true density: 98.9%)."""
+    """8gaussians (entropy 2.8314 nats): 3 LDU blocks reach a test NLL within 0.4 nats (seeded runs:
+    ~0.30 with the default Lipschitz-bounded shifts, ~0.14 with ``shift_lipschitz=None``); the best
+    Gaussian is at 4.25. Samples drawn by the numerical inverse put 1/8 +- 0.04 of
+    their mass near each mode (nearest centre) and at least 80% within 3 component standard deviations
+    of a centre (the true density: 98.9%; seeded runs: 85%; the moment-matched Gaussian: 41%)."""
     torch.manual_seed(0)
     flow = pyro_flows.flow("sinusoidal", 2, num_layers=3, hidden_dims=[32, 32], num_scales=2)
     d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), list(flow))
@@ -288,7 +405,7 @@ def test_two_dimensional_toy_density():
         nll = -d.log_prob(test).mean().item()
         samples = d.sample((3000,))
     H = ENTROPY["8gaussians"]
-    assert nll < H + 0.25, nll
+    assert nll < H + 0.4, nll
     centres = torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1)] + [(sx * h, sy * h) for sx in (1, -1)
                                                                    for sy in (1, -1) for h in [2 ** -0.5]])
     centres = centres * 4.0 / 1.414
@@ -297,10 +414,11 @@ def test_two_dimensional_toy_density():
     share = torch.bincount(nearest, minlength=8).float() / len(samples)
     assert (share - 0.125).abs().max() < 0.04, share
     std = 0.5 / 1.414
-    assert (dist_to.min(-1).values < 3 * std).float().mean() > 0.9
+    assert (dist_to.min(-1).values < 3 * std).float().mean() > 0.8
     for block in flow:
         info = block.last_inverse_info
-        assert info["lower_shift"] <= 2 and info["upper_shift"] <= 2
+        assert info["lower_shift"] <= 2 and info["upper_shift"] <= 2  # D = 2 passes make it exact
+        assert info["error_bound"] < 1e-3  # the float32 certificate
 
 
 @pytest.mark.slow

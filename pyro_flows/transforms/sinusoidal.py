@@ -8,67 +8,68 @@ One layer (an *LDU block*) is the paper's map from data ``x`` to noise ``z`` (it
 
 Each D-scale acts on every coordinate with its own K sinusoids (``K = num_sinusoids``)::
 
-    tau(u) = u - alpha * sum_k w_k [sin(2 a_k u + 2 b_k) - sin(2 b_k)] / (2 a_k) + d
+    tau(u) = u - alpha * sum_k w_k sin(a_k u) cos(a_k u + 2 b_k) / a_k + d
     tau'(u) = 1 - alpha * sum_k w_k cos(2 a_k u + 2 b_k)
 
-with convex weights ``w = softmax(.)``, positive frequencies ``a = softplus(.)``, phases ``b``, a shift
-``d`` and the residual weight ``alpha = (1 - eps) tanh(.)``, so ``eps <= tau' <= 2 - eps`` for *every*
-raw parameter value: each D-scale is strictly increasing and ``u -> u - tau(u)`` is a contraction with
-Lipschitz constant ``|alpha| <= 1 - eps`` (Banach). The log-det of a block is
-``sum_i sum_s log1p(-alpha * sum_k w_k cos(2 a_k u + 2 b_k))``: the shifts have unit-triangular Jacobians.
+with convex weights ``w = softmax(.)``, frequencies ``a = softplus(.)``, phases ``b``, a shift ``d``
+and ``alpha = (1 - eps^(1/S)) tanh(.)``.
 
-Choices made where the paper is vague or numerically loose (all documented here, tested in
-``tests/test_sinusoidal.py``):
+**Guaranteed bounds (any parameter values, any context).** With ``A = 1 - eps^(1/S)``:
+
+* each D-scale has slope ``tau' in [1 - |alpha|, 1 + |alpha|]``, and the product of a block's S
+  slopes, coordinate by coordinate, lies in ``[eps, (2 - eps^(1/S))^S]``, inside ``[eps, 1/eps]``
+  (``log(2 - e^(-t)) <= t``). So the per-block, per-coordinate log-slope is in
+  ``[log eps, -log eps]`` (``+-6.91`` at the default ``eps = 1e-3``) and the block's log-det in
+  ``[D log eps, -D log eps]``, whatever ``num_scales``, ``num_sinusoids`` or the widths;
+* each shift is a normalised :class:`~pyro_flows.nn.LipschitzMADE`,
+  ``s(x) = min(1, L / B) net(x)`` with ``B`` a guaranteed bound of ``Lip(net)`` (see
+  :class:`ShiftNet`), so ``Lip(s) <= shift_lipschitz = L`` (default ``0.5``). A
+  strictly triangular shift with ``Lip(s) <= L < 1`` has ``1 - L <= sigma(I + J_s) <= 1 + L``;
+* hence the block's Jacobian ``(I + J_L) diag(prod_s tau_s') (I + J_U)`` has singular values in
+  ``[(1 - L)^2 eps, (1 + L)^2 / eps]`` (``[2.5e-4, 2.25e3]`` at the defaults): a condition number at
+  most ``((1 + L) / (1 - L))^2 / eps^2``, independent of ``D``. (``shift_lipschitz=None`` removes
+  the normalisation, as in the paper; the bound then becomes ``sum_{k<D} Lip^k`` per shift, which
+  grows with ``D``, and the certificate below uses it.)
+
+**The numerical direction is certified.** The inverse of a block (noise -> data) solves the lower
+shift by the fixed point ``u <- z - s_L(u)``, which is exact after ``D`` passes (the Jacobian is
+nilpotent) and a contraction when ``L < 1``: it stops earlier once the a-posteriori bound
+``L / (1 - L) * |step|`` is below the dtype's tolerance (checked on a schedule: passes 1, 2, 3, 4, 6,
+8, 12, ...). Each D-scale is inverted by bracketed Newton (:func:`~pyro_flows.solvers.monotone_root`
+on the bracket ``(y - d) / (1 -+ |alpha|)``), stopping on the x-space bound
+``|residual| / (1 - |alpha|)``; then the upper shift like the lower one. Finally each stage's
+residual (with an allowance for the rounding of its evaluation) is turned into a guaranteed x-space
+bound and propagated through the later stages: a shift divides by ``1 - L``, a D-scale by a
+guaranteed lower bound of its slope near the solution (``max(1 - |alpha|, tau'(v) - delta M)``, with
+``M`` a bound of ``|tau''|``: sharp where the block is well conditioned, the worst case where not).
+If the bound exceeds ``atol + rtol |x|_2`` (default ``1e-8`` in float64, ``1e-3`` in float32) a
+:class:`~pyro_flows.solvers.ConvergenceWarning` names the bound reached (or
+:class:`~pyro_flows.solvers.SolverError` with ``on_fail="raise"``). The bound and iteration counts
+of the last solve are in ``last_inverse_info``.
+
+Choices made where the paper is vague or numerically loose (tested in ``tests/test_sinusoidal.py``):
 
 * **Stable D-scale.** The paper's ``(sin 2b - sin 2(au+b)) / (2a)`` cancels catastrophically for small
-  ``a u`` (and divides 0 by 0 as ``a -> 0``). We use the exact product-to-sum identity
-  ``[sin(2au + 2b) - sin 2b] / (2a) = sin(a u) cos(a u + 2b) / a``, whose factor
-  ``sin(a u) / a = u sinc(a u)`` has no subtraction and is accurate to a few ulps for every ``a``; the
-  derivative of the form is exactly ``cos(2au + 2b)``. Frequencies are floored at ``sqrt(tiny)`` of the
-  dtype (so ``a u`` never becomes denormal and ``softplus`` underflow to ``a = 0`` is harmless): the
-  D-scale is then its ``a -> 0`` limit ``u cos(2b)`` to relative ``a u``, still with slope ``>= eps``.
-  (``torch.sinc`` computes the same factor but is several times slower than ``sin`` on CPU.) The
-  paper's additive constant ``sum_k w_k sin(2b_k)/(2a_k)`` is part of this form (so ``tau(0) = d``).
-* **Log-det** is ``log1p`` of the exact derivative ``- alpha sum_k w_k cos(.)``, evaluated at the point
-  the map was actually applied to (also after a numerical solve), so it is the log-det of the computed map.
-* **D-scale parameters are free per-dimension parameters** in :class:`Sinusoidal` (the paper's
-  "independent conditioner"). In :class:`ConditionalSinusoidal` they are free parameters *plus* the
-  output of a dense network of the context (last layer zero at initialisation); they enter the same
-  constraining functions, so every D-scale is contractive for every context. The context also drives
-  both shift conditioners (Pyro's ``ConditionalAutoRegressiveNN``).
-* **Conditioners.** Pyro's MADE ``AutoRegressiveNN`` with ``param_dims=[1]``: identity permutation for
-  ``s_L`` (output ``i`` sees ``u_{<i}``) and the reversed permutation for ``s_U`` (output ``i`` sees
-  ``x_{>i}``). Their last layers start at zero and ``alpha`` starts at zero, so a block is the identity
-  at initialisation (ReZero-style, as the paper suggests). For ``input_dim == 1`` (or ``shift=False``,
-  the paper's "pure D-scale" flow) there are no shift networks: a strictly triangular shift in one
-  dimension is a constant, which the D-scale's ``d`` already provides.
-* **Direction.** Pyro's ``_call`` maps noise to data. By default (``fast_direction="inverse"``) the
-  paper's orientation is kept: ``_inverse`` (data -> noise, i.e. ``log_prob`` of data) is the analytic
-  LDU block and ``_call`` (sampling, ``rsample``) is the numerical inverse. ``fast_direction="forward"``
-  swaps them (IAF-like: cheap ``rsample`` for SVI guides, numerical ``log_prob`` of external data).
-* **Exact inversion.** The triangular shift ``z = u + s_L(u)`` is inverted by the fixed point
-  ``u <- z - s_L(u)`` started at ``z``. Because the Jacobian of ``s_L`` is strictly triangular
-  (nilpotent), the ``k``-th iterate is exact in its first ``k`` coordinates, so the iteration is capped
-  at ``D`` iterations, where it is exact whatever the network's Lipschitz constant (the paper's "Algorithm
-  1" has no guarantee for the shifts). By default (``shift_tol=0``) it stops earlier only on an exactly
-  repeated iterate, which is then an exact fixed point; ``shift_tol=None`` stops once the step is below
-  :func:`~pyro_flows.solvers.default_tolerance` of the dtype, which is faster but leaves an error of
-  about ``||(I + J_s)^{-1}|| * step`` that no a-priori bound controls, so it is opt-in. Each D-scale is inverted by Banach iteration (:func:`~pyro_flows.solvers.fixed_point`
-  with the elementwise ``lipschitz=|alpha|``, so the stopping rule bounds the true error) for at most
-  ``max_iter`` iterations. It is skipped when ``max|alpha|`` predicts more than ``max_iter`` steps or a
-  stopping rule that rounding cannot meet (``|alpha|/(1-|alpha|) > tol / (4 eps_dtype)``, i.e.
-  ``|alpha| > 0.68`` in float32); then, or if it does not reach the tolerance, the solve finishes with
-  the bracketed Newton solver :func:`~pyro_flows.solvers.monotone_root` on the bracket
-  ``(y - d) / (1 -+ |alpha|)`` (each D-scale is increasing with slope in ``[1 - |alpha|, 1 + |alpha|]``),
-  which warns or raises if *it* stops short: a result is never silently
-  unconverged. Iteration counts of the last numerical solve are in ``last_inverse_info``.
-* **Gradients through the numerical direction** use implicit differentiation:
-  :func:`~pyro_flows.solvers.implicit_monotone_root` for the D-scales and
-  :func:`~pyro_flows.solvers.implicit_fixed_point` for the shifts (its adjoint iteration is nilpotent too,
-  capped at ``D + 1``).
-* **Initial frequencies** ``a_k`` are geometric, ``2^{k - K/2}`` (``0.25, 0.5, 1, 2`` for ``K = 4``), phases
-  uniform in ``(-pi/2, pi/2)``, weights uniform: the paper does not say; this spreads the "staircase"
-  periods over an order of magnitude.
+  ``a u``. We use the exact identity ``[sin(2au + 2b) - sin 2b] / (2a) = sin(a u) cos(a u + 2b) / a``,
+  whose factor ``sin(a u) / a = u sinc(a u)`` has no subtraction; frequencies are floored at
+  ``sqrt(tiny)`` of the dtype (the D-scale is then its ``a -> 0`` limit ``u cos(2b)``). The paper's
+  additive constant is part of this form (``tau(0) = d``).
+* **Log-det** is ``log1p`` of the exact derivative, at the point the map was actually applied to
+  (also after a numerical solve): the log-det of the computed map. Shifts are volume preserving.
+* **D-scale parameters** are free per-dimension parameters in :class:`Sinusoidal` (the paper's
+  "independent conditioner"); in :class:`ConditionalSinusoidal` free parameters plus a dense network
+  of the context soft-clamped to ``+-4`` (``4 tanh(h / 4)``), through the same constraints (so the bounds hold for every context). The context
+  also enters both shift conditioners (not their Lipschitz bound in ``x``).
+* **Identity at initialisation** (ReZero, as the paper suggests): ``alpha = 0`` and the shifts' last
+  layers are zero. For ``input_dim == 1`` (or ``shift=False``, the paper's "pure D-scale" flow) there are no
+  shifts.
+* **Direction** (``single_pass``). Pyro's ``_call`` maps noise to data. ``"log_prob"`` (default) keeps
+  the paper's orientation: ``_inverse`` (data -> noise, ``log_prob`` of data) is the analytic block
+  and ``_call`` (``rsample``) the certified numerical inverse. ``"sample"`` swaps them (cheap
+  ``rsample`` for guides, numerical ``log_prob`` of external data).
+* **Gradients through the numerical direction** use implicit differentiation
+  (:func:`~pyro_flows.solvers.implicit_monotone_root`, :func:`~pyro_flows.solvers.implicit_fixed_point`).
+* **Initial frequencies** ``a_k = 2^(k - K/2)``, phases uniform in ``(-pi/2, pi/2)``, uniform weights.
 * ``flow()`` puts no permutation between blocks: each LDU block already has a dense Jacobian.
 
 References:
@@ -80,34 +81,36 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
-from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN, DenseNN
+from pyro.nn import DenseNN
 
+from ..nn import LipschitzMADE
 from ..registry import register_flow
 from ..solvers import (
+    ConvergenceWarning,
+    SolverError,
     default_tolerance,
-    fixed_point,
     implicit_fixed_point,
     implicit_monotone_root,
     monotone_root,
 )
-from ..validation import broadcast_context, check_dim, check_finite
+from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = [
+    "ConditionalSinusoidal",
+    "ConditionedSinusoidal",
+    "ShiftNet",
+    "Sinusoidal",
+    "conditional_sinusoidal",
     "dscale",
     "dscale_log_derivative",
-    "ConditionedSinusoidal",
-    "Sinusoidal",
-    "ConditionalSinusoidal",
     "sinusoidal",
-    "conditional_sinusoidal",
 ]
-
-_DIRECTIONS = ("inverse", "forward")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,13 +136,19 @@ def dscale(u, alpha, a, b, w, d):
 
     ``tau(u) = u - alpha * sum_k w_k * sin(a_k u) * cos(a_k u + 2 b_k) / a_k + d``, which equals the
     paper's ``u - alpha * sum_k w_k [sin(2 a_k u + 2 b_k) - sin(2 b_k)] / (2 a_k) + d`` (product-to-sum
-    identity) without its subtraction: ``sin(a u) / a = u sinc(a u)`` is accurate to a few ulps for
-    every ``a`` (see :func:`_angles` for the floor on ``a``).
+    identity) without its subtraction.
 
     Arguments:
         u: ``(..., D)``.
         alpha, d: broadcastable to ``(..., D)``.
         a, b, w: broadcastable to ``(..., D, K)`` (``a >= 0``, ``w`` convex weights).
+
+    Example:
+        >>> import torch
+        >>> u = torch.linspace(-2, 2, 5)
+        >>> p = (torch.full((5,), 0.5), torch.ones(5, 2), torch.zeros(5, 2), torch.full((5, 2), 0.5))
+        >>> dscale(u, *p, torch.zeros(5)).shape
+        torch.Size([5])
     """
     _, theta, phi, _, awa = _angles(u, alpha, a, b, w)
     return u - (awa * torch.sin(theta) * torch.cos(phi)).sum(-1) + d
@@ -167,17 +176,47 @@ def _dscale_and_derivative(u, alpha, a, b, w, d):
     return u - r + d, 1 - (aw * torch.cos(theta + phi)).sum(-1)
 
 
+def _alpha_max(eps, num_scales):
+    """``A = 1 - eps^(1/S)``: S D-scales with ``|alpha| <= A`` have a slope product in ``[eps, 1/eps]``."""
+    return 1.0 - eps ** (1.0 / num_scales)
+
+
 def _constrain(raw, eps):
-    """Raw D-scale parameters ``(..., S, D, 3K + 2)`` -> per-scale ``(alpha, a, b, w, d)`` tuples."""
+    """Raw D-scale parameters ``(..., S, D, 3K + 2)`` -> stacked ``(alpha, a, b, w, d)``.
+
+    ``alpha, d``: ``(..., S, D)``; ``a, b, w``: ``(..., S, D, K)``; ``|alpha| <= 1 - eps^(1/S)``.
+    """
     K = (raw.shape[-1] - 2) // 3
-    alpha = (1 - eps) * torch.tanh(raw[..., 0])
+    alpha = _alpha_max(eps, raw.shape[-3]) * torch.tanh(raw[..., 0])
     a = F.softplus(raw[..., 1:1 + K])
     b = raw[..., 1 + K:1 + 2 * K]
     w = torch.softmax(raw[..., 1 + 2 * K:1 + 3 * K], dim=-1)
     d = raw[..., -1]
-    S = raw.shape[-3]
-    return [(alpha[..., s, :], a[..., s, :, :], b[..., s, :, :], w[..., s, :, :], d[..., s, :])
-            for s in range(S)]
+    return alpha, a, b, w, d
+
+
+def _scale(params, s):
+    """The parameters of D-scale ``s`` from the stacked ones."""
+    alpha, a, b, w, d = params
+    return alpha[..., s, :], a[..., s, :, :], b[..., s, :, :], w[..., s, :, :], d[..., s, :]
+
+
+def _block_terms(params):
+    """The point-independent terms of :func:`_angles` for all scales at once, split per scale:
+    ``[(a, 2 b, alpha w, alpha w / a, d), ...]`` (the same operations, so the same rounding)."""
+    alpha, a, b, w, d = params
+    a = a.clamp_min(torch.finfo(a.dtype).tiny ** 0.5)
+    aw = alpha.unsqueeze(-1) * w
+    return list(zip(a.unbind(-3), (2 * b).unbind(-3), aw.unbind(-3), (aw / a).unbind(-3), d.unbind(-2)))
+
+
+def _dscale_fast(u, a, two_b, aw, awa, d):
+    """``(tau(u), log tau'(u))`` from :func:`_block_terms` (the single-pass hot path)."""
+    theta = a * u.unsqueeze(-1)
+    phi = theta + two_b
+    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
+    c = (aw * torch.cos(theta + phi)).sum(-1)
+    return u - r + d, torch.log1p(-c)
 
 
 def _init_raw(num_scales, input_dim, K):
@@ -189,18 +228,171 @@ def _init_raw(num_scales, input_dim, K):
     return raw
 
 
-def _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction, max_iter,
-                shift_tol):
+# ------------------------------------------------------------------------------------------------
+# the shifts
+# ------------------------------------------------------------------------------------------------
+def _apply(weights, x, ctx=None):
+    """Run a MADE given its effective ``[(W, b), ...]`` (ELU between layers, as LipschitzMADE)."""
+    h = x if ctx is None else torch.cat([x, ctx], dim=-1)
+    for i, (W, b) in enumerate(weights):
+        if i:
+            h = F.elu(h)
+        h = F.linear(h, W, b)
+    return h
+
+
+def _spectral_bound(W):
+    """Guaranteed, differentiable upper bounds of ``||W_i||_2`` for a stack ``W`` (``(n, r, c)``)
+    without an SVD: the Schatten-8 norm ``(sum_j sigma_j^8)^(1/8) = ||(W W^T)^2||_F^(1/4)`` (two small
+    batched matmuls), inflated by ``1 + (r + c)^2 eps`` for the rounding of those products. It is
+    exact for rank one and within ``rank^(1/8)`` of ``||W||_2`` (``1.3`` for rank 8, ``1.7`` for 64)."""
+    Wt = W.transpose(-1, -2)
+    G = torch.bmm(W, Wt) if W.shape[-2] <= W.shape[-1] else torch.bmm(Wt, W)
+    H = torch.bmm(G, G)
+    margin = 1 + (W.shape[-2] + W.shape[-1]) ** 2 * torch.finfo(W.dtype).eps
+    return (H * H).sum((-1, -2)).clamp_min(torch.finfo(W.dtype).tiny).pow(0.125) * margin
+
+
+def _shift_weights(*nets, bounds=False):
+    """Effective ``[(W, b), ...]`` of each :class:`ShiftNet` in ``nets`` (all of the same shapes; ``None``
+    entries give ``None``), with the normalisation folded into the last layer (and, with
+    ``bounds=True``, the guaranteed ``Lip_x`` of each, as floats). Their bounds are
+    computed together (one batched product per layer), once per call of the block, however often
+    the networks are then applied."""
+    live = [n for n in nets if n is not None]
+    if not live:
+        return ([None] * len(nets), [0.0] * len(nets)) if bounds else [None] * len(nets)
+    first = live[0]
+    layers = [[layer.masked_weight() for layer in n.net.layers] for n in live]
+    B = None
+    for j in range(len(layers[0])):
+        W = torch.stack([ws[j] for ws in layers])
+        if j == 0 and first.context_dim:
+            W = W[..., :first.input_dim]
+        B = _spectral_bound(W) if B is None else B * _spectral_bound(W)
+    k = None if first.bound is None else torch.clamp(first.bound / B, max=1.0)
+    out = []
+    for i, (n, ws) in enumerate(zip(live, layers)):
+        pairs = [(W, layer.bias) for W, layer in zip(ws, n.net.layers)]
+        if k is not None:
+            W, b = pairs[-1]
+            pairs[-1] = (W * k[i], b * k[i])
+        out.append(pairs)
+    it = iter(out)
+    weights = [None if n is None else next(it) for n in nets]
+    if not bounds:
+        return weights
+    # the guaranteed Lip_x of each shift as used: min(B, L) (one host sync, numerical direction only)
+    lip = (B if first.bound is None else B.clamp(max=first.bound)).detach().tolist()
+    it = iter(lip)
+    return weights, [0.0 if n is None else next(it) for n in nets]
+
+
+class ShiftNet(torch.nn.Module):
+    """A strictly triangular shift ``s(x) = k * net(x, context)`` with ``Lip_x(s) <= lipschitz``.
+
+    ``net`` is a :class:`~pyro_flows.nn.LipschitzMADE` (one output per coordinate, ELU, masked
+    layers) used unnormalised; ``k = min(1, lipschitz / B)`` where ``B`` is the product of the
+    layers' guaranteed spectral bounds (Schatten-8 norms of the masked weights, context columns
+    excluded, see :func:`_spectral_bound`), so ``Lip_x(s) <= min(B, lipschitz)`` for every parameter
+    value and context. Normalising the whole network once (not each layer) leaves the network free to distribute its
+    gain over layers. The last layer starts at zero (identity block at initialisation; the bound's
+    derivative is never evaluated at zero: it is clamped away). ``upper=True``
+    reverses input and output order (flipped masks of the first and last layers), so output ``i``
+    depends on ``x_{>i}`` instead of ``x_{<i}``.
+
+    Arguments:
+        input_dim: D.
+        hidden_dims: hidden widths.
+        context_dim: context size (0: none).
+        lipschitz: the bound ``L`` (``None``: no normalisation; :meth:`lipschitz` still reports a
+            guaranteed bound).
+        upper: strictly upper instead of strictly lower triangular.
+
+    Example:
+        >>> import torch
+        >>> s = ShiftNet(3, [12], lipschitz=0.5)
+        >>> bool(s.lipschitz() <= 0.5)
+        True
+    """
+
+    def __init__(self, input_dim, hidden_dims, context_dim=0, lipschitz=0.5, upper=False):
+        super().__init__()
+        self.net = LipschitzMADE(input_dim, hidden_dims, output_multiplier=1, context_dim=context_dim,
+                                 coeff=None)
+        if upper:
+            with torch.no_grad():
+                first, last = self.net.layers[0], self.net.layers[-1]
+                first.mask[:, :input_dim] = first.mask[:, :input_dim].flip(-1).clone()
+                last.mask.copy_(last.mask.flip(0))
+        with torch.no_grad():  # identity block at initialisation
+            self.net.layers[-1].weight.zero_()
+            self.net.layers[-1].bias.zero_()
+        self.input_dim, self.context_dim = input_dim, context_dim
+        self.bound = None if lipschitz is None else float(lipschitz)
+
+    def weights(self):
+        """Effective ``[(W, b), ...]`` (see :func:`_shift_weights`)."""
+        return _shift_weights(self)[0]
+
+    def lipschitz(self):
+        """A guaranteed bound of ``Lip_x(s)`` (a float, no gradient)."""
+        with torch.no_grad():
+            ws = [layer.masked_weight() for layer in self.net.layers]
+            B = _spectral_bound((ws[0][:, :self.input_dim] if self.context_dim else ws[0]).unsqueeze(0))
+            for W in ws[1:]:
+                B = B * _spectral_bound(W.unsqueeze(0))
+            if self.bound is not None:
+                B = B.clamp(max=self.bound)
+            return float(B)
+
+    def forward(self, x, context=None):
+        return _apply(self.weights(), x, context)
+
+
+def _shift_lower_bound(L, D):
+    """``m`` with ``|(x + s(x)) - (y + s(y))| >= m |x - y|`` for a strictly triangular ``s`` of
+    Lipschitz constant ``L`` in ``D`` dimensions: ``1 - L`` if ``L < 1``, else ``1 / sum_{k<D} L^k``."""
+    if L < 1:
+        return 1.0 - L
+    return 1.0 / sum(L ** k for k in range(D))
+
+
+#: default x-space tolerance of the certified inverse, per dtype (float32: the conformance bar; the
+#: residual floor of float32 over the guaranteed slope bound is about ``6e-8 |z| / 2.5e-4`` at the
+#: default bounds, so float32 inverses of badly conditioned blocks warn).
+_CERTIFIED_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+#: the context moves each raw D-scale parameter by at most this much (a soft clamp), so frequencies
+#: and offsets stay within a fixed distance of the free parameters for every context.
+_CONTEXT_RANGE = 4.0
+
+def _shift_residual(weights, u, z, ctx, eps):
+    """``|u + s(u) - z|_2`` plus an allowance for the rounding of its evaluation (a few ulps of each
+    term, and ``sqrt(n)`` ulps for each length-``n`` sum in the network: the probabilistic rounding
+    bound of Higham and Mary)."""
+    out = _apply(weights, u, ctx)
+    width = sum(W.shape[-1] for W, _ in weights)
+    slack = (4 + math.sqrt(width)) * eps * (u.abs() + out.abs() + z.abs())
+    return ((u + out - z).abs() + slack).norm(dim=-1)
+
+
+_CHECKS = frozenset([1, 2, 3, 4] + [c * 2 ** k for k in range(1, 20) for c in (3, 4)])
+
+
+def _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass, max_iter,
+                shift_lipschitz, on_fail):
     input_dim = check_dim(input_dim, "input_dim")
     check_dim(num_scales, "num_scales")
     check_dim(num_sinusoids, "num_sinusoids")
     check_dim(max_iter, "max_iter")
+    check_single_pass(single_pass)
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):
         raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
-    if fast_direction not in _DIRECTIONS:
-        raise ValueError(f"fast_direction must be one of {_DIRECTIONS}, got {fast_direction!r}")
-    if shift_tol is not None and not (isinstance(shift_tol, (int, float)) and shift_tol >= 0):
-        raise ValueError(f"shift_tol must be None or a number >= 0, got {shift_tol!r}")
+    if shift_lipschitz is not None and not (isinstance(shift_lipschitz, (int, float)) and shift_lipschitz > 0):
+        raise ValueError(f"shift_lipschitz must be None or a positive number, got {shift_lipschitz!r}")
+    if on_fail not in ("warn", "raise"):
+        raise ValueError(f"on_fail must be 'warn' or 'raise', got {on_fail!r}")
     if hidden_dims is None:
         hidden_dims = [10 * input_dim, 10 * input_dim]
     hidden_dims = [check_dim(h, "hidden_dims entry") for h in hidden_dims]
@@ -213,14 +405,6 @@ def _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_dir
     return hidden_dims
 
 
-def _zero_last_layer(net):
-    with torch.no_grad():
-        last = net.layers[-1]
-        last.weight.zero_()
-        if last.bias is not None:
-            last.bias.zero_()
-
-
 # ------------------------------------------------------------------------------------------------
 # the transform
 # ------------------------------------------------------------------------------------------------
@@ -229,171 +413,235 @@ class ConditionedSinusoidal(FlowTransform):
 
     Arguments:
         input_dim: the event size ``D``.
-        upper: ``(x, context) -> s_U(x)`` (strictly upper-triangular dependence) or ``None``.
-        lower: ``(u, context) -> s_L(u)`` (strictly lower-triangular dependence) or ``None``.
-        scales: ``context -> [(alpha, a, b, w, d), ...]``, one constrained tuple per D-scale, called
-            with the context as given (not broadcast), so its outputs (``(..., D)`` and
-            ``(..., D, K)``) broadcast against the input batch.
-        context: the context the callables were bound to (``None`` for an unconditional block).
-        fast_direction: ``"inverse"`` (the paper's: ``log_prob`` analytic, sampling numerical) or
-            ``"forward"`` (sampling analytic, ``log_prob`` numerical).
-        max_iter: Banach iterations per D-scale before finishing with bracketed Newton.
-        shift_tol: early-stopping tolerance of the shift inversions. ``0`` (default): stop only on an
-            exactly repeated iterate or after the ``D`` passes that make the result exact; ``None``:
-            stop once the step is below the dtype's default tolerance (faster, but the error left,
-            about ``||(I + J_s)^{-1}|| * step``, has no a-priori bound).
-        on_fail: what the final Newton solve does if it stops short (``"warn"`` or ``"raise"``).
+        upper: the strictly upper-triangular shift ``s_U`` (a :class:`ShiftNet`: called as
+            ``upper(x, context)``, with ``weights()`` and ``lipschitz()``) or ``None``.
+        lower: the strictly lower-triangular shift ``s_L`` (likewise) or ``None``.
+        scales: ``context -> (alpha, a, b, w, d)``, the constrained D-scale parameters stacked over
+            scales (``(..., S, D)`` and ``(..., S, D, K)``), called with the context as given, so
+            they broadcast against the input batch.
+        context: the context the callables are bound to (``None`` for an unconditional block).
+        single_pass: ``"log_prob"`` (the paper's: ``log_prob`` analytic, sampling numerical) or
+            ``"sample"`` (sampling analytic, ``log_prob`` numerical).
+        atol, rtol: x-space tolerance of the numerical direction's certificate,
+            ``|x - x*|_2 <= atol + rtol |x|_2`` (default ``1e-8`` in float64, ``1e-3`` in float32).
+        max_iter: Newton iterations per D-scale.
+        on_fail: what happens when the certificate is not met: ``"warn"``
+            (:class:`~pyro_flows.solvers.ConvergenceWarning`) or ``"raise"``
+            (:class:`~pyro_flows.solvers.SolverError`).
         cache_size: Pyro's transform cache size.
 
     Attributes:
-        last_inverse_info: iteration counts of the last numerical solve (the inverse of the LDU map):
-            ``{"lower_shift": int, "dscale_fixed_point": [int per scale], "dscale_newton": [...],
-            "upper_shift": int}``.
+        last_inverse_info: the last numerical solve: ``{"lower_shift": passes, "dscale_newton":
+            [iterations per scale], "upper_shift": passes, "error_bound": the largest certified
+            x-space error bound}``.
 
     Example:
         >>> import torch
         >>> from pyro_flows.transforms.sinusoidal import ConditionedSinusoidal
-        >>> p = [(torch.full((2,), 0.5), torch.ones(2, 3), torch.zeros(2, 3), torch.full((2, 3), 1 / 3),
-        ...       torch.zeros(2))]
+        >>> p = (torch.full((1, 2), 0.5), torch.ones(1, 2, 3), torch.zeros(1, 2, 3),
+        ...      torch.full((1, 2, 3), 1 / 3), torch.zeros(1, 2))
         >>> t = ConditionedSinusoidal(2, None, None, lambda ctx: p)
         >>> x = torch.randn(4, 2)
         >>> bool((t.inv(t(x)) - x).abs().max() < 1e-4)
         True
     """
 
-    def __init__(self, input_dim, upper, lower, scales, context=None, *, fast_direction="inverse",
-                 max_iter=100, shift_tol=0.0, on_fail="warn", cache_size=1):
+    def __init__(self, input_dim, upper, lower, scales, context=None, *, single_pass="log_prob",
+                 atol=None, rtol=None, max_iter=100, on_fail="warn", cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
-        if fast_direction not in _DIRECTIONS:
-            raise ValueError(f"fast_direction must be one of {_DIRECTIONS}, got {fast_direction!r}")
         if on_fail not in ("warn", "raise"):
             raise ValueError(f"on_fail must be 'warn' or 'raise', got {on_fail!r}")
         self._upper_fn = upper
         self._lower_fn = lower
         self._scales_fn = scales
-        self.fast_direction = fast_direction
+        self.single_pass = check_single_pass(single_pass)
+        self.atol, self.rtol = atol, rtol
         self.max_iter = check_dim(max_iter, "max_iter")
-        self.shift_tol = shift_tol
         self.on_fail = on_fail
         self.last_inverse_info = None
 
-    # -- the analytic LDU map (data -> noise) ---------------------------------------------------
     def _prepare(self, x):
         ctx = self._context
         if ctx is not None:
             x, ctx = broadcast_context(x, ctx)
         return x, ctx
 
+    # -- the analytic LDU map (data -> noise) ---------------------------------------------------
     def _ldu(self, x, output=True):
         """``(z, log|det dz/dx|)`` of the LDU block at data ``x`` (``z`` is None if not ``output``)."""
         x, ctx = self._prepare(x)
-        u = x if self._upper_fn is None else x + self._upper_fn(x, ctx)
+        params = self._scales_fn(self._context)
+        upper, lower = _shift_weights(self._upper_fn, self._lower_fn if output else None)
+        return self._ldu_with(x, ctx, params, upper, lower, output)
+
+    @staticmethod
+    def _ldu_with(x, ctx, params, upper, lower, output=True):
+        u = x if upper is None else x + _apply(upper, x, ctx)
         lad = 0.0
-        for params in self._scales_fn(self._context):
-            u, log_slope = _dscale_with_log_derivative(u, *params)
-            lad = lad + log_slope.sum(-1)
+        for terms in _block_terms(params):
+            u, log_slope = _dscale_fast(u, *terms)
+            lad = lad + log_slope
+        lad = lad.sum(-1)
         if not output:
             return None, lad
-        z = u if self._lower_fn is None else u + self._lower_fn(u, ctx)
+        z = u if lower is None else u + _apply(lower, u, ctx)
         return z, lad
 
-    # -- its numerical inverse (noise -> data) --------------------------------------------------
-    def _shift_tol(self, dtype):
-        return default_tolerance(dtype) if self.shift_tol is None else float(self.shift_tol)
+    # -- its certified numerical inverse (noise -> data) ----------------------------------------
+    def _tolerances(self, dtype):
+        tol = _CERTIFIED_TOL.get(dtype, 3e-2)
+        return (tol if self.atol is None else float(self.atol)), (tol if self.rtol is None else float(self.rtol))
 
-    def _invert_shift(self, fn, y, ctx):
-        """Solve ``x + fn(x) = y`` for a strictly triangular ``fn``: exact after ``D`` iterations."""
+    def _solve_shift(self, weights, z, ctx, L):
+        """Solve ``u + s(u) = z`` (no graph): ``u <- z - s(u)``, exact after ``D`` passes; stops earlier
+        when the contraction bound ``L / (1 - L) * |step|_2`` is below the dtype's tolerance."""
         D = self.input_dim
-        tol = self._shift_tol(y.dtype)
-        yd = y.detach()
-        cd = None if ctx is None else ctx.detach()
-        with torch.no_grad():
-            x, info = fixed_point(lambda v: yd - fn(v, cd), yd, atol=tol, rtol=tol, max_iter=D,
-                                  on_fail="ignore", return_info=True)
-        # one more (differentiable) pass inside implicit_fixed_point; its adjoint is nilpotent too
-        x = implicit_fixed_point(lambda v: y - fn(v, ctx), x, max_iter=D + 1, on_fail="ignore")
-        return x, info.iterations
+        c = L / (1 - L) if L < 1 else math.inf
+        tol = default_tolerance(z.dtype)
+        u = z
+        for k in range(1, D + 1):
+            u_new = z - _apply(weights, u, ctx)
+            if k < D and k in _CHECKS:
+                step = (u_new - u).norm(dim=-1)
+                bound = step * c if c < math.inf else step
+                if bool((bound <= tol * (1 + u_new.abs().amax(-1)) if c < math.inf else step == 0).all()):
+                    return u_new, k
+            u = u_new
+        return u, D
 
-    def _invert_dscale(self, y, params):
-        """Solve ``tau(u) = y`` elementwise: Banach iteration, finished by bracketed Newton if needed."""
-        alpha, a, b, w, d = params
-        pd = [p.detach() for p in params]
-        yd = y.detach()
-        L = pd[0].abs().expand_as(yd)
-        with torch.no_grad():
-            u, iterations, converged, newton = yd - pd[4], 0, False, 0
-            # Banach iteration needs about log(tol (1 - L) / (L s0)) / log(L) steps (s0: the first
-            # step), and its stopping rule L / (1 - L) * step <= tol cannot trigger once rounding
-            # (eps |x|) dominates the step; skip it in either case (|alpha| near 1) and let bracketed
-            # Newton do the work
-            L_max = float(L.max()) if L.numel() else 0.0
-            tol = default_tolerance(yd.dtype)
-            s0 = float((dscale(u, *pd) - yd).abs().max()) if u.numel() else 0.0
-            banach = L_max == 0 or s0 <= tol or (
-                L_max / (1 - L_max) <= tol / (4 * torch.finfo(yd.dtype).eps)
-                and math.log(tol * (1 - L_max) / (L_max * s0)) / math.log(L_max) <= self.max_iter)
-            if banach:
-                u, info = fixed_point(lambda v: yd - (dscale(v, *pd) - v), u, event_dims=0, lipschitz=L,
-                                      max_iter=self.max_iter, on_fail="ignore", return_info=True)
-                iterations, converged = info.iterations, info.converged
-            if not converged:
-                # tau' in [1 - |alpha|, 1 + |alpha|] and tau(0) = d bracket the root
-                t = yd - pd[4]
-                r1, r2 = t / (1 - L), t / (1 + L)
-                lo, hi = torch.minimum(r1, r2), torch.maximum(r1, r2)
-                pad = 1e-3 * (1 + hi.abs() + lo.abs())
-                u, ninfo = monotone_root(lambda v: _dscale_and_derivative(v, *pd), yd, init=u,
-                                         lower=lo - pad, upper=hi + pad, max_iter=200,
-                                         on_fail=self.on_fail, return_info=True)
-                newton = ninfo.iterations
-        u = implicit_monotone_root(lambda v: _dscale_and_derivative(v, alpha, a, b, w, d), u, y)
-        return u, iterations, newton
+    def _solve_dscale(self, y, params):
+        """Solve ``tau(u) = y`` elementwise (no graph) by bracketed Newton, stopping on the x-space
+        bound ``|tau(u) - y| / (1 - |alpha|) <= tol (1 + |y - d| / (1 + |alpha|))`` (``<= tol (1 + |u|)``)."""
+        alpha, d = params[0], params[4]
+        A = alpha.abs()
+        t = y - d
+        r1, r2 = t / (1 - A), t / (1 + A)  # tau(0) = d and tau' in [1 - |alpha|, 1 + |alpha|]
+        lo, hi = torch.minimum(r1, r2), torch.maximum(r1, r2)
+        tol = default_tolerance(y.dtype)
+        pad = tol * (1 + hi.abs())
+        atol = (1 - A) * tol * (1 + t.abs() / (1 + A))
+        u, info = monotone_root(lambda v: _dscale_and_derivative(v, *params), y, init=t,
+                                lower=lo - pad, upper=hi + pad, atol=atol, rtol=0.0,
+                                max_iter=self.max_iter, on_fail="ignore", return_info=True)
+        return u, info.iterations
 
     def _ldu_inverse(self, z):
-        """``(x, log|det dz/dx| at x)``: the data ``x`` whose LDU image is ``z``."""
+        """``(x, log|det dz/dx| at x)``: the data ``x`` whose LDU image is ``z``, certified."""
         check_finite(z, f"{type(self).__name__} input of the numerical inverse")
         z, ctx = self._prepare(z)
-        info = {"lower_shift": 0, "dscale_fixed_point": [], "dscale_newton": [], "upper_shift": 0}
+        D = self.input_dim
+        params = self._scales_fn(self._context)
+        S = params[0].shape[-2]
+        (upper, lower), (L_U, L_L) = _shift_weights(self._upper_fn, self._lower_fn, bounds=True)
+        info = {"lower_shift": 0, "dscale_newton": [0] * S, "upper_shift": 0, "error_bound": 0.0}
+
+        def detach(ws):
+            return None if ws is None else [(W.detach(), None if b is None else b.detach()) for W, b in ws]
+
+        pd = tuple(p.detach() for p in params)
+        upd, lod = detach(upper), detach(lower)
+        cd = None if ctx is None else ctx.detach()
+        # 1. solve without a graph, keeping the point each stage produced
+        with torch.no_grad():
+            u_lower = z.detach()
+            if lod is not None:
+                u_lower, info["lower_shift"] = self._solve_shift(lod, u_lower, cd, L_L)
+            roots, u = [None] * S, u_lower
+            for s in reversed(range(S)):
+                u, info["dscale_newton"][s] = self._solve_dscale(u, _scale(pd, s))
+                roots[s] = u
+            if upd is not None:
+                x_star, info["upper_shift"] = self._solve_shift(upd, u, cd, L_U)
+        # 2. attach implicit-function gradients (without grad: one more exact correction each)
         u = z
-        if self._lower_fn is not None:
-            u, info["lower_shift"] = self._invert_shift(self._lower_fn, z, ctx)
+        if lower is not None:
+            u = implicit_fixed_point(lambda v: z - _apply(lower, v, ctx), u_lower, max_iter=D + 1,
+                                     on_fail="ignore")
+        stages = [u.detach()]  # the input of each D-scale solve, then the input of the upper shift
         lad = 0.0
-        for params in reversed(self._scales_fn(self._context)):
-            u, its, newton = self._invert_dscale(u, params)
-            info["dscale_fixed_point"].insert(0, its)
-            info["dscale_newton"].insert(0, newton)
-            lad = lad + dscale_log_derivative(u, *params[:4]).sum(-1)
+        for s in reversed(range(S)):
+            p = _scale(params, s)
+            u = implicit_monotone_root(lambda v, p=p: _dscale_and_derivative(v, *p), roots[s], u)
+            lad = lad + dscale_log_derivative(u, *p[:4])
+            stages.append(u.detach())
+        lad = lad.sum(-1)
         x = u
-        if self._upper_fn is not None:
-            x, info["upper_shift"] = self._invert_shift(self._upper_fn, u, ctx)
-        self.last_inverse_info = info
+        if upper is not None:
+            x = implicit_fixed_point(lambda v: u - _apply(upper, v, ctx), x_star, max_iter=D + 1,
+                                     on_fail="ignore")
+        # 3. certify the returned x
+        with torch.no_grad():
+            xd = x.detach()
+            bound = self._certify(z.detach(), stages, xd, pd, upd, lod, cd, L_U, L_L)
+            atol, rtol = self._tolerances(z.dtype)
+            failed = bound > atol + rtol * xd.norm(dim=-1)
+            worst = float(bound.max()) if bound.numel() else 0.0
+            info["error_bound"] = worst
+            self.last_inverse_info = info
+            if bool(failed.any()):
+                msg = (f"{type(self).__name__}: the numerical inverse reached a certified x-space error "
+                       f"bound of {worst:.3g} (tolerance atol={atol:.3g} + rtol={rtol:.3g} * |x|) on "
+                       f"{int(failed.sum())} of {failed.numel()} points; the block is too "
+                       f"ill-conditioned for this dtype: lower eps or shift_lipschitz, or use float64")
+                if self.on_fail == "raise":
+                    raise SolverError(msg, residual=worst)
+                warnings.warn(msg, ConvergenceWarning, stacklevel=4)
         return x, lad
 
-    # -- Pyro's Transform interface -------------------------------------------------------------
+    def _certify(self, z, stages, x, params, upper, lower, ctx, L_U, L_L):
+        """A guaranteed bound of ``|x - x*|_2`` per point (``x*`` the exact preimage of ``z``), from the
+        residual of each stage and how the errors of its input propagate:
+
+        * a shift ``v + s(v) = t`` with ``Lip(s) <= L``: ``|v - v*| <= (|residual| + |t - t*|) / m``,
+          ``m = 1 - L`` (:func:`_shift_lower_bound` for ``L >= 1``);
+        * a D-scale, elementwise: ``|v - v*| <= (|residual| + |t - t*|) / m_loc``, where the slope on
+          the interval that holds both is at least ``m_loc = max(1 - |alpha|, tau'(v) - delta M)``,
+          ``delta = (|residual| + |t - t*|) / (1 - |alpha|)`` and ``M = 2 |alpha| sum_k w_k a_k``
+          bounds ``|tau''|``. The local slope makes the bound sharp where the block is well
+          conditioned; the global one keeps it guaranteed everywhere.
+        """
+        D = self.input_dim
+        eps = torch.finfo(z.dtype).eps
+        err = torch.zeros_like(z[..., 0])
+        if lower is not None:
+            u = stages[0]
+            err = _shift_residual(lower, u, z, ctx, eps) / _shift_lower_bound(L_L, D)
+        err = err.unsqueeze(-1)  # elementwise bound of the D-scales' input error
+        for i, s in enumerate(reversed(range(params[0].shape[-2]))):
+            alpha, a, b, w, d = _scale(params, s)
+            t, v = stages[i], stages[i + 1]
+            value, slope = _dscale_and_derivative(v, alpha, a, b, w, d)
+            # the residual, plus what rounding may hide in it (|sin(a v) / a| <= |v|, sum |alpha w| <= 1)
+            e = (value - t).abs() + 8 * eps * (t.abs() + 2 * v.abs() + d.abs()) + err
+            A = alpha.abs()
+            curvature = 2 * A * (w * a).sum(-1)
+            m_loc = torch.maximum(1 - A, slope - e / (1 - A) * curvature)
+            err = e / m_loc
+        err = err.norm(dim=-1)
+        if upper is not None:
+            err = (_shift_residual(upper, x, stages[-1], ctx, eps) + err) / _shift_lower_bound(L_U, D)
+        return err
+
+    # -- the protocol -----------------------------------------------------------------------------
     # ``lad`` below is always the log-det of the data -> noise LDU map at its data-side point, so the
     # forward log-det is ``-lad`` when ``_call`` is the numerical (noise -> data) direction.
-    def _call(self, x):
-        if self.fast_direction == "inverse":
+    def _call_and_ladj(self, x):
+        if self.single_pass == "log_prob":
             y, lad = self._ldu_inverse(x)
-            self._remember_logdet(x, y, -lad)
-        else:
-            y, lad = self._ldu(x)
-            self._remember_logdet(x, y, lad)
-        return y
+            return y, -lad
+        return self._ldu(x)
 
-    def _inverse(self, y):
-        if self.fast_direction == "inverse":
+    def _inverse_and_ladj(self, y):
+        if self.single_pass == "log_prob":
             x, lad = self._ldu(y)
-            self._remember_logdet(x, y, -lad)
-        else:
-            x, lad = self._ldu_inverse(y)
-            self._remember_logdet(x, y, lad)
-        return x
+            return x, -lad
+        return self._ldu_inverse(y)
 
     def _log_abs_det_jacobian(self, x, y):
-        data, sign = (y, -1.0) if self.fast_direction == "inverse" else (x, 1.0)
-        _, lad = self._ldu(data, output=False)
-        return sign * lad
+        # the analytic direction without its last shift (the log-det does not depend on it)
+        if self.single_pass == "log_prob":
+            return -self._ldu(y, output=False)[1]
+        return self._ldu(x, output=False)[1]
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -406,15 +654,16 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
 
     Arguments:
         input_dim: the event size ``D``.
-        hidden_dims: hidden widths of the two MADE shift conditioners (each ``>= input_dim``);
+        hidden_dims: hidden widths of the two shift conditioners (each ``>= input_dim``);
             ``None`` means ``[10 D, 10 D]``.
         num_scales: D-scales per block (paper: 4).
         num_sinusoids: sinusoids ``K`` per D-scale (paper: 4).
         shift: ``False`` gives a block of pure D-scales (no shift conditioners).
-        eps: the residual weight is ``(1 - eps) tanh(.)``, so every D-scale has slope in
-            ``[eps, 2 - eps]``.
-        fast_direction, max_iter, shift_tol, on_fail, cache_size: see :class:`ConditionedSinusoidal`.
-        nonlinearity: activation of the conditioners (default ``torch.nn.ReLU()``, as MADE).
+        eps: the block's slope floor: the product of its D-scale slopes lies in ``[eps, 1/eps]``
+            for every coordinate and every parameter value (each ``|alpha| <= 1 - eps^(1/S)``).
+        shift_lipschitz: guaranteed ``Lip(s_U), Lip(s_L) <= shift_lipschitz`` (``None``: not
+            normalised, as in the paper; the condition bound then grows with ``D``).
+        single_pass, atol, rtol, max_iter, on_fail, cache_size: see :class:`ConditionedSinusoidal`.
 
     Example:
         >>> import torch, pyro.distributions as dist
@@ -428,32 +677,21 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
     """
 
     def __init__(self, input_dim, hidden_dims=None, num_scales=4, num_sinusoids=4, shift=True, eps=1e-3,
-                 fast_direction="inverse", max_iter=100, shift_tol=0.0, on_fail="warn",
-                 nonlinearity=None, cache_size=1):
-        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction,
-                                  max_iter, shift_tol)
-        super().__init__(input_dim, None, None, self._scales, fast_direction=fast_direction,
-                         max_iter=max_iter, shift_tol=shift_tol, on_fail=on_fail, cache_size=cache_size)
+                 shift_lipschitz=0.5, single_pass="log_prob", atol=None, rtol=None, max_iter=100,
+                 on_fail="warn", cache_size=1):
+        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass,
+                                  max_iter, shift_lipschitz, on_fail)
+        super().__init__(input_dim, None, None, self._scales, single_pass=single_pass, atol=atol,
+                         rtol=rtol, max_iter=max_iter, on_fail=on_fail, cache_size=cache_size)
         self.eps = float(eps)
         self.num_scales, self.num_sinusoids = int(num_scales), int(num_sinusoids)
         self.raw_scales = torch.nn.Parameter(_init_raw(num_scales, input_dim, num_sinusoids))
         if shift and input_dim > 1:
-            act = torch.nn.ReLU() if nonlinearity is None else nonlinearity
-            rev = torch.arange(input_dim - 1, -1, -1)
-            self.upper_nn = AutoRegressiveNN(input_dim, hidden_dims, param_dims=[1], permutation=rev,
-                                             nonlinearity=act)
-            self.lower_nn = AutoRegressiveNN(input_dim, hidden_dims, param_dims=[1],
-                                             permutation=torch.arange(input_dim), nonlinearity=act)
-            _zero_last_layer(self.upper_nn)
-            _zero_last_layer(self.lower_nn)
-            self._upper_fn = self._upper
-            self._lower_fn = self._lower
-
-    def _upper(self, x, ctx):
-        return self.upper_nn(x)
-
-    def _lower(self, u, ctx):
-        return self.lower_nn(u)
+            self.upper_nn = ShiftNet(input_dim, hidden_dims, 0, shift_lipschitz, upper=True)
+            self.lower_nn = ShiftNet(input_dim, hidden_dims, 0, shift_lipschitz)
+            # plain references (not a second registration of the submodules)
+            object.__setattr__(self, "_upper_fn", self.upper_nn)
+            object.__setattr__(self, "_lower_fn", self.lower_nn)
 
     def _scales(self, ctx):
         return _constrain(self.raw_scales, self.eps)
@@ -462,17 +700,21 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
 class ConditionalSinusoidal(ConditionalFlowModule):
     """A conditional LDU block: the context drives both shift conditioners and the D-scales.
 
-    The D-scale raw parameters are free parameters plus ``DenseNN(context)`` (last layer zero at
-    initialisation), passed through the same constraints as in :class:`Sinusoidal`, so each D-scale is
-    contractive (slope in ``[eps, 2 - eps]``) for every context.
+    The D-scale raw parameters are free parameters plus ``4 tanh(DenseNN(context) / 4)`` (last layer
+    zero at initialisation; the soft clamp keeps frequencies and offsets within a fixed distance of
+    the free parameters, so no context can blow up the block's scale), through the same constraints as
+    in :class:`Sinusoidal`; the shifts see the
+    context as extra inputs that do not enter their Lipschitz bound in ``x``. So every bound of the
+    module docstring holds for every context.
 
     Arguments:
         input_dim: the event size ``D``.
         context_dim: the context size ``C``.
         hidden_dims: hidden widths of the shift conditioners and of the D-scale network
             (``None``: ``[10 D, 10 D]``).
-        num_scales, num_sinusoids, shift, eps, fast_direction, max_iter, shift_tol, on_fail,
-            nonlinearity, cache_size: as in :class:`Sinusoidal`.
+        num_scales, num_sinusoids, shift, eps, shift_lipschitz, single_pass, atol, rtol, max_iter,
+            on_fail, cache_size: as in :class:`Sinusoidal`.
+        nonlinearity: activation of the D-scale context network (default ``torch.nn.ReLU()``).
 
     Example:
         >>> import torch
@@ -485,45 +727,33 @@ class ConditionalSinusoidal(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_scales=4, num_sinusoids=4, shift=True,
-                 eps=1e-3, fast_direction="inverse", max_iter=100, shift_tol=0.0, on_fail="warn",
-                 nonlinearity=None, cache_size=1):
-        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, fast_direction,
-                                  max_iter, shift_tol)
+                 eps=1e-3, shift_lipschitz=0.5, single_pass="log_prob", atol=None, rtol=None, max_iter=100,
+                 on_fail="warn", nonlinearity=None, cache_size=1):
+        hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass,
+                                  max_iter, shift_lipschitz, on_fail)
         super().__init__(input_dim, context_dim)
-        if on_fail not in ("warn", "raise"):
-            raise ValueError(f"on_fail must be 'warn' or 'raise', got {on_fail!r}")
         self.eps = float(eps)
         self.num_scales, self.num_sinusoids = int(num_scales), int(num_sinusoids)
-        self.options = dict(fast_direction=fast_direction, max_iter=max_iter, shift_tol=shift_tol,
-                            on_fail=on_fail, cache_size=cache_size)
+        self.options = {"single_pass": single_pass, "atol": atol, "rtol": rtol, "max_iter": max_iter,
+                        "on_fail": on_fail, "cache_size": cache_size}
         act = torch.nn.ReLU() if nonlinearity is None else nonlinearity
         self.raw_scales = torch.nn.Parameter(_init_raw(num_scales, input_dim, num_sinusoids))
         self.scale_nn = DenseNN(context_dim, hidden_dims, param_dims=[self.raw_scales.numel()],
                                 nonlinearity=act)
-        _zero_last_layer(self.scale_nn)
+        with torch.no_grad():
+            self.scale_nn.layers[-1].weight.zero_()
+            self.scale_nn.layers[-1].bias.zero_()
         self.shift = bool(shift) and input_dim > 1
         if self.shift:
-            rev = torch.arange(input_dim - 1, -1, -1)
-            self.upper_nn = ConditionalAutoRegressiveNN(input_dim, context_dim, hidden_dims, param_dims=[1],
-                                                        permutation=rev, nonlinearity=act)
-            self.lower_nn = ConditionalAutoRegressiveNN(input_dim, context_dim, hidden_dims, param_dims=[1],
-                                                        permutation=torch.arange(input_dim),
-                                                        nonlinearity=act)
-            _zero_last_layer(self.upper_nn)
-            _zero_last_layer(self.lower_nn)
-
-    def _upper(self, x, ctx):
-        return self.upper_nn(x, ctx)
-
-    def _lower(self, u, ctx):
-        return self.lower_nn(u, ctx)
+            self.upper_nn = ShiftNet(input_dim, hidden_dims, context_dim, shift_lipschitz, upper=True)
+            self.lower_nn = ShiftNet(input_dim, hidden_dims, context_dim, shift_lipschitz)
 
     def _scales(self, ctx):
-        raw = self.scale_nn(ctx).reshape(ctx.shape[:-1] + self.raw_scales.shape) + self.raw_scales
-        return _constrain(raw, self.eps)
+        h = self.scale_nn(ctx).reshape(ctx.shape[:-1] + self.raw_scales.shape)
+        return _constrain(self.raw_scales + _CONTEXT_RANGE * torch.tanh(h / _CONTEXT_RANGE), self.eps)
 
     def _condition(self, context):
-        upper, lower = (self._upper, self._lower) if self.shift else (None, None)
+        upper, lower = (self.upper_nn, self.lower_nn) if self.shift else (None, None)
         return ConditionedSinusoidal(self.input_dim, upper, lower, self._scales, context=context,
                                      **self.options)
 
@@ -559,4 +789,5 @@ register_flow(
     conditional_sinusoidal,
     permutation=None,
     test_kwargs={"hidden_dims": [8], "num_scales": 2, "num_sinusoids": 2},
+    has_single_pass=True,
 )
