@@ -43,6 +43,7 @@ __all__ = [
     "SolverError",
     "SolverInfo",
     "default_tolerance",
+    "refuse_jit_trace",
     "fixed_point",
     "implicit_fixed_point",
     "implicit_monotone_root",
@@ -121,7 +122,7 @@ def _check_on_fail(on_fail):
         raise ValueError(f"on_fail must be one of {ON_FAIL}, got {on_fail!r}")
 
 
-def _refuse_jit_trace(name):
+def refuse_jit_trace(name):
     """An iterative solve cannot be recorded by ``torch.jit.trace`` (e.g. Pyro's ``JitTrace_ELBO``):
     the trace would freeze the iteration count and every convergence test at their trace-time
     values, so the replay would return unconverged results silently."""
@@ -210,7 +211,7 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
         :func:`implicit_monotone_root` on the result.
     """
     _check_on_fail(on_fail)
-    _refuse_jit_trace("monotone_root")
+    refuse_jit_trace("monotone_root")
     check_every = _check_schedule(check_every)
     target = check_finite(target.detach(), "monotone_root target")
     tol = default_tolerance(target.dtype)
@@ -316,7 +317,7 @@ def fixed_point(g, x0, *, event_dims=1, atol=None, rtol=None, max_iter=500, lips
         ``x`` (and ``info``), detached; use :func:`implicit_fixed_point` for gradients.
     """
     _check_on_fail(on_fail)
-    _refuse_jit_trace("fixed_point")
+    refuse_jit_trace("fixed_point")
     check_every = _check_schedule(check_every)
     if accelerate not in (None, "anderson"):
         raise ValueError(f"accelerate must be None or 'anderson', got {accelerate!r}")

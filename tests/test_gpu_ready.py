@@ -10,8 +10,8 @@ depends on the data (``nonzero``, ``masked_select``, boolean-mask indexing), see
 ``TorchDispatchMode``, and ``Tensor.tolist`` / ``Tensor.numpy``, patched. The optimiser's own
 step is left out of the count (its syncs depend on how many parameters a flow has, not on the flow).
 
-Cases that fail until the family branches are merged are listed in
-``tests/conformance.py: PENDING_GPU_READY`` (strict xfails).
+Families with no single-pass direction (``tests/conformance.py: ITERATIVE_BOTH_WAYS``, monotone) are
+strict xfails: both of their directions are fixed-point solves.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import warnings
 import pyro.distributions as dist
 import pytest
 import torch
-from conformance import PENDING_GPU_READY, PENDING_REASON
+from conformance import ITERATIVE_BOTH_WAYS, ITERATIVE_REASON
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import affine_autoregressive
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -137,9 +137,9 @@ class _nullcontext:
         return False
 
 
-def _pending(name, single_pass, check):
+def _case(name, single_pass, check):
     key = f"{name}-{single_pass}-{check}"
-    marks = [pytest.mark.xfail(strict=True, reason=PENDING_REASON)] if key in PENDING_GPU_READY else []
+    marks = [pytest.mark.xfail(strict=True, reason=ITERATIVE_REASON)] if name in ITERATIVE_BOTH_WAYS else []
     return pytest.param(name, single_pass, marks=marks, id=key)
 
 
@@ -168,7 +168,7 @@ def test_counter_sees_every_kind_of_sync():
 
 
 @pytest.mark.parametrize("name, single_pass", [
-    _pending(n, sp, "syncs") for n in pyro_flows.FLOWS for sp in SINGLE_PASS
+    _case(n, sp, "syncs") for n in pyro_flows.FLOWS for sp in SINGLE_PASS
 ])
 def test_training_step_adds_no_host_sync(name, single_pass):
     peer_module, peer_transforms = _peer(single_pass)
@@ -181,7 +181,7 @@ def test_training_step_adds_no_host_sync(name, single_pass):
 
 
 @pytest.mark.parametrize("name, single_pass", [
-    _pending(n, sp, "compile") for n in pyro_flows.FLOWS for sp in SINGLE_PASS
+    _case(n, sp, "compile") for n in pyro_flows.FLOWS for sp in SINGLE_PASS
 ])
 def test_single_pass_compiles_fullgraph(name, single_pass):
     """``torch.compile(fullgraph=True)`` of the single-pass map-and-log-det of one layer: no graph

@@ -15,7 +15,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conformance import PENDING_CACHE_SIZE, PENDING_JIT, PENDING_REASON_API
 from pyro import poutine
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
@@ -675,8 +674,7 @@ def test_param_store_recipe_for_autonormalizingflow(tmp_path):
     assert all(torch.equal(trained[k], loaded[k]) for k in trained)
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILIES
-                                  if not {n, "conditional_" + n} & PENDING_CACHE_SIZE])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_cache_size_reaches_autoflow_and_conditional_flow(name):
     guide = autoflow(banana_model, name, cache_size=0)
     SVI(banana_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step()
@@ -705,10 +703,7 @@ def test_conditional_flow_rejects_non_finite_context(name):
 JIT_REFUSES = {"monotone"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=PENDING_REASON_API)] if n in PENDING_JIT else [])
-    for n in CASES
-])
+@pytest.mark.parametrize("name", CASES)
 def test_jit_trace_elbo(name):
     """Every family trains under JitTrace_ELBO, or raises an error that names JIT."""
     guide = autoflow(banana_model, name)

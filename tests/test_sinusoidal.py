@@ -149,7 +149,7 @@ def test_slopes_bounded_for_extreme_parameters(raw_scale):
     z = t.inv(x)  # analytic direction (data -> noise)
     x_rec = t(z.clone())
     assert (x_rec - x).abs().max() < 1e-7
-    assert t.last_inverse_info["error_bound"] < 1e-8
+    assert t.last_solver_info.error_bound < 1e-8
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -236,7 +236,7 @@ def test_certificate_bounds_the_true_error():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             x32 = m(z)
-        bound = m.last_inverse_info["error_bound"]
+        bound = m.last_solver_info.error_bound
         m = m.double()
         x64 = m(z.double())
     err = (x32.double() - x64).norm(dim=-1).max().item()
@@ -271,7 +271,7 @@ def test_shift_inversion_is_exact_within_D_passes():
     x = torch.randn(100, D, dtype=f64)
     z = t.inv(x)
     x_rec = t(z.clone())
-    info = t.last_inverse_info
+    info = t.last_solver_info.detail
     assert (x_rec - x).abs().max() < 1e-9
     assert 1 <= info["lower_shift"] <= D and 1 <= info["upper_shift"] <= D
     assert len(info["dscale_newton"]) == 2
@@ -297,7 +297,7 @@ def test_sample_orientation_passes_the_conformance_checks():
     # the analytic direction is now _call: sampling needs no solve
     t = Sinusoidal(3, **kw)
     t(torch.randn(4, 3))
-    assert t.last_inverse_info is None
+    assert t.last_solver_info is None
 
 
 def test_one_dimensional_and_pure_dscale_blocks():
@@ -416,9 +416,9 @@ def test_two_dimensional_toy_density():
     std = 0.5 / 1.414
     assert (dist_to.min(-1).values < 3 * std).float().mean() > 0.8
     for block in flow:
-        info = block.last_inverse_info
-        assert info["lower_shift"] <= 2 and info["upper_shift"] <= 2  # D = 2 passes make it exact
-        assert info["error_bound"] < 1e-3  # the float32 certificate
+        info = block.last_solver_info
+        assert info.detail["lower_shift"] <= 2 and info.detail["upper_shift"] <= 2  # D = 2 passes: exact
+        assert info.error_bound < 1e-3  # the float32 certificate
 
 
 @pytest.mark.slow

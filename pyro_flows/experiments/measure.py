@@ -162,7 +162,7 @@ def peak_memory(fn, device="cpu") -> int:
     return _saved_tensor_bytes(fn)
 
 
-_SOLVER_ATTRS = ("last_solver_info", "last_inverse_info", "last_inverse_iterations")
+_SOLVER_ATTRS = ("last_solver_info",)
 
 
 def solver_stats(module) -> dict:

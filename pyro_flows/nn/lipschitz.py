@@ -228,7 +228,9 @@ class LipschitzLinear(nn.Module):
         if self.coeff is None:
             return w
         sigma = self._raw_bound(w)
-        return w * torch.clamp(self.coeff / sigma, max=1.0)
+        # coeff / max(sigma, coeff) = min(1, coeff / sigma), finite with a zero gradient at sigma = 0
+        # (a fully masked layer), where coeff / sigma would give inf * 0 = NaN in the backward
+        return w * (self.coeff / torch.maximum(sigma, sigma.new_tensor(self.coeff)))
 
     def lipschitz(self) -> torch.Tensor:
         """A guaranteed bound of the layer's Lipschitz constant in its first ``mask_columns`` inputs."""

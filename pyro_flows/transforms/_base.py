@@ -65,21 +65,11 @@ class FlowTransform(Transform):
         self._context = context
 
     # -- the protocol (families implement these two) -------------------------------------------
-    # TRANSITIONAL (remove when every family implements the protocol): a family that still
-    # overrides ``_call``/``_inverse`` gets ``ladj=None`` here, and the log-det comes from its
-    # ``_remember_logdet`` record or ``_log_abs_det_jacobian``.
     def _call_and_ladj(self, x: torch.Tensor):
-        if type(self)._call is FlowTransform._call:
-            raise NotImplementedError(f"{type(self).__name__} must implement _call_and_ladj")
-        return self._call(x), None
+        raise NotImplementedError(f"{type(self).__name__} must implement _call_and_ladj")
 
     def _inverse_and_ladj(self, y: torch.Tensor):
-        if type(self)._inverse is FlowTransform._inverse:
-            raise NotImplementedError(f"{type(self).__name__} must implement _inverse_and_ladj")
-        return self._inverse(y), None
-
-    def _remember_logdet(self, x, y, logdet):  # TRANSITIONAL, see above
-        self._remember(x, y, logdet)
+        raise NotImplementedError(f"{type(self).__name__} must implement _inverse_and_ladj")
 
     def _call(self, x):
         return self._call_and_ladj(x)[0]
@@ -132,10 +122,6 @@ class FlowTransform(Transform):
         return (x._version, y._version, torch.is_grad_enabled(), self._signature())
 
     def _remember(self, x, y, ladj):
-        if ladj is None:  # TRANSITIONAL: keep a log-det recorded by _remember_logdet for this pair
-            last = self.__dict__.get("_last_pair")
-            if last is not None and last[0] is x and last[1] is y:
-                ladj = last[2]
         self.__dict__["_last_pair"] = (x, y, ladj, self._key(x, y))
 
     def _lookup(self, tensor, position):
@@ -181,7 +167,7 @@ class FlowTransform(Transform):
         self._check(x, "input")
         self._check(y, "output")
         last = self._lookup(x, 0)
-        if last is not None and last[1] is y and last[2] is not None:
+        if last is not None and last[1] is y:
             return last[2]
         return self._log_abs_det_jacobian(x, y)
 

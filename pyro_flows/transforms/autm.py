@@ -63,7 +63,7 @@ conditioner), the error obeys, to first order, :math:`|\hat u - u^*| \le |J^{-1}
 If that exceeds :math:`\sqrt{\epsilon}(1 + |\hat u|)` (:math:`\epsilon` the dtype's machine epsilon:
 1.5e-8 in float64, 3.5e-4 in float32) a :class:`~pyro_flows.solvers.ConvergenceWarning` names the
 bound reached; this is what flags, e.g., float32 inputs of size 1e3. The bound of the last numerical
-call is kept in ``last_error_bound``. (The check is per layer: rounding amplified *across* the layers of
+call is kept in ``last_solver_info.error_bound``. (The check is per layer: rounding amplified *across* the layers of
 a stack is not seen by it; see the strict xfails in ``tests/test_autm.py``.)
 
 **Gradients** of the numerical direction come from the implicit function theorem, never by unrolling
@@ -92,7 +92,7 @@ from pyro.distributions.torch_transform import TransformModule
 
 from ..nn import LipschitzMADE
 from ..registry import register_flow
-from ..solvers import ConvergenceWarning, implicit_monotone_root, monotone_root
+from ..solvers import ConvergenceWarning, SolverInfo, implicit_monotone_root, monotone_root
 from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
@@ -332,11 +332,12 @@ class _AUTMBase(FlowTransform):
         self.log_scale_bound = settings["log_scale_bound"]
         self.nonlinear_bound = settings["nonlinear_bound"]
         self.single_pass = settings["single_pass"]
-        #: what the last numerical (iterative) direction did: solver iterations (largest over passes),
-        #: conditioner passes, and the certified bound on its error in the solved variable
-        self.last_solve_iterations = 0
-        self.last_solve_passes = 0
-        self.last_error_bound = 0.0
+        #: what the last numerical (iterative) direction did, a SolverInfo: solver iterations (largest
+        #: over passes), the largest residual, the certified bound on the error in the solved variable,
+        #: and ``detail["passes"]``, the conditioner passes
+        self.last_solver_info = None
+        self._iterations = 0  # accumulated over the solves of one call, published in last_solver_info
+        self._passes = 0
 
     # -- the direction switch ---------------------------------------------------------------
     def _call_and_ladj(self, x):
@@ -400,7 +401,7 @@ class _AUTMBase(FlowTransform):
         tol = 64 * eps  # near rounding: a loose stop would be amplified by the layers that follow
         x, info = monotone_root(fn, target, init=init, lower=lower, upper=upper, atol=tol, rtol=tol,
                                 return_info=True)
-        self.last_solve_iterations = max(self.last_solve_iterations, info.iterations)
+        self._iterations = max(self._iterations, info.iterations)
         return x
 
     def _certify(self, u, v, y, logd, jac=None):
@@ -423,12 +424,16 @@ class _AUTMBase(FlowTransform):
                 err = (inv.abs() @ r.unsqueeze(-1)).squeeze(-1)
             err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
             tol = _x_tolerance(u.dtype) * (1 + u.abs())
-            self.last_error_bound = float(err.max()) if err.numel() else 0.0
-            if not bool((err <= tol).all()):
+            bound = float(err.max()) if err.numel() else 0.0
+            ok = bool((err <= tol).all())
+            self.last_solver_info = SolverInfo(
+                self._iterations, float(r.max()) if r.numel() else 0.0, ok, bound,
+                {"passes": self._passes})
+            if not ok:
                 worst = float((err / tol).max())
                 warnings.warn(
                     f"{type(self).__name__}: the numerical direction's certified error bound is "
-                    f"{self.last_error_bound:.3g} ({worst:.3g} times the tolerance sqrt(eps) (1 + |x|), "
+                    f"{bound:.3g} ({worst:.3g} times the tolerance sqrt(eps) (1 + |x|), "
                     f"dtype {u.dtype}): the result may be inaccurate; use float64, smaller inputs, or "
                     f"single_pass={'sample' if self.single_pass == 'log_prob' else 'log_prob'!r} so this "
                     f"direction is the explicit one",
@@ -524,7 +529,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         check_finite(v, f"{type(self).__name__} input of the numerical direction")
         v, ctx = self._broadcast(v)
         D = self.input_dim
-        self.last_solve_iterations = 0
+        self._iterations = 0
         weights = _made_weights(self.arn)
         with torch.no_grad():
             fixed = [w.detach() for w in weights]
@@ -540,7 +545,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
                 u = u_new
                 if done:
                     break
-            self.last_solve_passes = passes
+            self._passes = passes
         with torch.no_grad():
             raw = _made_apply(self.arn, fixed, u, ctx0)
             y, logd = self._map(u, self._coefficients(raw))
@@ -784,8 +789,8 @@ class ConditionedAUTMCoupling(_AUTMBase):
 
     def _numerical(self, v):
         check_finite(v, f"{type(self).__name__} input of the numerical direction")
-        self.last_solve_iterations = 0
-        self.last_solve_passes = 1
+        self._iterations = 0
+        self._passes = 1
         v1, raw = self._raw(v[..., : self.split_dim])
         v2 = v[..., self.split_dim:].expand(v1.shape[:-1] + (self.input_dim - self.split_dim,))
         coeffs = self._coefficients(raw)

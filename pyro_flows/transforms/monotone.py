@@ -55,7 +55,7 @@ from pyro.distributions.torch_transform import TransformModule
 from .. import logdet as _logdet
 from ..nn.monotone_net import MonotoneNet
 from ..registry import register_flow
-from ..solvers import ConvergenceWarning, SolverInfo, default_tolerance, fixed_point
+from ..solvers import ConvergenceWarning, SolverInfo, default_tolerance, fixed_point, refuse_jit_trace
 from ..validation import broadcast_context, check_dim
 from ._base import ConditionalFlowModule, FlowTransform
 
@@ -185,11 +185,7 @@ class ConditionedMonotone(FlowTransform):
 
     def _map(self, rhs, sign, name):
         """Solve ``w = 2 rhs - sign * G(w)``; returns ``(w - rhs, log|det dF/dx|)`` (forward log-det)."""
-        if torch.jit.is_tracing():
-            raise RuntimeError(
-                f"{type(self).__name__} cannot be traced by torch.jit (JitTrace_ELBO, torch.jit.trace): its "
-                f"fixed-point solves take a data-dependent number of iterations, which a trace would "
-                f"freeze; use Trace_ELBO (or another non-JIT loss) with Monotone flows")
+        refuse_jit_trace(type(self).__name__)
         ctx = self._context
         if ctx is not None:
             rhs, ctx = broadcast_context(rhs, ctx)

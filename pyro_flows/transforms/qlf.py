@@ -98,7 +98,8 @@ parameter moved by ``s * N(0, 1)`` (``s`` in {2, 5}, ``D`` in {5, 8, 16}, 4 bloc
 ``1.5 N(0, 1)``), float64 reconstruction errors stay below ``1e-6`` (tested; at most 3e-7
 seen). Against the previous unbounded defaults (LU linear layer, floor ``1e-3``, no Lipschitz
 bound), test NLL at equal steps was 0.02 nats better on checkerboard and far better on
-``breast_cancer`` (the unbounded version overfits into huge test NLL); ``max_log_scale=None, min_derivative=1e-3, max_lipschitz=None``
+``breast_cancer`` (the unbounded version overfits into huge test NLL); ``max_log_scale=None,
+min_derivative=1e-3, max_lipschitz=None``
 restores unbounded conditioning.
 
 Pyro's ``_monotonic_rational_spline`` cannot be reused: it fixes the box to ``[-B, B]^2`` with identity
@@ -259,7 +260,8 @@ class QLFLinear(ConditionedQLFLinear, TransformModule):
     ``kappa * I``, with condition number at most ``exp(2 R)`` for any parameter values.
 
     ``Q`` is (minus) a product of ``D`` Householder reflections (orthogonal for any parameters,
-    ``I`` at init, see :func:`householder_orthogonal`), ``log sigma = log kappa + R tanh(raw / R)`` lies in ``[log kappa - R, log kappa + R]``
+    ``I`` at init, see :func:`householder_orthogonal`), ``log sigma = log kappa + R tanh(raw / R)`` lies in
+    ``[log kappa - R, log kappa + R]``
     (``R = max_log_scale``), so the singular values of ``W`` are ``sigma`` and the log-det is
     ``sum(log sigma)``. The inverse is ``diag(1 / sigma) Q^T (y - b)``: both directions cost one
     ``D x D`` matrix (built once per call) and one matmul. The parameters are one tensor ``theta``

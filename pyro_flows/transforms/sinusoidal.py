@@ -45,7 +45,7 @@ guaranteed lower bound of its slope near the solution (``max(1 - |alpha|, tau'(v
 If the bound exceeds ``atol + rtol |x|_2`` (default ``1e-8`` in float64, ``1e-3`` in float32) a
 :class:`~pyro_flows.solvers.ConvergenceWarning` names the bound reached (or
 :class:`~pyro_flows.solvers.SolverError` with ``on_fail="raise"``). The bound and iteration counts
-of the last solve are in ``last_inverse_info``.
+of the last solve are in ``last_solver_info`` (a :class:`~pyro_flows.solvers.SolverInfo`).
 
 Choices made where the paper is vague or numerically loose (tested in ``tests/test_sinusoidal.py``):
 
@@ -58,7 +58,8 @@ Choices made where the paper is vague or numerically loose (tested in ``tests/te
   (also after a numerical solve): the log-det of the computed map. Shifts are volume preserving.
 * **D-scale parameters** are free per-dimension parameters in :class:`Sinusoidal` (the paper's
   "independent conditioner"); in :class:`ConditionalSinusoidal` free parameters plus a dense network
-  of the context soft-clamped to ``+-4`` (``4 tanh(h / 4)``), through the same constraints (so the bounds hold for every context). The context
+  of the context soft-clamped to ``+-4`` (``4 tanh(h / 4)``), through the same constraints (so the bounds
+  hold for every context). The context
   also enters both shift conditioners (not their Lipschitz bound in ``x``).
 * **Identity at initialisation** (ReZero, as the paper suggests): ``alpha = 0`` and the shifts' last
   layers are zero. For ``input_dim == 1`` (or ``shift=False``, the paper's "pure D-scale" flow) there are no
@@ -93,6 +94,7 @@ from ..registry import register_flow
 from ..solvers import (
     ConvergenceWarning,
     SolverError,
+    SolverInfo,
     default_tolerance,
     implicit_fixed_point,
     implicit_monotone_root,
@@ -431,9 +433,11 @@ class ConditionedSinusoidal(FlowTransform):
         cache_size: Pyro's transform cache size.
 
     Attributes:
-        last_inverse_info: the last numerical solve: ``{"lower_shift": passes, "dscale_newton":
-            [iterations per scale], "upper_shift": passes, "error_bound": the largest certified
-            x-space error bound}``.
+        last_solver_info: the last numerical solve, a :class:`~pyro_flows.solvers.SolverInfo`:
+            ``error_bound`` the largest certified x-space error bound (also its ``residual``: the
+            certificate is the stage residuals carried into x-space), ``iterations`` the most
+            passes or Newton iterations of any stage, ``detail`` ``{"lower_shift": passes,
+            "dscale_newton": [iterations per scale], "upper_shift": passes}``.
 
     Example:
         >>> import torch
@@ -458,7 +462,7 @@ class ConditionedSinusoidal(FlowTransform):
         self.atol, self.rtol = atol, rtol
         self.max_iter = check_dim(max_iter, "max_iter")
         self.on_fail = on_fail
-        self.last_inverse_info = None
+        self.last_solver_info = None
 
     def _prepare(self, x):
         ctx = self._context
@@ -533,7 +537,7 @@ class ConditionedSinusoidal(FlowTransform):
         params = self._scales_fn(self._context)
         S = params[0].shape[-2]
         (upper, lower), (L_U, L_L) = _shift_weights(self._upper_fn, self._lower_fn, bounds=True)
-        info = {"lower_shift": 0, "dscale_newton": [0] * S, "upper_shift": 0, "error_bound": 0.0}
+        info = {"lower_shift": 0, "dscale_newton": [0] * S, "upper_shift": 0}
 
         def detach(ws):
             return None if ws is None else [(W.detach(), None if b is None else b.detach()) for W, b in ws]
@@ -576,9 +580,10 @@ class ConditionedSinusoidal(FlowTransform):
             atol, rtol = self._tolerances(z.dtype)
             failed = bound > atol + rtol * xd.norm(dim=-1)
             worst = float(bound.max()) if bound.numel() else 0.0
-            info["error_bound"] = worst
-            self.last_inverse_info = info
-            if bool(failed.any()):
+            bad = bool(failed.any())
+            iterations = max([info["lower_shift"] or 0, info["upper_shift"] or 0, *info["dscale_newton"]])
+            self.last_solver_info = SolverInfo(iterations, worst, not bad, worst, info)
+            if bad:
                 msg = (f"{type(self).__name__}: the numerical inverse reached a certified x-space error "
                        f"bound of {worst:.3g} (tolerance atol={atol:.3g} + rtol={rtol:.3g} * |x|) on "
                        f"{int(failed.sum())} of {failed.numel()} points; the block is too "
@@ -645,7 +650,7 @@ class ConditionedSinusoidal(FlowTransform):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["last_inverse_info"] = None
+        state["last_solver_info"] = None
         return state
 
 
