@@ -389,23 +389,24 @@ def test_seven_gaussians_pure_dscale_layers():
 
 @pytest.mark.slow
 def test_two_dimensional_toy_density():
-    """8gaussians (entropy 2.8314 nats): 3 LDU blocks reach a test NLL within 0.4 nats (seeded runs:
-    ~0.30 with the default Lipschitz-bounded shifts, ~0.14 with ``shift_lipschitz=None``); the best
-    Gaussian is at 4.25. Samples drawn by the numerical inverse put 1/8 +- 0.04 of
-    their mass near each mode (nearest centre) and at least 80% within 3 component standard deviations
-    of a centre (the true density: 98.9%; seeded runs: 85%; the moment-matched Gaussian: 41%)."""
+    """8gaussians (entropy 2.8314 nats): 3 LDU blocks reach a test NLL within 0.25 nats (seeded run with
+    the default Lipschitz-bounded shifts: 0.19 after 1000 steps; they learn more slowly than the old
+    unbounded shifts, which reached ~0.14 in 500); the best Gaussian is at 4.25. Samples drawn by the
+    numerical inverse put 1/8 +- 0.04 of their mass near each mode (nearest centre) and at least 90%
+    within 3 component standard deviations of a centre (the true density: 98.9%; seeded run: 91%; the
+    moment-matched Gaussian: 41%)."""
     torch.manual_seed(0)
     flow = pyro_flows.flow("sinusoidal", 2, num_layers=3, hidden_dims=[32, 32], num_scales=2)
     d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), list(flow))
     data = toy_sample("8gaussians", 20_000, seed=0)
     _fit(d, flow.parameters(), lambda n, g: data[torch.randint(0, len(data), (n,), generator=g)],
-         steps=500, lr=0.01)
+         steps=1000, lr=0.01)
     test = toy_sample("8gaussians", 5000, seed=1)
     with torch.no_grad():
         nll = -d.log_prob(test).mean().item()
         samples = d.sample((3000,))
     H = ENTROPY["8gaussians"]
-    assert nll < H + 0.4, nll
+    assert nll < H + 0.25, nll
     centres = torch.tensor([(1, 0), (-1, 0), (0, 1), (0, -1)] + [(sx * h, sy * h) for sx in (1, -1)
                                                                    for sy in (1, -1) for h in [2 ** -0.5]])
     centres = centres * 4.0 / 1.414
@@ -414,7 +415,7 @@ def test_two_dimensional_toy_density():
     share = torch.bincount(nearest, minlength=8).float() / len(samples)
     assert (share - 0.125).abs().max() < 0.04, share
     std = 0.5 / 1.414
-    assert (dist_to.min(-1).values < 3 * std).float().mean() > 0.8
+    assert (dist_to.min(-1).values < 3 * std).float().mean() > 0.9
     for block in flow:
         info = block.last_solver_info
         assert info.detail["lower_shift"] <= 2 and info.detail["upper_shift"] <= 2  # D = 2 passes: exact
