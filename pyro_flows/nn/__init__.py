@@ -3,6 +3,7 @@
 from .activations import ELU, LipSwish, LipschitzActivation, get_activation, register_activation  # noqa: F401
 from .cpila import CPila  # noqa: F401  (registers the "cpila" activation)
 from .lipschitz import (  # noqa: F401
+    LipschitzDenseNN,
     LipschitzLinear,
     LipschitzMADE,
     matrix_norm_bound,

@@ -23,13 +23,15 @@ sampling from a trained flow). In training a fresh, differentiable bound is comp
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LipschitzLinear", "LipschitzMADE", "matrix_norm_bound", "spectral_norm_bounds", "spectral_norm_product"]
+__all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "matrix_norm_bound",
+           "spectral_norm_bounds", "spectral_norm_product"]
 
 MARGIN = 1e-6
 _BOUNDS = ("spectral", "frobenius")
@@ -253,7 +255,33 @@ class LipschitzLinear(nn.Module):
                 f"masked={self.mask is not None}, coeff={self.coeff}, bound={self.bound!r}")
 
 
-class LipschitzMADE(nn.Module):
+class _LipschitzStack(nn.Module):
+    """``LipschitzLinear`` layers (``self.layers``) with ELU (1-Lipschitz) in between; ``Lip_x`` is the
+    product of the layers' bounds. The context, if any, is appended to the input and not counted."""
+
+    def effective_weights(self):
+        """The layers' effective (masked, Lipschitz-rescaled) weights, to compute once and reuse."""
+        return [layer.effective_weight() for layer in self.layers]
+
+    def _stack(self, x, context=None, weights=None):
+        # without ``weights`` each layer is called as a module (its hooks run); with them, the
+        # same maths on the precomputed weights (reused across solver passes)
+        h = x if context is None else torch.cat([x, context], dim=-1)
+        for i, layer in enumerate(self.layers):
+            if i:
+                h = F.elu(h)
+            h = layer(h) if weights is None else F.linear(h, weights[i], layer.bias)
+        return h
+
+    def lipschitz(self) -> torch.Tensor:
+        """A guaranteed bound of ``Lip_x`` (the product of the layers' bounds; ELU is 1-Lipschitz)."""
+        out = self.layers[0].lipschitz()
+        for layer in self.layers[1:]:
+            out = out * layer.lipschitz()
+        return out
+
+
+class LipschitzMADE(_LipschitzStack):
     """A strictly autoregressive (MADE) network with a guaranteed Lipschitz bound in its input.
 
     Output ``(..., k, i)`` depends on ``x_j`` for ``j < i`` only (and on the context, if any). Every
@@ -292,17 +320,41 @@ class LipschitzMADE(nn.Module):
             self.layers.append(LipschitzLinear(m.shape[1], m.shape[0], mask=m, coeff=c,
                                                mask_columns=input_dim if i == 0 else None))
 
-    def forward(self, x, context=None):
-        h = x if context is None else torch.cat([x, context], dim=-1)
-        for i, layer in enumerate(self.layers):
-            if i:
-                h = F.elu(h)
-            h = layer(h)
+    def forward(self, x, context=None, weights=None):
+        """``weights``: precomputed :meth:`effective_weights` (``None``: computed now)."""
+        h = self._stack(x, context, weights)
         return h.reshape(h.shape[:-1] + (self.output_multiplier, self.input_dim))
 
-    def lipschitz(self) -> torch.Tensor:
-        """A guaranteed bound of ``Lip_x`` (the product of the layers' bounds; ELU is 1-Lipschitz)."""
-        out = self.layers[0].lipschitz()
-        for layer in self.layers[1:]:
-            out = out * layer.lipschitz()
-        return out
+
+class LipschitzDenseNN(_LipschitzStack):
+    """A dense network with a guaranteed Lipschitz bound in ``x`` (the context does not count).
+
+    ``LipschitzLinear`` layers with ``coeff`` set and ELU (1-Lipschitz) in between, so
+    ``Lip_x <= prod(coeffs)`` for every weight value.
+
+    Arguments:
+        input_dim: size of ``x``.
+        hidden_dims: hidden layer sizes.
+        output_dim: size of the output.
+        context_dim: size of the context appended to the input (0: unconditional).
+        coeff: Lipschitz bound of each linear layer.
+
+    Example:
+        >>> net = LipschitzDenseNN(3, [16], 4, coeff=0.5)
+        >>> net(torch.randn(5, 3)).shape
+        torch.Size([5, 4])
+        >>> bool(net.lipschitz() <= 0.5 ** 2 * (1 + 1e-5))
+        True
+    """
+
+    def __init__(self, input_dim, hidden_dims, output_dim, context_dim=0, coeff=1.0):
+        super().__init__()
+        sizes = [input_dim + context_dim] + list(hidden_dims) + [output_dim]
+        self.context_dim = context_dim
+        self.layers = nn.ModuleList(
+            LipschitzLinear(a, b, coeff=coeff, mask_columns=input_dim if i == 0 else None)
+            for i, (a, b) in enumerate(itertools.pairwise(sizes)))
+
+    def forward(self, x, context=None, weights=None):
+        """``weights``: precomputed :meth:`effective_weights` (``None``: computed now)."""
+        return self._stack(x, context, weights)

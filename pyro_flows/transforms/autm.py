@@ -82,15 +82,13 @@ References:
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 
-from ..nn import LipschitzMADE
+from ..nn import LipschitzDenseNN, LipschitzMADE
 from ..registry import register_flow
 from ..solvers import ConvergenceWarning, SolverInfo, implicit_monotone_root, monotone_root
 from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
@@ -445,21 +443,6 @@ class _AUTMBase(FlowTransform):
 # ----------------------------------------------------------------------------------------------
 # autoregressive
 # ----------------------------------------------------------------------------------------------
-def _made_weights(net):
-    """The effective (masked, Lipschitz-rescaled) weights of a LipschitzMADE, computed once."""
-    return [layer.effective_weight() for layer in net.layers]
-
-
-def _made_apply(net, weights, x, context):
-    """``net(x, context)`` with precomputed effective weights (same maths as ``LipschitzMADE.forward``)."""
-    h = x if context is None else torch.cat([x, context], dim=-1)
-    for i, (layer, w) in enumerate(zip(net.layers, weights)):
-        if i:
-            h = F.elu(h)
-        h = F.linear(h, w, layer.bias)
-    return h.reshape(h.shape[:-1] + (net.output_multiplier, net.input_dim))
-
-
 def _check_made(input_dim, net, g):
     if not isinstance(net, LipschitzMADE):
         raise TypeError(
@@ -530,7 +513,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         v, ctx = self._broadcast(v)
         D = self.input_dim
         self._iterations = 0
-        weights = _made_weights(self.arn)
+        weights = self.arn.effective_weights()
         with torch.no_grad():
             fixed = [w.detach() for w in weights]
             ctx0 = None if ctx is None else ctx.detach()
@@ -538,7 +521,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
             u = None
             passes = 0
             for passes in range(1, D + 1):  # coordinates < passes are final after `passes` passes
-                raw = _made_apply(self.arn, fixed, torch.zeros_like(target) if u is None else u, ctx0)
+                raw = self.arn(torch.zeros_like(target) if u is None else u, ctx0, weights=fixed)
                 u_new = self._solve(target, self._coefficients(raw), init=u)
                 done = u is not None and bool(
                     ((u_new - u).abs() <= _x_tolerance(u.dtype) ** 2 * (1 + u.abs())).all())
@@ -547,7 +530,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
                     break
             self._passes = passes
         with torch.no_grad():
-            raw = _made_apply(self.arn, fixed, u, ctx0)
+            raw = self.arn(u, ctx0, weights=fixed)
             y, logd = self._map(u, self._coefficients(raw))
         jac = self._jacobian(u, logd, weights, ctx)
         self._certify(u, v, y, logd, jac)
@@ -559,11 +542,11 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         # implicit gradients in one pass: u - J^{-1} (E(u) - v) with J (the Jacobian at the solution)
         # held fixed has the value u (plus a Newton correction of the order of the residual) and
         # exactly the first derivatives of the inverse: du/dv = J^{-1}, du/dtheta = -J^{-1} dE/dtheta
-        raw = _made_apply(self.arn, weights, u, ctx)
+        raw = self.arn(u, ctx, weights=weights)
         y, _ = self._map(u, self._coefficients(raw))
         corr = torch.linalg.solve_triangular(jac, (y - v).unsqueeze(-1), upper=False).squeeze(-1)
         u = u - corr
-        raw = _made_apply(self.arn, weights, u, ctx)
+        raw = self.arn(u, ctx, weights=weights)
         _, logd = self._map(u, self._coefficients(raw))
         return u, logd.sum(-1)
 
@@ -579,17 +562,17 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         u = u.detach()
         ctx = None if ctx is None else ctx.detach()
         with torch.enable_grad():
-            raw = _made_apply(self.arn, fixed, u, ctx).detach().requires_grad_(True)
+            raw = self.arn(u, ctx, weights=fixed).detach().requires_grad_(True)
             y, _ = self._map(u, self._coefficients(raw))
             (sens,) = torch.autograd.grad(y.sum(), raw)  # (..., P, D)
         with torch.no_grad():
             batch, D = u.shape[:-1], self.input_dim
             flat_u = u.reshape(-1, D)
             if ctx is None:
-                jr = vmap(jacfwd(lambda ui: _made_apply(self.arn, fixed, ui, None)))(flat_u)
+                jr = vmap(jacfwd(lambda ui: self.arn(ui, None, weights=fixed)))(flat_u)
             else:
                 flat_c = ctx.reshape(-1, ctx.shape[-1])
-                jr = vmap(jacfwd(lambda ui, ci: _made_apply(self.arn, fixed, ui, ci), argnums=0))(
+                jr = vmap(jacfwd(lambda ui, ci: self.arn(ui, ci, weights=fixed), argnums=0))(
                     flat_u, flat_c)
             jr = jr.reshape(batch + jr.shape[-3:])  # (..., P, D, D)
             jac = (sens.unsqueeze(-1) * jr).sum(-3)
@@ -867,42 +850,9 @@ class ConditionalAUTMCoupling(ConditionalFlowModule):
                                        **self.settings)
 
 
-class _LipschitzDenseNN(torch.nn.Module):
-    """A dense network with a guaranteed Lipschitz bound in ``x`` (the context does not count).
-
-    ``LipschitzLinear`` layers with ``coeff`` set and ELU (1-Lipschitz) in between, so
-    ``Lip_x <= prod(coeffs)`` for every weight value; the coupling conditioner, so that an error in the
-    untouched half cannot be amplified without bound into the other half's coefficients.
-    """
-
-    def __init__(self, input_dim, hidden_dims, output_dim, context_dim=0, coeff=1.0):
-        super().__init__()
-        from ..nn import LipschitzLinear
-
-        sizes = [input_dim + context_dim] + list(hidden_dims) + [output_dim]
-        self.context_dim = context_dim
-        self.layers = torch.nn.ModuleList(
-            LipschitzLinear(a, b, coeff=coeff, mask_columns=input_dim if i == 0 else None)
-            for i, (a, b) in enumerate(itertools.pairwise(sizes)))
-
-    def forward(self, x, context=None):
-        h = x if context is None else torch.cat([x, context], dim=-1)
-        for i, layer in enumerate(self.layers):
-            if i:
-                h = F.elu(h)
-            h = layer(h)
-        return h
-
-    def lipschitz(self):
-        out = self.layers[0].lipschitz()
-        for layer in self.layers[1:]:
-            out = out * layer.lipschitz()
-        return out
-
-
 def _dense(split_dim, context_dim, hidden_dims, out_dim, lipschitz):
     _check_lipschitz(lipschitz)
-    net = _LipschitzDenseNN(split_dim, hidden_dims, out_dim, context_dim=context_dim or 0,
+    net = LipschitzDenseNN(split_dim, hidden_dims, out_dim, context_dim=context_dim or 0,
                             coeff=float(lipschitz) ** (1.0 / (len(hidden_dims) + 1)))
     _near_identity(net.layers[-1])
     return net
