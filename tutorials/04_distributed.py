@@ -50,25 +50,13 @@ import torch.distributed as tdist
 
 import pyro_flows
 from pyro_flows.distributions import ConditionalTransformedDistribution
+from pyro_flows.experiments.data import ridge_log_prob, ridge_sample
 from pyro_flows.experiments.trainer import (
     conditional_density_loss,
     cosine_decay,
     load_checkpoint,
     train,
 )
-
-
-def ridge_sample(n, g):
-    c = torch.rand(n, 1, generator=g) * 2 - 1
-    x1 = c[:, 0] + 0.3 * torch.randn(n, generator=g)
-    x2 = torch.sin(3 * x1) + (0.1 + 0.3 * c[:, 0].abs()) * torch.randn(n, generator=g)
-    return torch.stack([x1, x2], -1), c
-
-
-def ridge_log_prob(x, c):
-    lp1 = dist.Normal(c[:, 0], 0.3).log_prob(x[:, 0])
-    lp2 = dist.Normal(torch.sin(3 * x[:, 0]), 0.1 + 0.3 * c[:, 0].abs()).log_prob(x[:, 1])
-    return lp1 + lp2
 
 
 def setup(device_arg):
