@@ -27,15 +27,8 @@ Example:
 
 from .autoguide import AutoFlow, clear_transform_cache, make_flow
 from .conditional import ConditionalFlow, conditional_flow_distribution
-from .diagnostics import (
-    compare_draws,
-    elbo_estimate,
-    flatten_draws,
-    guide_draws,
-    importance_log_weights,
-    psis_khat,
-    to_inference_data,
-)
+from . import diagnostics as _diagnostics
+from .diagnostics import *  # noqa: F403  (the names in diagnostics.__all__, re-exported below)
 
 __all__ = [
     "AutoFlow",
@@ -43,11 +36,5 @@ __all__ = [
     "clear_transform_cache",
     "ConditionalFlow",
     "conditional_flow_distribution",
-    "importance_log_weights",
-    "psis_khat",
-    "elbo_estimate",
-    "guide_draws",
-    "to_inference_data",
-    "flatten_draws",
-    "compare_draws",
+    *_diagnostics.__all__,
 ]
