@@ -19,6 +19,23 @@ from ..validation import check_dim
 __all__ = ["quasi_autoregressive_degrees", "quasi_autoregressive_masks", "autoregressive_masks"]
 
 
+def _with_context(mask, context_dim):
+    """A first-layer mask with ``context_dim`` columns appended that every unit sees."""
+    if not context_dim:
+        return mask
+    return torch.cat([mask, torch.ones(mask.shape[0], context_dim, dtype=mask.dtype)], dim=1)
+
+
+def _hidden_masks(degrees, context_dim):
+    """Masks between consecutive ``degrees`` (a unit sees units of lower or equal degree); the context
+    columns on the first layer."""
+    masks = []
+    for l in range(1, len(degrees)):
+        m = (degrees[l][:, None] >= degrees[l - 1][None, :]).to(torch.get_default_dtype())
+        masks.append(_with_context(m, context_dim) if l == 1 else m)
+    return masks
+
+
 def quasi_autoregressive_degrees(input_dim: int, hidden_dims):
     """Degrees of the inputs and of each hidden layer (``k`` units per coordinate, in blocks)."""
     input_dim = check_dim(input_dim, "input_dim")
@@ -45,12 +62,7 @@ def quasi_autoregressive_masks(input_dim: int, hidden_dims, context_dim: int = 0
     degrees = quasi_autoregressive_degrees(input_dim, hidden_dims)
     out_deg = torch.arange(input_dim).repeat(check_dim(output_multiplier, "output_multiplier"))
     degrees.append(out_deg)
-    masks = []
-    for l in range(1, len(degrees)):
-        m = (degrees[l][:, None] >= degrees[l - 1][None, :]).to(torch.get_default_dtype())
-        if l == 1 and context_dim:
-            m = torch.cat([m, torch.ones(m.shape[0], context_dim, dtype=m.dtype)], dim=1)
-        masks.append(m)
+    masks = _hidden_masks(degrees, context_dim)
     return masks, degrees
 
 
@@ -68,14 +80,7 @@ def autoregressive_masks(input_dim: int, hidden_dims, context_dim: int = 0,
     for h in hidden_dims:
         degrees.append(torch.arange(check_dim(h, "hidden dim")) % top)
     out_deg = torch.arange(input_dim).repeat(check_dim(output_multiplier, "output_multiplier"))
-    masks = []
-    for l in range(1, len(degrees)):
-        m = (degrees[l][:, None] >= degrees[l - 1][None, :]).to(torch.get_default_dtype())
-        if l == 1 and context_dim:
-            m = torch.cat([m, torch.ones(m.shape[0], context_dim, dtype=m.dtype)], dim=1)
-        masks.append(m)
+    masks = _hidden_masks(degrees, context_dim)
     last = (out_deg[:, None] > degrees[-1][None, :]).to(torch.get_default_dtype())
-    if len(degrees) == 1 and context_dim:
-        last = torch.cat([last, torch.ones(last.shape[0], context_dim, dtype=last.dtype)], dim=1)
-    masks.append(last)
+    masks.append(_with_context(last, context_dim if len(degrees) == 1 else 0))
     return masks
