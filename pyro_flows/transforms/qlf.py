@@ -605,21 +605,23 @@ class ConditionedQLF(FlowTransform):
         self.coupling = coupling
         self.activation = activation
 
+    def _parts(self):
+        return [p for p in (self.linear, self.coupling, self.activation) if p is not None]
+
     def _call_and_ladj(self, x):
-        h, ld = self.linear._call_and_ladj(x)
-        if self.coupling is not None:
-            h, ld_aff = self.coupling._call_and_ladj(h)
-            ld = ld + ld_aff
-        y, ld_act = self.activation._call_and_ladj(h)
-        return y, ld + ld_act
+        return _chain([p._call_and_ladj for p in self._parts()], x)
 
     def _inverse_and_ladj(self, y):
-        h, ld = self.activation._inverse_and_ladj(y)
-        if self.coupling is not None:
-            h, ld_aff = self.coupling._inverse_and_ladj(h)
-            ld = ld + ld_aff
-        x, ld_lin = self.linear._inverse_and_ladj(h)
-        return x, ld + ld_lin
+        return _chain([p._inverse_and_ladj for p in reversed(self._parts())], y)
+
+
+def _chain(steps, h):
+    """Apply ``steps`` (each ``h -> (h, log-det)``) in order; the summed log-det, in that order."""
+    h, ld = steps[0](h)
+    for step in steps[1:]:
+        h, ld_step = step(h)
+        ld = ld + ld_step
+    return h, ld
 
 
 def _split_expansion(beta, kappa, num_hats, has_coupling, min_derivative=MIN_DERIVATIVE):
