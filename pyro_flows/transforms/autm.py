@@ -290,6 +290,13 @@ def _check_cache_size(cache_size):
     return cache_size
 
 
+def _layer_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass, cache_size):
+    """The checked keyword arguments of a conditioned layer (what a conditional module passes on)."""
+    settings = _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass)
+    settings["cache_size"] = _check_cache_size(cache_size)
+    return settings
+
+
 def _num_params(g):
     return 2 if g == "linear" else 3
 
@@ -626,9 +633,8 @@ class ConditionalAUTMAutoregressive(ConditionalFlowModule):
                  tail_bound=3.0, log_scale_bound=3.0, nonlinear_bound=2.0, single_pass="log_prob",
                  cache_size=1):
         super().__init__(input_dim, context_dim)
-        self.settings = _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
-                                        single_pass)
-        self.settings["cache_size"] = _check_cache_size(cache_size)
+        self.settings = _layer_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
+                                        single_pass, cache_size)
         self.arn = _check_made(self.input_dim, autoregressive_nn, g)
         if self.arn.context_dim != self.context_dim:
             raise ValueError(f"the conditioner's context_dim is {self.arn.context_dim}, expected "
@@ -840,9 +846,8 @@ class ConditionalAUTMCoupling(ConditionalFlowModule):
                  cache_size=1):
         super().__init__(input_dim, context_dim)
         self.split_dim = _check_split(self.input_dim, split_dim)
-        self.settings = _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
-                                        single_pass)
-        self.settings["cache_size"] = _check_cache_size(cache_size)
+        self.settings = _layer_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
+                                        single_pass, cache_size)
         self.nn = hypernet
 
     def _condition(self, context):
