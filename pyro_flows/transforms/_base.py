@@ -21,7 +21,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import Transform
 
-from ..validation import check_context, check_dim, check_event, check_like
+from ..validation import broadcast_context, check_context, check_dim, check_event, check_like
 
 __all__ = ["ConditionalFlowModule", "FlowTransform", "Permute"]
 
@@ -63,6 +63,12 @@ class FlowTransform(Transform):
         super().__init__(cache_size=cache_size)
         self.input_dim = check_dim(input_dim, "input_dim")
         self._context = context
+
+    def _broadcast_context(self, x: torch.Tensor):
+        """``(x, context)`` broadcast to a common batch shape; ``(x, None)`` without a context."""
+        if self._context is None:
+            return x, None
+        return broadcast_context(x, self._context)
 
     # -- the protocol (families implement these two) -------------------------------------------
     def _call_and_ladj(self, x: torch.Tensor):

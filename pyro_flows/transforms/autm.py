@@ -504,20 +504,15 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
                          single_pass=single_pass, context=context, cache_size=cache_size)
         self.arn = _check_made(self.input_dim, autoregressive_nn, self.g)
 
-    def _broadcast(self, u):
-        if self._context is None:
-            return u, None
-        return broadcast_context(u, self._context)
-
     def _explicit(self, u):
-        u, ctx = self._broadcast(u)
+        u, ctx = self._broadcast_context(u)
         raw = self.arn(u, ctx)
         v, logd = self._map(u, self._coefficients(raw))
         return v, logd.sum(-1)
 
     def _numerical(self, v):
         check_finite(v, f"{type(self).__name__} input of the numerical direction")
-        v, ctx = self._broadcast(v)
+        v, ctx = self._broadcast_context(v)
         D = self.input_dim
         self._iterations = 0
         weights = self.arn.effective_weights()

@@ -143,7 +143,7 @@ from torch import nn
 
 from ..nn.mexican_hat import MexicanHatNN, log_scale_range
 from ..registry import register_flow
-from ..validation import broadcast_context, check_dim
+from ..validation import check_dim
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = [
@@ -318,13 +318,8 @@ class ConditionedDualAffineCoupling(FlowTransform):
         self.nn1 = nn1
         self.nn2 = nn2
 
-    def _prepare(self, x):
-        if self._context is None:
-            return x, None
-        return broadcast_context(x, self._context)
-
     def _call_and_ladj(self, x):
-        x, ctx = self._prepare(x)
+        x, ctx = self._broadcast_context(x)
         x1, x2 = x[..., : self.split], x[..., self.split:]
         log_s1, t1 = self.nn1(x2, ctx)
         y1 = torch.exp(log_s1) * x1 + t1
@@ -335,7 +330,7 @@ class ConditionedDualAffineCoupling(FlowTransform):
         return torch.cat([y1, y2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
 
     def _inverse_and_ladj(self, y):
-        y, ctx = self._prepare(y)
+        y, ctx = self._broadcast_context(y)
         y1, y2 = y[..., : self.split], y[..., self.split:]
         if self.nn2 is None:
             log_s1, t1 = self.nn1(y2, ctx)

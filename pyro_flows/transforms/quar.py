@@ -88,7 +88,7 @@ from torch import nn
 from ..nn.quasi_autoregressive import QuasiAutoregressiveNet
 from ..registry import register_flow
 from ..solvers import default_tolerance, fixed_point, implicit_fixed_point
-from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
+from ..validation import check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = ["ConditionalQuAR", "ConditionedQuAR", "QuAR", "conditional_quar", "quar"]
@@ -166,11 +166,6 @@ class ConditionedQuAR(FlowTransform):
     def _net(self, u, scale=None):
         return self.net(u, self._context, scale=scale)
 
-    def _expand(self, u):
-        if self._context is None:
-            return u
-        return broadcast_context(u, self._context)[0]
-
     # one (2, D) parameter for both vectors: one optimiser update instead of two per layer
     @property
     def log_scale(self):
@@ -219,7 +214,7 @@ class ConditionedQuAR(FlowTransform):
     def _solve(self, v):
         """``u`` with ``u + F(u) = v``: Algorithm 1 (fixed point), a certified Newton finish, fallback."""
         check_finite(v, f"{type(self).__name__} inverse input")
-        v = self._expand(v)
+        v = self._broadcast_context(v)[0]
         if self.scale_shift is not None:
             log_scale, shift = self._affine()
             v = (v - shift) * torch.exp(-log_scale)

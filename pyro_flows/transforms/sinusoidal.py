@@ -100,7 +100,7 @@ from ..solvers import (
     implicit_monotone_root,
     monotone_root,
 )
-from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
+from ..validation import check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = [
@@ -464,16 +464,10 @@ class ConditionedSinusoidal(FlowTransform):
         self.on_fail = on_fail
         self.last_solver_info = None
 
-    def _prepare(self, x):
-        ctx = self._context
-        if ctx is not None:
-            x, ctx = broadcast_context(x, ctx)
-        return x, ctx
-
     # -- the analytic LDU map (data -> noise) ---------------------------------------------------
     def _ldu(self, x, output=True):
         """``(z, log|det dz/dx|)`` of the LDU block at data ``x`` (``z`` is None if not ``output``)."""
-        x, ctx = self._prepare(x)
+        x, ctx = self._broadcast_context(x)
         params = self._scales_fn(self._context)
         upper, lower = _shift_weights(self._upper_fn, self._lower_fn if output else None)
         return self._ldu_with(x, ctx, params, upper, lower, output)
@@ -532,7 +526,7 @@ class ConditionedSinusoidal(FlowTransform):
     def _ldu_inverse(self, z):
         """``(x, log|det dz/dx| at x)``: the data ``x`` whose LDU image is ``z``, certified."""
         check_finite(z, f"{type(self).__name__} input of the numerical inverse")
-        z, ctx = self._prepare(z)
+        z, ctx = self._broadcast_context(z)
         D = self.input_dim
         params = self._scales_fn(self._context)
         S = params[0].shape[-2]
