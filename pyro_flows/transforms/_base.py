@@ -139,25 +139,23 @@ class FlowTransform(Transform):
             return None
         return last
 
-    def __call__(self, x):
-        self._check(x, "input")
+    def _map_with_cache(self, t, position, what, map_and_ladj):
+        """Validate ``t`` (element ``position`` of a pair: 0 x, 1 y), answer from the cache if it
+        holds ``t``, else compute the other element with ``map_and_ladj`` and remember the pair."""
+        self._check(t, what)
         if self._cache_size:
-            hit = self._lookup(x, 0)
+            hit = self._lookup(t, position)
             if hit is not None:
-                return hit[1]
-        y, ladj = self._call_and_ladj(x)
-        self._remember(x, y, ladj)
-        return y
+                return hit[1 - position]
+        out, ladj = map_and_ladj(t)
+        self._remember(*((t, out) if position == 0 else (out, t)), ladj)
+        return out
+
+    def __call__(self, x):
+        return self._map_with_cache(x, 0, "input", self._call_and_ladj)
 
     def _inv_call(self, y):
-        self._check(y, "inverse input")
-        if self._cache_size:
-            hit = self._lookup(y, 1)
-            if hit is not None:
-                return hit[0]
-        x, ladj = self._inverse_and_ladj(y)
-        self._remember(x, y, ladj)
-        return x
+        return self._map_with_cache(y, 1, "inverse input", self._inverse_and_ladj)
 
     def call_and_ladj(self, x: torch.Tensor):
         """``(y, log|det dy/dx|)`` for ``y = self(x)``, computed in one pass."""
