@@ -185,10 +185,12 @@ class FlowModel(nn.Module):
         if self.inverted:
             t = t.inv
         zero = self._zero.expand(self.dim)
-        base = dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+        # validate_args=False: torch's argument validation checks the support on the host in every
+        # log_prob (a sync per call on a GPU); measurements must not depend on the global setting
+        base = dist.Normal(zero, torch.ones_like(zero), validate_args=False).to_event(1)
         if context is not None:
             base = base.expand(context.shape[:-1])
-        return dist.TransformedDistribution(base, [t])
+        return dist.TransformedDistribution(base, [t], validate_args=False)
 
     def log_prob(self, x, context=None):
         if self.kind == "pyro":
