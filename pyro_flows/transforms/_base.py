@@ -77,6 +77,17 @@ class FlowTransform(Transform):
     def _inverse_and_ladj(self, y: torch.Tensor):
         raise NotImplementedError(f"{type(self).__name__} must implement _inverse_and_ladj")
 
+    # -- identity initialisation (AutoFlow starts as AutoMultivariateNormal) ---------------------
+    def init_identity_(self):
+        """Set this layer's parameters in place so that it is *exactly* the identity map (log-det 0).
+
+        Families override it; the gradient at the identity must not vanish for every parameter
+        (zero a network's last layer, not all of it), so training can move away from it. Returns
+        ``self``. Used by :class:`pyro_flows.infer.AutoFlow` so that a guide with identity flow
+        layers is exactly ``loc + L eps``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no exact identity initialisation")
+
     def _call(self, x):
         return self._call_and_ladj(x)[0]
 
