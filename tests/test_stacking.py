@@ -1,0 +1,238 @@
+"""The stack returned by ``pyro_flows.flow``: a ``ComposeTransformModule`` that certifies the round trip
+of its numerical direction (``pyro_flows.stacking``).
+
+* a layer that errs by a chosen multiple of the tolerance: silent below it, a warning above it, in
+  float64 and float32, in both directions, plain and conditional; the warning names the error and
+  the part where it crossed the tolerance;
+* real stacks: AUTM at s = 5 warns, at s = 2 it is silent and reconstructs;
+* the single-pass direction, and answers from the parts' caches, run no check (no extra pass, no
+  host synchronisation); ``torch.jit.trace`` of the checked direction is refused;
+* compatibility: class, ``state_dict`` keys (old saved stacks load), pickling, ``with_cache``,
+  ``inv.inv``, ``TransformedDistribution``.
+"""
+
+import io
+import pickle
+import warnings
+
+import pyro.distributions as dist
+import pytest
+import torch
+from conformance import contexts, inputs, perturb
+from pyro.distributions.conditional import ConditionalComposeTransformModule, ConditionalTransformModule
+from pyro.distributions.torch_transform import ComposeTransformModule
+from test_gpu_ready import HostSyncCounter
+
+import pyro_flows
+from pyro_flows.solvers import ConvergenceWarning, SolverError
+from pyro_flows.stacking import (
+    ConditionalFlowStack,
+    FlowStack,
+    iterative_directions,
+    round_trip_tolerance,
+)
+from pyro_flows.transforms._base import FlowTransform, Permute
+
+D = 4
+
+
+class Doubling(FlowTransform):
+    """``y = 2x``. Its numerical direction (``_call`` for ``single_pass="log_prob"``, ``_inverse`` for
+    ``"sample"``) errs so that a round trip through it is off by ``ratio`` times the stack tolerance
+    (per sample, relative to ``1 + max|x|`` of the stack's input when it is the only layer)."""
+
+    def __init__(self, ratio=0.0, single_pass="log_prob", cache_size=1):
+        super().__init__(D, cache_size=cache_size)
+        self.ratio, self.single_pass = ratio, single_pass
+        self.undone = 0  # calls of the single-pass direction
+
+    def _error(self, t, scale):
+        return self.ratio * round_trip_tolerance(t.dtype) * (1 + scale.abs().amax(-1, keepdim=True))
+
+    def _call_and_ladj(self, x):
+        ladj = x.new_full(x.shape[:-1], D * 0.6931471805599453)
+        if self.single_pass == "log_prob":
+            return 2 * x + 2 * self._error(x, x), ladj
+        self.undone += 1
+        return 2 * x, ladj
+
+    def _inverse_and_ladj(self, y):
+        ladj = y.new_full(y.shape[:-1], D * 0.6931471805599453)
+        if self.single_pass == "sample":
+            return y / 2 + self._error(y, y) / 2, ladj
+        self.undone += 1
+        return y / 2, ladj
+
+
+class ConditionalDoubling(ConditionalTransformModule):
+    """The context (a scalar) is the ratio of :class:`Doubling`."""
+
+    def condition(self, context):
+        return Doubling(float(context))
+
+
+def _run(fn, *args):
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always", ConvergenceWarning)
+        out = fn(*args)
+    return out, [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_warns_exactly_above_the_tolerance(single_pass, dtype):
+    x = inputs((64,), D, dtype=dtype)
+    for ratio, loud in ((0.5, False), (2.0, True)):
+        layer = Doubling(ratio, single_pass)
+        t = FlowStack([layer])
+        numerical = t if single_pass == "log_prob" else t.inv
+        _, caught = _run(numerical, x)
+        assert bool(caught) == loud, (ratio, caught)
+        info = t.last_solver_info if single_pass == "log_prob" else t.inv.last_solver_info
+        assert info.converged == (not loud)
+        assert info.detail["ratio"] == pytest.approx(ratio, rel=1e-3)
+        assert layer.undone == 1  # the check: one pass of the single-pass direction
+        if loud:
+            assert "round trip" in caught[0] and "part 0 (Doubling)" in caught[0], caught[0]
+            assert str(dtype) in caught[0]
+
+
+def test_the_single_pass_direction_is_never_checked():
+    layer = Doubling(100.0, "log_prob")
+    t = FlowStack([layer, Permute(torch.arange(D - 1, -1, -1)), Doubling(100.0, "log_prob")])
+    y = inputs((8,), D)
+    _, caught = _run(t.inv, y)  # explicit direction: nothing to check, even for a wrong layer
+    assert not caught and layer.undone == 1 and t.inv.last_solver_info is None
+    # the same pass makes no host synchronisation beyond a ComposeTransformModule's
+    fresh = [Doubling(100.0, "log_prob") for _ in range(2)]
+    with HostSyncCounter() as ours:
+        FlowStack(fresh).inv(y.clone())
+    with HostSyncCounter() as plain:
+        ComposeTransformModule(fresh).inv(y.clone())
+    assert ours.events == plain.events == []
+
+
+def test_answers_from_the_caches_are_not_checked_again():
+    # a guide's step: rsample (single pass), then log_prob of its own sample (the numerical direction,
+    # answered from the layers' caches): no check, no synchronisation
+    layer = Doubling(100.0, "sample")
+    t = FlowStack([layer, Permute(torch.arange(D - 1, -1, -1))])
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0, validate_args=False).to_event(1)
+    d = dist.TransformedDistribution(base, [t], validate_args=False)  # support checks sync
+    with HostSyncCounter() as c, warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        z = d.rsample((16,))
+        d.log_prob(z)
+    assert c.events == [] and t.inv.last_solver_info is None
+    # a fresh tensor is computed, hence checked
+    _, caught = _run(d.log_prob, z.clone())
+    assert caught and not t.inv.last_solver_info.converged
+
+
+def test_conditional_stack_certifies_its_condition():
+    c = ConditionalFlowStack([ConditionalDoubling(), Permute(torch.arange(D - 1, -1, -1))])
+    assert isinstance(c, ConditionalComposeTransformModule)
+    x = inputs((8,), D)
+    for ratio, loud in ((0.5, False), (3.0, True)):
+        t = c.condition(torch.tensor(ratio, dtype=torch.float64))
+        assert isinstance(t, FlowStack)
+        _, caught = _run(t, x)
+        assert bool(caught) == loud
+
+
+def test_non_finite_rows_are_left_to_the_layers_and_empty_batches_pass():
+    t = FlowStack([Doubling(0.5, "log_prob")])
+    x = inputs((8,), D)
+    x[3, 1] = float("nan")
+    y, caught = _run(t, x)
+    assert not caught and torch.isnan(y[3]).all() and t.last_solver_info.converged
+    _, caught = _run(t, x[:0])
+    assert not caught
+
+
+def test_certify_false_and_jit_trace():
+    x = inputs((8,), D)
+    _, caught = _run(FlowStack([Doubling(100.0, "log_prob")], certify=False), x)
+    assert not caught
+    t = FlowStack([Doubling(0.5, "log_prob")])
+
+    def numerical(v):
+        return t(v)
+
+    with pytest.raises(SolverError, match="torch.jit"):
+        torch.jit.trace(numerical, x, check_trace=False)
+    with pytest.raises(ValueError, match="round_trip_factor"):
+        FlowStack([Doubling()], round_trip_factor=0)
+
+
+def _moved_flow(name, input_dim, scale, **kw):
+    torch.manual_seed(0)
+    return perturb(pyro_flows.flow(name, input_dim, **kw).double(), scale)
+
+
+def test_autm_stack_warns_at_s5_and_is_silent_at_s2():
+    x = inputs((128,), 5)
+    t = _moved_flow("autm_autoregressive", 5, 5.0)
+    y, caught = _run(t, x)
+    assert caught and "part" in caught[0], caught
+    info = t.last_solver_info
+    assert not info.converged and info.residual > 1e-6 and info.detail["part"] is not None
+    # the certificate is the error the user sees
+    err = (t.inv(y.clone()) - x).abs().max().item()
+    assert err == pytest.approx(info.residual, rel=1e-6)
+    t = _moved_flow("autm_autoregressive", 5, 2.0)
+    y, caught = _run(t, x)
+    assert not caught and t.last_solver_info.converged
+    assert (t.inv(y.clone()) - x).abs().max() < 1e-6
+
+
+def test_conditional_autm_stack_warns_at_s5_and_is_silent_at_s2():
+    x, ctx = inputs((128,), 8), contexts((128,), 3)
+    for scale, loud in ((5.0, True), (2.0, False)):
+        c = _moved_flow("autm_coupling", 8, scale, context_dim=3)
+        t = c.condition(ctx)
+        assert isinstance(t, FlowStack)
+        y, caught = _run(t, x)
+        assert bool(caught) == loud, (scale, caught)
+        err = (t.inv(y.clone()) - x).abs().max().item()
+        assert err == pytest.approx(t.last_solver_info.residual, rel=1e-6)
+        assert err > 1e-6 if loud else err < 1e-6
+
+
+def test_which_directions_solve():
+    assert iterative_directions(pyro_flows.autm_coupling(3)) == {"call"}
+    assert iterative_directions(pyro_flows.sinusoidal(3, single_pass="sample")) == {"inverse"}
+    assert iterative_directions(pyro_flows.sinusoidal(3, single_pass="sample").inv) == {"call"}
+    assert iterative_directions(Permute(torch.arange(3))) == set()
+    for name in ("qlf", "monotone"):  # no direction switch: unknown, the stack runs no round trip
+        assert iterative_directions(pyro_flows.flow(name, 3, num_layers=1).parts[0]) is None
+        t = pyro_flows.flow(name, 3, num_layers=2, hidden_dims=[8])
+        t(torch.randn(4, 3))
+        assert t.last_solver_info is None
+
+
+@pytest.mark.parametrize("context_dim", [None, 2])
+def test_compatible_with_compose_transform_module(context_dim):
+    t = pyro_flows.flow("autm_coupling", 3, num_layers=2, context_dim=context_dim)
+    plain_class = ComposeTransformModule if context_dim is None else ConditionalComposeTransformModule
+    assert isinstance(t, plain_class)
+    # state_dict keys are those of the plain stack, and a plain stack's state loads
+    old = plain_class(list(t))  # the ModuleList: every module part, permutations included
+    assert list(t.state_dict()) == list(old.state_dict())
+    assert list(t.state_dict())[0].startswith("0.")
+    t.load_state_dict(old.state_dict())
+    # pickling keeps the class and the settings
+    t.certify = False
+    buf = io.BytesIO()
+    pickle.dump(t, buf)
+    t2 = pickle.loads(buf.getvalue())
+    assert type(t2) is type(t) and t2.certify is False
+    if context_dim is None:
+        assert t.inv.inv is t
+        cached = t.with_cache(1)
+        assert isinstance(cached, FlowStack) and cached.certify is False and cached.parts == t.parts
+        x = torch.randn(5, 3)
+        base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+        d = dist.TransformedDistribution(base, [t])
+        assert d.log_prob(x).shape == (5,)
+        assert torch.allclose(t.inv(t(x)), x, atol=1e-4)
