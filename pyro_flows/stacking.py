@@ -93,8 +93,8 @@ def iterative_directions(part) -> frozenset | None:
 
 
 def _check_certify(certify):
-    if not isinstance(certify, bool):
-        raise ValueError(f"certify must be True or False, got {certify!r}")
+    if certify not in (True, False, "always") or (certify in (0, 1) and not isinstance(certify, bool)):
+        raise ValueError(f"certify must be True, False or 'always', got {certify!r}")
     return certify
 
 
@@ -126,6 +126,8 @@ class _RoundTrip:
         if not self.certify:
             return None
         kinds = [iterative_directions(p) for p in self.parts]
+        if self.certify == "always":  # whatever the check costs; unknown parts count as solving
+            return [k is None or "call" in k for k in kinds]
         if any(k is None or "inverse" in k for k in kinds):
             return None
         solving = ["call" in k for k in kinds]
@@ -219,7 +221,10 @@ class FlowStack(_RoundTrip, ComposeTransformModule):
     Arguments:
         parts: the transforms, in the order applied by ``_call``.
         cache_size: as in ``ComposeTransformModule`` (0: the parts cache themselves).
-        certify: run the round-trip check (default ``True``).
+        certify: ``True`` (default): check the round trip where it costs one single-pass sweep (some
+            part solves in this direction, none in the other); ``"always"``: check every computed
+            call, even where mapping back solves too (monotone: a second solve; qlf: an analytic
+            pass); ``False``: never.
         round_trip_factor: the tolerance in units of ``sqrt(eps) (1 + max|x|)`` (default
             :data:`ROUND_TRIP_FACTOR`).
 
@@ -317,7 +322,7 @@ def _check_cache_size(cache_size):
 
 def flow(name: str, input_dim: int, num_layers: int = 4, context_dim: int | None = None,
          permutation="default", *, single_pass: str = "log_prob", cache_size: int | None = None,
-         **kwargs):
+         certify=True, **kwargs):
     """Stack ``num_layers`` layers of family ``name`` with permutations between them.
 
     Arguments:
@@ -335,6 +340,8 @@ def flow(name: str, input_dim: int, num_layers: int = 4, context_dim: int | None
             (``FlowSpec.has_single_pass``); the other families cost the same both ways and ignore it.
         cache_size: 0 or 1, given to every layer and permutation (``None``: the layers' default, 1).
             ``cache_size=0`` makes every inverse a computation (no identity-keyed cache).
+        certify: the stack's round-trip certificate (:class:`FlowStack`): ``True`` (default),
+            ``"always"`` or ``False``.
         **kwargs: passed to every layer's constructor.
 
     Returns:
@@ -355,6 +362,7 @@ def flow(name: str, input_dim: int, num_layers: int = 4, context_dim: int | None
     input_dim = check_dim(input_dim, "input_dim")
     num_layers = check_dim(num_layers, "num_layers")
     check_single_pass(single_pass)
+    _check_certify(certify)
     if permutation == "default":
         permutation = spec.permutation
     if permutation not in PERMUTATIONS:
@@ -376,5 +384,5 @@ def flow(name: str, input_dim: int, num_layers: int = 4, context_dim: int | None
         if permutation is not None and input_dim > 1 and i < num_layers - 1:
             parts.append(Permute(_permutation(permutation, input_dim, i), **permute_kwargs))
     if context_dim is None:
-        return FlowStack(parts)
-    return ConditionalFlowStack(parts)
+        return FlowStack(parts, certify=certify)
+    return ConditionalFlowStack(parts, certify=certify)

@@ -209,6 +209,13 @@ def test_which_directions_solve():
         t = pyro_flows.flow(name, 3, num_layers=2, hidden_dims=[8])
         t(torch.randn(4, 3))
         assert t.last_solver_info is None
+        # certify="always" maps back whatever it costs (monotone: a second solve)
+        t = pyro_flows.flow(name, 3, num_layers=2, hidden_dims=[8], certify="always").double()
+        x = inputs((4,), 3)
+        _, caught = _run(t, x)
+        assert not caught and t.last_solver_info.converged and t.last_solver_info.residual < 1e-10
+    with pytest.raises(ValueError, match="certify"):
+        pyro_flows.flow("quar", 3, certify=1)
 
 
 @pytest.mark.parametrize("context_dim", [None, 2])
