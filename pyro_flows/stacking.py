@@ -263,8 +263,14 @@ class _FlowStackInverse(_RoundTrip, ComposeTransform):
     def __init__(self, stack: FlowStack):
         super().__init__([p.inv for p in reversed(stack.parts)])
         self.stack = stack
-        self.certify = stack.certify
-        self.round_trip_factor = stack.round_trip_factor
+
+    @property
+    def certify(self):  # the stack's settings, also when changed after ``inv`` was built
+        return self.stack.certify
+
+    @property
+    def round_trip_factor(self):
+        return self.stack.round_trip_factor
 
     _name = "FlowStack inverse"
 

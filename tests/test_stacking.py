@@ -154,6 +154,11 @@ def test_certify_false_and_jit_trace():
     x = inputs((8,), D)
     _, caught = _run(FlowStack([Doubling(100.0, "log_prob")], certify=False), x)
     assert not caught
+    t = FlowStack([Doubling(100.0, "sample")])
+    assert t.inv.certify is True  # built before the setting changes: follows the stack
+    t.certify = False
+    _, caught = _run(t.inv, x)
+    assert not caught
     t = FlowStack([Doubling(0.5, "log_prob")])
 
     def numerical(v):
