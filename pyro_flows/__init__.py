@@ -8,7 +8,7 @@ context_dim=None, **kwargs)`` and, for each family ``F`` in ``FLOWS``, the const
 Example:
     >>> import torch, pyro.distributions as dist, pyro_flows
     >>> t = pyro_flows.flow(pyro_flows.FLOWS[0], input_dim=2, num_layers=2)
-    >>> d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), list(t.parts))
+    >>> d = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [t])
     >>> d.log_prob(torch.randn(5, 2)).shape
     torch.Size([5])
 """

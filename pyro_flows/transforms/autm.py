@@ -63,8 +63,8 @@ conditioner), the error obeys, to first order, :math:`|\hat u - u^*| \le |J^{-1}
 If that exceeds :math:`\sqrt{\epsilon}(1 + |\hat u|)` (:math:`\epsilon` the dtype's machine epsilon:
 1.5e-8 in float64, 3.5e-4 in float32) a :class:`~pyro_flows.solvers.ConvergenceWarning` names the
 bound reached; this is what flags, e.g., float32 inputs of size 1e3. The bound of the last numerical
-call is kept in ``last_solver_info.error_bound``. (The check is per layer: rounding amplified *across* the layers of
-a stack is not seen by it; see the strict xfails in ``tests/test_autm.py``.)
+call is kept in ``last_solver_info.error_bound``. (The check is per layer; rounding amplified *across* the layers of
+a stack is caught by the stack's round-trip certificate, :class:`pyro_flows.stacking.FlowStack`.)
 
 **Gradients** of the numerical direction come from the implicit function theorem, never by unrolling
 the solver: :func:`~pyro_flows.solvers.implicit_monotone_root` for coupling, and for the autoregressive
