@@ -509,3 +509,44 @@ def test_single_pass_direction_compiles_fullgraph(single_pass):
     grads0 = torch.autograd.grad(y0.sum() + ld0.sum(), list(t.parameters()))
     for g, g0 in zip(grads, grads0):
         assert torch.allclose(g, g0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact identity initialisation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_init_identity_is_exact_and_trainable(single_pass, conditional):
+    torch.manual_seed(0)
+    if conditional:
+        module = ConditionalQuAR(D, C, hidden_factors=(3, 2), single_pass=single_pass).double()
+        perturb(module, 0.5, seed=1)
+        assert module.init_identity_() is module
+        t = module.condition(torch.randn(5, C, dtype=torch.float64))
+    else:
+        module = t = QuAR(D, hidden_factors=(3, 2), single_pass=single_pass).double()
+        perturb(module, 0.5, seed=1)
+        assert module.init_identity_() is module
+    x = 3 * torch.randn(5, D, dtype=torch.float64)
+    y = t(x)
+    assert torch.equal(y, x)
+    assert torch.equal(t.log_abs_det_jacobian(x, y), torch.zeros(5, dtype=torch.float64))
+    z = x + 1  # a fresh tensor: the inverse is computed, not cached
+    assert torch.equal(t.inv(z), z)
+    # gradients reach the last layer and the affine (the only parameters F and the affine depend on
+    # linearly at the identity); other parameters see a zero gradient there, by construction
+    loss = (t(x) * torch.randn_like(x)).sum() + t.log_abs_det_jacobian(x, t(x)).sum()
+    loss.backward()
+    net = module.net
+    for p in (net.layers[-1].weight, net.layers[-1].bias, module.scale_shift):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # one optimiser step leaves the identity, and the layer stays exact (conformance still holds)
+    torch.optim.Adam(module.parameters(), lr=1e-2).step()
+    t = module.condition(torch.randn(5, C, dtype=torch.float64)) if conditional else module
+    assert (t(x) - x).abs().max() > 1e-4
+    assert net.lipschitz() < net.lipschitz_target
+
+
+def test_init_identity_needs_the_lipschitz_trick():
+    with pytest.raises(ValueError, match="lipschitz_trick"):
+        QuAR(D, hidden_factors=(2,), lipschitz_trick=False).init_identity_()

@@ -228,6 +228,32 @@ class QuasiAutoregressiveNet(nn.Module):
         p = self.product_bound()
         return (self.output_scale(p).max() * p).clamp(max=self.lipschitz_target)
 
+    @torch.no_grad()
+    def zero_output_(self):
+        """Zero the last layer's weight and bias in place, so that ``F = 0`` for every input (and
+        context); returns ``self``.
+
+        The other layers keep their values, so the gradient of ``F`` in the last layer's weight
+        (``c h^T`` with the last hidden activations ``h``) and bias (``c``) does not vanish. Needs
+        the Lipschitz trick: with ``theta`` fixed at 0 the output scale ``c = sigma / P`` is
+        unbounded as the last layer's norm (and so ``P``) goes to 0.
+
+        Example:
+            >>> import torch
+            >>> net = QuasiAutoregressiveNet(3, hidden_factors=(2,)).zero_output_()
+            >>> out, diag = net(torch.randn(4, 3))
+            >>> bool((out == 0).all() and (diag == 0).all())
+            True
+        """
+        if self.raw_theta is None:
+            raise ValueError("zero_output_ needs lipschitz_trick=True (without it F = sigma N / P "
+                             "cannot be 0 with a finite gradient)")
+        last = self.layers[-1]
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+        return self
+
     # -- forward with the exact diagonal ------------------------------------------------------
     def forward(self, x, context=None, scale=None):
         """``(F(x), diag J_F(x))``; ``scale`` is a precomputed :meth:`output_scale` (e.g. held fixed
