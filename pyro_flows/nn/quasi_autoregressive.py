@@ -57,7 +57,7 @@ from torch import nn
 
 from ..validation import broadcast_context, check_dim
 from .activations import get_activation
-from .lipschitz import LipschitzLinear, matrix_norm_bound, spectral_norm_product
+from .lipschitz import LipschitzLinear, matrix_norm_bound, power_norm_product, spectral_norm_product
 from .masked import quasi_autoregressive_masks
 
 __all__ = ["QuasiAutoregressiveNet", "default_quar_hidden_dims"]
@@ -187,6 +187,8 @@ class QuasiAutoregressiveNet(nn.Module):
                 for w, layer in zip(weights, self.layers)]
         if self.layers[0].bound == "spectral":
             p = spectral_norm_product(cols)
+        elif self.layers[0].bound == "power":
+            p = power_norm_product(cols)
         else:
             p = torch.stack([matrix_norm_bound(w, "frobenius") for w in cols]).prod()
         if self._act_factor != 1.0:
