@@ -183,7 +183,7 @@ class QuasiAutoregressiveNet(nn.Module):
         """``[W_0, b_0, W_1, b_1, ..., raw_theta]``: views of ``flat``, a tensor shaped like
         :attr:`packed` (the parameter itself, or e.g. its gradient), in one split."""
         parts = flat.split(self._split)
-        return [t.view(shape) for t, shape in zip(parts, self._shapes)]
+        return [t if len(shape) == 1 else t.view(shape) for t, shape in zip(parts, self._shapes)]
 
     def _views(self):
         return self.unpack(self.packed)
