@@ -90,7 +90,7 @@ def test_lipschitz_linear_bad_arguments():
     with pytest.raises(ValueError, match="coeff"):
         LipschitzLinear(3, 4, coeff=0.0)
     with pytest.raises(ValueError, match="bound"):
-        LipschitzLinear(3, 4, bound="power")
+        LipschitzLinear(3, 4, bound="nuclear")
 
 
 def test_quasi_autoregressive_connectivity():
@@ -195,3 +195,30 @@ def test_spectral_norm_product_value_and_gradient():
         expected = torch.autograd.grad(spectral_norm_bounds(ws).prod(), ws)
         for g, e in zip(got, expected):
             assert torch.isfinite(g).all() and torch.allclose(g, e, atol=1e-10)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_power_norm_product_is_a_guaranteed_bound_with_its_exact_gradient(blocks):
+    from pyro_flows.nn.lipschitz import power_norm_product, spectral_norm_product
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 12, generator=g, dtype=torch.float64),
+          torch.randn(3, 12, generator=g, dtype=torch.float64)]
+    # flat spectra are the worst case: an orthogonal matrix of rank 12
+    q = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))[0]
+    k = 8 ** blocks
+    for case in (ws, [q], [q * 1e-100, ws[0]], [q * 1e100]):
+        exact = spectral_norm_product(case)
+        bound = power_norm_product(case, blocks=blocks)
+        assert exact <= bound <= exact * 12 ** (len(case) / (4 * k)) * (1 + 1e-9)
+    assert power_norm_product([q], blocks=blocks) > 12 ** (1 / (4 * k)) * (1 - 1e-9)  # the factor is attained
+    ws = [w.requires_grad_() for w in ws]
+    assert torch.autograd.gradcheck(lambda *w: power_norm_product(w, blocks=blocks), ws)
+    # float32 weights: a float32 value and gradients; a zero weight gives a zero bound and finite gradients
+    w32 = [w.detach().float().requires_grad_() for w in ws] + [torch.zeros(3, 5, requires_grad=True)]
+    p = power_norm_product(w32, blocks=blocks)
+    p.backward()
+    assert p.dtype == torch.float32 and p == 0
+    assert all(w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all() for w in w32)
+    with pytest.raises(ValueError, match="2-D"):
+        power_norm_product([torch.ones(3)])

@@ -30,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "matrix_norm_bound",
+__all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "matrix_norm_bound", "power_norm_product",
            "spectral_norm_bounds", "spectral_norm_product"]
 
 MARGIN = 1e-6
-_BOUNDS = ("spectral", "frobenius")
+_BOUNDS = ("spectral", "power", "frobenius")
+#: diagonal shift of the unit-trace Gram powers in :func:`power_norm_product`
+_SHIFT = 1e-15
 
 
 class _SpectralNormBounds(torch.autograd.Function):
@@ -55,7 +57,9 @@ class _SpectralNormBounds(torch.autograd.Function):
             for idx in members:
                 a = [weights[i].T if tall[i] else weights[i] for i in idx]
                 a = (torch.stack(a) if len(a) > 1 else a[0].unsqueeze(0)).to(torch.float64)
-                evals, evecs = torch.linalg.eigh(torch.bmm(a, a.transpose(1, 2)))
+                gram = torch.bmm(a, a.transpose(1, 2))
+                # eigenvalues only where no gradient is needed (about half the time of eigh)
+                evals, evecs = torch.linalg.eigh(gram) if need_grad else (torch.linalg.eigvalsh(gram), None)
                 sigma = evals[:, -1:].clamp(min=0).sqrt()
                 sigmas.append(sigma)
                 if need_grad:
@@ -147,12 +151,115 @@ def spectral_norm_product(weights) -> torch.Tensor:
     return _apply(weights, product=True)[0]
 
 
+class _PowerNormProduct(torch.autograd.Function):
+    """``prod_i (1 + MARGIN) ||G_i^k||_F^(1 / (2 k))`` with ``G_i`` the Gram matrix of ``W_i`` on its
+    smaller side and ``k = 8^blocks`` (see :func:`power_norm_product`), with its exact gradient.
+
+    Gram matrices of equal size are squared together (one batched product per squaring) in float64.
+    ``G^k`` is formed by repeated squaring, rescaled to unit trace every three squarings
+    (``M_0 = G / t_0``, ``M_b = M_{b-1}^8 / t_b``, ``K = M_{B-1}^8``), so
+    ``log ||G^k||_F^(1/k) = sum_b 8^-b log t_b + 8^-B log ||K||_F`` without overflow. The gradient of
+    ``log ||G^k||_F^(1/k)`` in ``G`` is ``G^(2k-1) / tr(G^(2k))``, which in the rescaled matrices is
+    ``K Q_0 ... Q_{B-1} / (||K||_F^2 prod_b t_b)`` with ``Q_b = M_b M_b^2 M_b^4`` (all commute): no
+    autograd graph through the squarings and no decomposition.
+    """
+
+    @staticmethod
+    def forward(ctx, blocks, need_grad, *weights):
+        dtype = weights[0].dtype
+        tiny = torch.finfo(torch.float64).tiny
+        tall = [w.shape[0] >= w.shape[1] for w in weights]
+        groups = {}
+        for i, w in enumerate(weights):
+            groups.setdefault(min(w.shape), []).append(i)
+        log_sigma, saved = [], []
+        with torch.no_grad():
+            for idx in groups.values():
+                a = [(weights[i].T if tall[i] else weights[i]).to(torch.float64) for i in idx]
+                m = torch.stack([x @ x.T for x in a])
+                eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+                log_lam, scales, qs = 0.0, [], []
+                for b in range(blocks):
+                    t = m.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=tiny)
+                    scales.append(t)
+                    log_lam = log_lam + t.log() * 8.0 ** -b
+                    # + SHIFT I: an upper bound still (lambda_max grows by SHIFT), and no eigenvalue
+                    # of the powers falls into float64's subnormal range (slow arithmetic)
+                    m = torch.add(m / t[:, None, None], eye, alpha=_SHIFT)
+                    m2 = torch.bmm(m, m)
+                    m4 = torch.bmm(m2, m2)
+                    if need_grad:
+                        qs.append(torch.bmm(torch.bmm(m, m2), m4))
+                    m = torch.bmm(m4, m4)
+                norm2 = m.pow(2).sum((1, 2)).clamp(min=tiny)
+                log_sigma.append(0.5 * (log_lam + norm2.log() * (0.5 * 8.0 ** -blocks)))
+                saved.append((idx, a, m, norm2, scales, qs))
+            prod = torch.exp(torch.cat(log_sigma).sum()) * (1 + MARGIN) ** len(weights)
+        if need_grad:
+            ctx.saved = saved
+            ctx.save_for_backward(prod)
+        ctx.tall, ctx.dtype, ctx.n = tall, dtype, len(weights)
+        return prod.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (prod,) = ctx.saved_tensors
+        out = [None] * (2 + ctx.n)
+        grad = grad.to(torch.float64)
+        for idx, a, k, norm2, scales, qs in ctx.saved:
+            q = qs[0]
+            for s in qs[1:]:
+                q = torch.bmm(q, s)
+            # d log sigma_i / d G_i = 0.5 K Q / (||K||^2 prod_b t_b); d / dA = 2 (d / dG) A; times
+            # d prod / d log sigma_i = prod. The scalar factor is formed in logs; a zero weight
+            # (t_0 clamped to tiny) gets the subgradient 0
+            log_t = scales[0].log()
+            for t in scales[1:]:
+                log_t = log_t + t.log()
+            factor = torch.exp((prod.log() - log_t).clamp(max=700.0)) * grad / norm2
+            factor = torch.where(scales[0] > torch.finfo(torch.float64).tiny, factor, 0.0)
+            g = torch.bmm(k, q) * factor[:, None, None]
+            for j, (i, x) in enumerate(zip(idx, a)):
+                da = (g[j] @ x).to(ctx.dtype)
+                out[2 + i] = da.T if ctx.tall[i] else da
+        return tuple(out)
+
+
+def power_norm_product(weights, blocks: int = 2) -> torch.Tensor:
+    """A guaranteed bound of ``prod_i sigma_max(W_i)`` without a decomposition (0-d, differentiable).
+
+    For the Gram matrix ``G`` of ``W`` (``sigma_max(W)^2 = lambda_max(G)``, ``G`` positive
+    semi-definite), ``lambda_max(G)^k <= ||G^k||_F``, so ``||G^k||_F^(1/(2k))`` bounds ``sigma_max(W)``
+    from above, by a factor at most ``r^(1/(4k))`` with ``r`` the rank (all singular values equal; much
+    less when they are spread). Here ``k = 8^blocks``: ``blocks=2`` (six squarings, ``k = 64``) is within
+    1.7 % of ``sigma_max`` for any matrix of rank <= 64 and 2.7 % for rank <= 1024. Each factor is
+    inflated by ``1 + 1e-6`` to cover rounding (the squarings run in float64). Cheap where
+    decompositions are not: a few batched matrix products, no host synchronisation, and the exact
+    gradient of the value returned.
+
+    Example:
+        >>> w = [torch.eye(3) * 2, torch.ones(2, 3)]
+        >>> b = float(power_norm_product(w))
+        >>> 4.899 < b < 4.899 * 3 ** (1 / 256) + 1e-4
+        True
+    """
+    weights = list(weights)
+    if not weights or any(w.dim() != 2 for w in weights):
+        raise ValueError("power_norm_product expects a non-empty sequence of 2-D tensors")
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+    return _PowerNormProduct.apply(int(blocks), need_grad, *weights)
+
+
 def matrix_norm_bound(weight: torch.Tensor, bound: str = "spectral") -> torch.Tensor:
     """A guaranteed upper bound of the spectral norm of ``weight`` (differentiable, a 0-d tensor)."""
     if bound not in _BOUNDS:
         raise ValueError(f"bound must be one of {_BOUNDS}, got {bound!r}")
     if bound == "frobenius":
         return (weight.double().pow(2).sum().sqrt() * (1 + MARGIN)).to(weight.dtype)
+    if bound == "power":
+        return power_norm_product([weight])
     return spectral_norm_bounds([weight])[0]
 
 

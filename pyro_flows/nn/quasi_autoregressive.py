@@ -57,7 +57,7 @@ from torch import nn
 
 from ..validation import broadcast_context, check_dim
 from .activations import get_activation
-from .lipschitz import LipschitzLinear, matrix_norm_bound, spectral_norm_product
+from .lipschitz import _BOUNDS, LipschitzLinear, matrix_norm_bound, power_norm_product, spectral_norm_product
 from .masked import quasi_autoregressive_masks
 
 __all__ = ["QuasiAutoregressiveNet", "default_quar_hidden_dims"]
@@ -140,12 +140,28 @@ class QuasiAutoregressiveNet(nn.Module):
         self.hidden_dims = default_quar_hidden_dims(D, hidden_dims, hidden_factors)
         masks, degrees = quasi_autoregressive_masks(D, self.hidden_dims, context_dim=self.context_dim)
         sizes = [D] + self.hidden_dims + [D]
-        layers = []
+        if bound not in _BOUNDS:
+            raise ValueError(f"bound must be one of {_BOUNDS}, got {bound!r}")
+        self.bound = bound
+        # the layers' weights and biases (and raw_theta) live in ONE parameter tensor: an optimiser
+        # updates it in one go (Adam costs ~26 aten ops per tensor per step; Pyro's optimisers a
+        # Python optimiser object per tensor); ``layers[i].weight`` etc. are views of it
+        shapes, init = [], []
         for i, m in enumerate(masks):
             in_features = sizes[i] + (self.context_dim if i == 0 else 0)
-            layers.append(LipschitzLinear(in_features, sizes[i + 1], mask=m, bound=bound,
-                                          mask_columns=D if i == 0 else None))
-        self.layers = nn.ModuleList(layers)
+            # a LipschitzLinear only for its initialisation (masked fan-in scaling)
+            layer = LipschitzLinear(in_features, sizes[i + 1], mask=m, bound=bound)
+            shapes += [tuple(layer.weight.shape), tuple(layer.bias.shape)]
+            init += [layer.weight.detach().reshape(-1), layer.bias.detach()]
+            self.register_buffer(f"_mask{i}", layer.mask, persistent=False)
+        # theta = softplus(raw_theta) >= 0, one per output coordinate; init theta = 0.1
+        if self.lipschitz_trick:
+            shapes.append((D,))
+            init.append(torch.full((D,), math.log(math.expm1(0.1))))
+        self._shapes = shapes
+        self._split = [math.prod(shape) for shape in shapes]
+        self.packed = nn.Parameter(torch.cat(init))
+        self.layers = [_Layer(self, i) for i in range(len(masks))]
         self.activations = nn.ModuleList([get_activation(activation, h) for h in self.hidden_dims])
         for act in self.activations:
             if not hasattr(act, "forward_and_derivative") or not hasattr(act, "lipschitz"):
@@ -160,46 +176,60 @@ class QuasiAutoregressiveNet(nn.Module):
         # layers instead of the dense masked matrix (the dense product is faster for small layers)
         self._blockwise = [i > 0 and sizes[i] * sizes[i + 1] >= self.BLOCKWISE_MIN_SIZE
                            for i in range(len(masks))]
-        # theta = softplus(raw_theta) >= 0, one per output coordinate; init theta = 0.1
-        if self.lipschitz_trick:
-            self.raw_theta = nn.Parameter(torch.full((D,), math.log(math.expm1(0.1))))
-        else:
-            self.raw_theta = None
+        self._register_load_state_dict_pre_hook(_pack_old_keys)
+
+    # -- the parameters: views of ``packed`` ----------------------------------------------------
+    def unpack(self, flat):
+        """``[W_0, b_0, W_1, b_1, ..., raw_theta]``: views of ``flat``, a tensor shaped like
+        :attr:`packed` (the parameter itself, or e.g. its gradient), in one split."""
+        parts = flat.split(self._split)
+        return [t if len(shape) == 1 else t.view(shape) for t, shape in zip(parts, self._shapes)]
+
+    def _views(self):
+        return self.unpack(self.packed)
+
+    @property
+    def raw_theta(self):
+        """The unconstrained ``theta`` (a view of :attr:`packed`), or ``None`` without the trick."""
+        return self._views()[-1] if self.lipschitz_trick else None
 
     # -- Lipschitz control --------------------------------------------------------------------
-    def _masked_weights(self):
-        return [layer.masked_weight() for layer in self.layers]
+    def _masked_weights(self, views=None):
+        views = self._views() if views is None else views
+        return [views[2 * i] * getattr(self, f"_mask{i}") for i in range(len(self.layers))]
 
     def product_bound(self, weights=None) -> torch.Tensor:
         """``P = prod_i Lip(f_i)``: guaranteed bound of the unscaled masked network in ``x``.
 
-        The spectral norms of all layers come from one batched no-grad SVD
-        (:func:`~pyro_flows.nn.lipschitz.spectral_norm_bounds`); ``weights`` are the masked weights
+        The spectral norms of all layers come from one batched no-grad eigendecomposition
+        (:func:`~pyro_flows.nn.lipschitz.spectral_norm_product`; ``bound="power"``:
+        :func:`~pyro_flows.nn.lipschitz.power_norm_product`); ``weights`` are the masked weights
         if the caller has them. Without a graph to build, the value is cached until a weight changes.
         """
-        need_graph = torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in self.layers)
+        need_graph = torch.is_grad_enabled() and self.packed.requires_grad
         if not need_graph:
             cached = self._cached_bound()
             if cached is not None:
                 return cached
         weights = self._masked_weights() if weights is None else weights
-        cols = [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
-                for w, layer in zip(weights, self.layers)]
-        if self.layers[0].bound == "spectral":
+        D = self.input_dim
+        cols = [w[:, :D] if i == 0 and w.shape[1] != D else w for i, w in enumerate(weights)]
+        if self.bound == "spectral":
             p = spectral_norm_product(cols)
+        elif self.bound == "power":
+            p = power_norm_product(cols)
         else:
             p = torch.stack([matrix_norm_bound(w, "frobenius") for w in cols]).prod()
         if self._act_factor != 1.0:
             p = p * self._act_factor
         if not need_graph:
             p = p.detach()
-            self.__dict__["_bound_cache"] = (self._weight_key(), p,
-                                             [layer.weight.detach().clone() for layer in self.layers])
+            self.__dict__["_bound_cache"] = (self._weight_key(), p, self.packed.detach().clone())
         return p
 
     def _weight_key(self):
-        w = self.layers[0].weight
-        return (tuple(layer.weight._version for layer in self.layers), w.dtype, w.device)
+        w = self.packed
+        return (w._version, w.dtype, w.device)
 
     def _cached_bound(self):
         # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
@@ -207,18 +237,19 @@ class QuasiAutoregressiveNet(nn.Module):
         cache = self.__dict__.get("_bound_cache")
         if cache is None or cache[0] != self._weight_key():
             return None
-        if all(torch.equal(c, layer.weight.detach()) for c, layer in zip(cache[2], self.layers)):
+        if torch.equal(cache[2], self.packed.detach()):
             return cache[1]
         return None
 
-    def theta(self):
+    def theta(self, raw_theta=None):
         """``theta >= 0`` (shape ``(D,)``), or ``None`` without the Lipschitz trick."""
-        return None if self.raw_theta is None else F.softplus(self.raw_theta)
+        raw_theta = self.raw_theta if raw_theta is None else raw_theta
+        return None if raw_theta is None else F.softplus(raw_theta)
 
-    def output_scale(self, p=None, weights=None) -> torch.Tensor:
+    def output_scale(self, p=None, weights=None, raw_theta=None) -> torch.Tensor:
         """``c = sigma / (theta + P)`` (shape ``(D,)`` or 0-d), so that ``Lip(F) <= sigma``."""
         p = self.product_bound(weights) if p is None else p
-        theta = self.theta()
+        theta = self.theta(raw_theta)
         denom = p if theta is None else theta + p
         # P > 0 unless every weight vanishes; the floor only avoids 0/0 (then N is constant, F too)
         return self.lipschitz_target / denom.clamp(min=torch.finfo(denom.dtype).tiny)
@@ -227,6 +258,32 @@ class QuasiAutoregressiveNet(nn.Module):
         """Guaranteed bound of ``Lip(F)`` in ``x`` (for every context): ``max(c) * P <= sigma < 1``."""
         p = self.product_bound()
         return (self.output_scale(p).max() * p).clamp(max=self.lipschitz_target)
+
+    @torch.no_grad()
+    def zero_output_(self):
+        """Zero the last layer's weight and bias in place, so that ``F = 0`` for every input (and
+        context); returns ``self``.
+
+        The other layers keep their values, so the gradient of ``F`` in the last layer's weight
+        (``c h^T`` with the last hidden activations ``h``) and bias (``c``) does not vanish. Needs
+        the Lipschitz trick: with ``theta`` fixed at 0 the output scale ``c = sigma / P`` is
+        unbounded as the last layer's norm (and so ``P``) goes to 0.
+
+        Example:
+            >>> import torch
+            >>> net = QuasiAutoregressiveNet(3, hidden_factors=(2,)).zero_output_()
+            >>> out, diag = net(torch.randn(4, 3))
+            >>> bool((out == 0).all() and (diag == 0).all())
+            True
+        """
+        if self.raw_theta is None:
+            raise ValueError("zero_output_ needs lipschitz_trick=True (without it F = sigma N / P "
+                             "cannot be 0 with a finite gradient)")
+        views = self._views()
+        n = len(self.layers)
+        views[2 * n - 2].zero_()
+        views[2 * n - 1].zero_()
+        return self
 
     # -- forward with the exact diagonal ------------------------------------------------------
     def forward(self, x, context=None, scale=None):
@@ -241,12 +298,16 @@ class QuasiAutoregressiveNet(nn.Module):
             h = torch.cat([x, context], dim=-1)
         else:
             h = x
-        weights = self._masked_weights()
-        c = self.output_scale(weights=weights) if scale is None else scale
+        views = self._views()
+        weights = self._masked_weights(views)
+        if scale is None:
+            c = self.output_scale(weights=weights, raw_theta=views[-1] if self.lipschitz_trick else None)
+        else:
+            c = scale
         n = len(self.layers)
         g = None
-        for i, (layer, w) in enumerate(zip(self.layers, weights)):
-            a = F.linear(h, w, layer.bias)
+        for i, w in enumerate(weights):
+            a = F.linear(h, w, views[2 * i + 1])
             eq = getattr(self, f"_eq{i}")
             if i == 0:
                 # the inputs' own diagonal is 1: the row sum of the equal-degree entries
@@ -271,6 +332,44 @@ class QuasiAutoregressiveNet(nn.Module):
         state = super().__getstate__()
         state.pop("_bound_cache", None)
         return state
+
+
+class _Layer:
+    """Layer ``i`` of a :class:`QuasiAutoregressiveNet`: its ``weight`` and ``bias`` are views of the
+    network's :attr:`~QuasiAutoregressiveNet.packed` parameter (write to them under ``torch.no_grad()``)."""
+
+    def __init__(self, net, index):
+        self._net, self._index = net, index
+
+    @property
+    def weight(self):
+        return self._net._views()[2 * self._index]
+
+    @property
+    def bias(self):
+        return self._net._views()[2 * self._index + 1]
+
+    @property
+    def mask(self):
+        return getattr(self._net, f"_mask{self._index}")
+
+    def masked_weight(self):
+        return self.weight * self.mask
+
+
+def _pack_old_keys(state_dict, prefix, *args):
+    """Load state dicts saved with one parameter per weight, bias and ``raw_theta``."""
+    if prefix + "layers.0.weight" not in state_dict:
+        return
+    parts, i = [], 0
+    while prefix + f"layers.{i}.weight" in state_dict:
+        parts.append(state_dict.pop(prefix + f"layers.{i}.weight").reshape(-1))
+        parts.append(state_dict.pop(prefix + f"layers.{i}.bias"))
+        state_dict.pop(prefix + f"layers.{i}.mask", None)
+        i += 1
+    if prefix + "raw_theta" in state_dict:
+        parts.append(state_dict.pop(prefix + "raw_theta"))
+    state_dict[prefix + "packed"] = torch.cat(parts)
 
     def extra_repr(self):
         return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "

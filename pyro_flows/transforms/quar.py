@@ -117,6 +117,13 @@ def _merge_old_affine_keys(state_dict, prefix, *args):
         state_dict[prefix + "scale_shift"] = torch.stack([state_dict.pop(ls), state_dict.pop(sh)])
 
 
+def _init_identity(net, scale_shift):
+    net.zero_output_()
+    if scale_shift is not None:
+        with torch.no_grad():
+            scale_shift.zero_()
+
+
 class ConditionedQuAR(FlowTransform):
     """A QuAR layer with a given network (and context): the maths of the family.
 
@@ -161,6 +168,22 @@ class ConditionedQuAR(FlowTransform):
             raise ValueError(f"scale_shift must have shape (2, {self.input_dim}), got {tuple(scale_shift.shape)}")
         self.scale_shift = scale_shift
         self.max_log_scale = _check_max_log_scale(max_log_scale)
+
+    def init_identity_(self):
+        """Make this layer exactly the identity (log-det 0): ``F = 0`` (the network's last layer
+        zeroed, see :meth:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet.zero_output_`)
+        and the affine ``v -> v``. Gradients reach the last layer and the affine. Needs
+        ``lipschitz_trick=True`` (the default). Returns ``self``.
+
+        Example:
+            >>> import torch
+            >>> t = QuAR(3, hidden_factors=(2, 2)).init_identity_()
+            >>> x = torch.randn(4, 3)
+            >>> bool((t(x) == x).all() and (t.log_abs_det_jacobian(x, t(x)) == 0).all())
+            True
+        """
+        _init_identity(self.net, self.scale_shift)
+        return self
 
     # -- the residual map and its numerical inverse --------------------------------------------
     def _net(self, u, scale=None):
@@ -363,6 +386,20 @@ class ConditionalQuAR(ConditionalFlowModule):
         else:
             self.scale_shift = None
         self._register_load_state_dict_pre_hook(_merge_old_affine_keys)
+
+    def init_identity_(self):
+        """Make ``condition(context)`` exactly the identity for every context (see
+        :meth:`ConditionedQuAR.init_identity_`). Returns ``self``.
+
+        Example:
+            >>> import torch
+            >>> t = ConditionalQuAR(2, 3, hidden_factors=(2, 2)).init_identity_()
+            >>> x = torch.randn(4, 2)
+            >>> bool((t.condition(torch.randn(4, 3))(x) == x).all())
+            True
+        """
+        _init_identity(self.net, self.scale_shift)
+        return self
 
     def _condition(self, context):
         return ConditionedQuAR(self.input_dim, self.net, context, single_pass=self.single_pass, atol=self.atol,
