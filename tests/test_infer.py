@@ -23,7 +23,7 @@ from pyro.distributions.transforms import (
     ConditionalAffineAutoregressive,
 )
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 
 import pyro_flows
@@ -840,3 +840,19 @@ def test_autoflow_defaults_stay_finite_on_worst_conditioned(post_name, family):
     svi = SVI(post.model, guide, AutoFlow.optimizer(), Trace_ELBO())
     losses = [svi.step() for _ in range(50)]
     assert all(math.isfinite(v) for v in losses), losses
+
+
+def test_autoflow_diag_affine_is_autodiagonalnormal():
+    pyro.clear_param_store()
+    guide = AutoFlow(_correlated_model, "autm_coupling", num_layers=2, affine_rank="diag", warmup=0)
+    ref = AutoDiagonalNormal(_correlated_model)
+    guide(), ref()
+    assert not hasattr(guide, "scale_tril")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        guide.loc.copy_(torch.randn(guide.latent_dim, generator=g, dtype=torch.float64))
+        ref.loc.copy_(guide.loc)
+    guide.scale = ref.scale = 0.5 + torch.rand(guide.latent_dim, generator=g, dtype=torch.float64)
+    z = torch.randn(5, guide.latent_dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(guide.get_posterior().log_prob(z), ref.get_posterior().log_prob(z),
+                               rtol=1e-12, atol=1e-12)

@@ -125,6 +125,12 @@ _INIT = ("identity", "default")
 DEFAULT_FLOW = "autm_autoregressive"
 DEFAULT_NUM_LAYERS = 2
 DEFAULT_FLOW_KWARGS: dict = {}
+#: the default family's conditioner widths: ``[max(DEFAULT_HIDDEN_FACTOR * D, 16)] * 2`` (the family's own
+#: default, ``10 D``, costs about 3x more per step at D = 26)
+DEFAULT_HIDDEN_FACTOR = 2
+#: ``warmup="plateau"``'s :class:`PlateauTest` ``patience``: the flow is also switched on after this many
+#: steps of a trajectory that keeps drifting
+DEFAULT_PATIENCE = 2000
 #: :meth:`AutoFlow.optimizer`'s defaults: the affine part's rate (``AutoMultivariateNormal``'s usual
 #: 0.02), the flow's rate and the flow's elementwise gradient clamp
 DEFAULT_LR = 0.02
@@ -309,6 +315,9 @@ class PlateauTest:
         window: updates the ratio is taken over.
         threshold: the plateau level of the largest ratio.
         check_every: updates between checks.
+        patience: if given, :meth:`update` also returns ``True`` from this many updates on, plateau
+            or not (a trajectory that keeps drifting that long is one the affine part alone is slow
+            on).
 
     Example:
         >>> import torch
@@ -321,10 +330,14 @@ class PlateauTest:
         True
     """
 
-    def __init__(self, window: int = 400, threshold: float = 0.3, check_every: int = 200):
-        for name, value in (("window", window), ("check_every", check_every)):
+    def __init__(self, window: int = 400, threshold: float = 0.3, check_every: int = 200,
+                 patience: int | None = None):
+        for name, value in (("window", window), ("check_every", check_every), ("patience", patience)):
+            if name == "patience" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.patience = None if patience is None else int(patience)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         self.window, self.threshold, self.check_every = int(window), float(threshold), int(check_every)
@@ -343,6 +356,8 @@ class PlateauTest:
         self._steps[self.count % self.window] = x - self._last
         self._last.copy_(x)
         self.count += 1
+        if self.patience is not None and self.count >= self.patience:
+            return True
         if self.count < self.window or self.count % self.check_every:
             return False
         path = self._steps.abs().sum(0)
@@ -414,6 +429,7 @@ class AutoFlow(AutoContinuous):
                  init_scale: float = 0.1, affine: str = "output", affine_rank: str = "full",
                  init: str = "identity", warmup="plateau", num_quantile_samples: int = 4000,
                  **flow_kwargs):
+        self._default_hidden = flow is None and "hidden_dims" not in flow_kwargs
         if flow is None:
             flow = DEFAULT_FLOW
             for key, value in DEFAULT_FLOW_KWARGS.items():
@@ -467,7 +483,10 @@ class AutoFlow(AutoContinuous):
                                         constraint=constraints.unit_lower_cholesky)
         # build on the model's device (no allocation on the default device), then cast the dtype
         with torch.device(init_loc.device):
-            module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **self._flow_kwargs)
+            kwargs = dict(self._flow_kwargs)
+            if self._default_hidden:
+                kwargs["hidden_dims"] = [max(DEFAULT_HIDDEN_FACTOR * self.latent_dim, 16)] * 2
+            module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **kwargs)
         at_identity = False
         if isinstance(module, torch.nn.Module):
             module = module.to(device=init_loc.device, dtype=init_loc.dtype)
@@ -482,7 +501,7 @@ class AutoFlow(AutoContinuous):
         if isinstance(self._warmup, PlateauTest):
             self._plateau = copy.deepcopy(self._warmup)
         elif self._warmup == "plateau":
-            self._plateau = PlateauTest()
+            self._plateau = PlateauTest(patience=DEFAULT_PATIENCE)
         self._steps = 0
 
     def _flow(self):
