@@ -856,3 +856,17 @@ def test_autoflow_diag_affine_is_autodiagonalnormal():
     z = torch.randn(5, guide.latent_dim, generator=g, dtype=torch.float64)
     torch.testing.assert_close(guide.get_posterior().log_prob(z), ref.get_posterior().log_prob(z),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_jit_trace_elbo_records_the_flow():
+    """A JIT trace replays what it recorded: with the default warmup the flow is on from the traced step."""
+    pyro.clear_param_store()
+    guide = AutoFlow(banana_model, "qlf", num_layers=1)
+    svi = SVI(banana_model, guide, AutoFlow.optimizer(), JitTrace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        svi.step()
+        before = [p.detach().clone() for p in guide._flow().parameters()]
+        losses = [svi.step() for _ in range(3)]
+    assert guide.flow_on and all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, guide._flow().parameters())), "the flow did not train"

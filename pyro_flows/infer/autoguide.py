@@ -392,7 +392,8 @@ class AutoFlow(AutoContinuous):
         init: ``"identity"`` (default: every layer's ``init_identity_()``) or ``"default"`` (the
             layers' own initialisation; the flow then trains from the first step).
         warmup: when the flow is switched on: ``"plateau"`` (default: once a
-            :class:`PlateauTest` of ``loc`` and ``scale`` passes), a :class:`PlateauTest` with other
+            :class:`PlateauTest` of ``loc`` and ``scale`` passes, or after :data:`DEFAULT_PATIENCE`
+            steps), a :class:`PlateauTest` with other
             settings (copied), a number of training steps (guide calls with gradients on), or 0
             (from the first step). Only applies while the
             flow is exactly the identity (``init="identity"``, every layer has an exact identity
@@ -406,7 +407,8 @@ class AutoFlow(AutoContinuous):
     Attributes:
         flow_on: whether the flow layers are in use (``False`` during the warmup).
 
-    Under ``JitTrace_ELBO`` every family with a single-pass sampling direction trains; a family
+    Under ``JitTrace_ELBO`` the flow is on from the first step (a trace replays the graph it recorded,
+    so no warmup can switch it later), and every family with a single-pass sampling direction trains; a family
     whose sampling needs an iterative solve (monotone) raises a :class:`~pyro_flows.solvers.SolverError`
     naming JIT (a trace would freeze the solver's iteration count): use ``Trace_ELBO`` for it.
 
@@ -511,6 +513,10 @@ class AutoFlow(AutoContinuous):
     def _advance_warmup(self):
         """Count a training step of the warmup and switch the flow on when its rule says so."""
         if self.flow_on or not (torch.is_grad_enabled() and self.loc.requires_grad):
+            return
+        if torch.jit.is_tracing():
+            # a JIT trace replays the graph it recorded, without this method: it must record the flow
+            self.flow_on = True
             return
         self._steps += 1
         if self._plateau is not None:
