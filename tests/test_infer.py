@@ -23,11 +23,12 @@ from pyro.distributions.transforms import (
     ConditionalAffineAutoregressive,
 )
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 
 import pyro_flows
 from pyro_flows.infer import (
+    PlateauTest,
     AutoFlow,
     ConditionalFlow,
     clear_transform_cache,
@@ -80,6 +81,9 @@ def _pyro_conditional_iaf_stack(input_dim, context_dim, num_layers=2, hidden=16)
 
 
 def autoflow(model, name, num_layers=2, **kw):
+    # the family's own training from the first step (no AutoMultivariateNormal warmup): these tests
+    # compare what the layers can learn in a fixed number of steps
+    kw.setdefault("warmup", 0)
     if name == BASELINE:
         return AutoFlow(model, functools.partial(_pyro_iaf_stack, num_layers=num_layers), **kw)
     return AutoFlow(model, name, num_layers=num_layers, **kw, **get_flow(name).test_kwargs)
@@ -720,3 +724,149 @@ def test_jit_trace_elbo(name):
     assert all(math.isfinite(v) for v in losses)
     after = dict(guide.transform.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "the replayed steps trained nothing"
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoFlow starts as AutoMultivariateNormal: full-rank affine, identity layers, warmup
+# ----------------------------------------------------------------------------------------------
+def _correlated_model():
+    a = pyro.sample("a", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+    pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+    pyro.sample("b", dist.Normal(a.sum(), 0.5))
+
+
+def _copy_affine(src, dst):
+    with torch.no_grad():
+        dst.loc.copy_(src.loc)
+    dst.scale = src.scale.detach().clone()
+    dst.scale_tril = src.scale_tril.detach().clone()
+
+
+@pytest.mark.parametrize("warmup", ["plateau", 0])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "quar"])
+def test_autoflow_with_identity_layers_is_automultivariatenormal(name, warmup):
+    """With identity flow layers the guide is AutoMultivariateNormal: the same log_prob of the same z for
+    any affine parameters, whether the layers are skipped (warmup) or run (warmup=0)."""
+    pyro.clear_param_store()
+    g = torch.Generator().manual_seed(0)
+    guide = AutoFlow(_correlated_model, name, num_layers=2, warmup=warmup, **get_flow(name).test_kwargs)
+    mvn = AutoMultivariateNormal(_correlated_model)
+    guide(), mvn()
+    assert guide.flow_on == (warmup == 0)
+    D = guide.latent_dim
+    with torch.no_grad():
+        guide.loc.copy_(torch.randn(D, generator=g, dtype=torch.float64))
+    guide.scale = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    guide.scale_tril = torch.eye(D, dtype=torch.float64) + 0.5 * torch.randn(D, D, generator=g,
+                                                                              dtype=torch.float64).tril(-1)
+    _copy_affine(guide, mvn)
+    z = 2.0 * torch.randn(6, D, generator=g, dtype=torch.float64)
+    q, p = guide.get_posterior(), mvn.get_posterior()
+    torch.testing.assert_close(q.log_prob(z), p.log_prob(z), rtol=1e-12, atol=1e-12)
+    draws = q.rsample((6,))
+    torch.testing.assert_close(q.log_prob(draws), p.log_prob(draws), rtol=1e-12, atol=1e-12)
+
+
+def test_autoflow_warmup_matches_automultivariatenormal_step_for_step():
+    """During the warmup a plain SVI loop with AutoFlow.optimizer() follows AutoMultivariateNormal with
+    Adam(lr) exactly (same draws, same updates); after `warmup` steps the flow is switched on and trains."""
+    y = _plate_data()
+    steps = 30
+    traces = []
+    for make in (lambda: AutoFlow(plate_model, "qlf", num_layers=1, warmup=steps),
+                 lambda: AutoMultivariateNormal(plate_model)):
+        pyro.clear_param_store()
+        guide = make()
+        optim = AutoFlow.optimizer() if isinstance(guide, AutoFlow) else pyro.optim.ClippedAdam(
+            {"lr": 0.02, "clip_norm": math.inf})
+        svi = SVI(plate_model, guide, optim, Trace_ELBO())
+        torch.manual_seed(0)  # init_to_median draws from the prior
+        with torch.no_grad():
+            guide(y)  # builds the flow (random weights) before the draws are seeded
+        torch.manual_seed(3)
+        traces.append([svi.step(y) for _ in range(steps)])
+        if isinstance(guide, AutoFlow):
+            flow_guide = guide
+            assert not guide.flow_on
+    torch.testing.assert_close(torch.tensor(traces[0]), torch.tensor(traces[1]), rtol=1e-6, atol=1e-6)
+    before = {k: v.detach().clone() for k, v in flow_guide._flow().named_parameters()}
+    svi = SVI(plate_model, flow_guide, AutoFlow.optimizer(), Trace_ELBO())
+    losses = [svi.step(y) for _ in range(3)]
+    assert flow_guide.flow_on and all(math.isfinite(v) for v in losses)
+    after = dict(flow_guide._flow().named_parameters())
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the flow did not train after the warmup"
+
+
+def test_plateau_test_switches_the_flow_on():
+    """The default warmup: AutoMultivariateNormal until the affine parameters stop drifting, then the flow."""
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([3.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    guide = AutoFlow(model, "qlf", num_layers=1, warmup=PlateauTest(window=200, check_every=100))
+    svi = SVI(model, guide, AutoFlow.optimizer(), Trace_ELBO())
+    switched = None
+    for step in range(1500):
+        svi.step()
+        if guide.flow_on:
+            switched = step
+            break
+    # not before the affine part converged: loc travels from 0 to (3, -2) and scale from 0.1 to (0.5, 2)
+    # at Adam's lr 0.02, ~150 steps; then the flow is on
+    assert switched is not None and 200 <= switched < 1500, switched
+    torch.testing.assert_close(guide.loc.detach(), torch.tensor([3.0, -2.0]), atol=0.4, rtol=0)
+    torch.testing.assert_close(guide.scale.detach(), torch.tensor([0.5, 2.0]), atol=0.0, rtol=0.3)
+    before = [p.detach().clone() for p in guide._flow().parameters()]
+    for _ in range(3):
+        svi.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, guide._flow().parameters())), "the flow did not train"
+
+
+#: the worst-conditioned posteriors of the shared nine: kilpisjarvi (intercept and slope on a covariate near
+#: 2000: correlation ~ -1, the initial loss is ~1e5) and diamonds (26 correlated regression coefficients)
+WORST_CONDITIONED = {"kilpisjarvi_mod-kilpisjarvi": FAMILIES, "diamonds-diamonds": [None]}
+
+
+@needs_pdb
+@pytest.mark.slow
+@pytest.mark.parametrize("post_name,family", [(p, f) for p, fs in WORST_CONDITIONED.items() for f in fs])
+def test_autoflow_defaults_stay_finite_on_worst_conditioned(post_name, family):
+    """Every family's AutoFlow with its defaults and AutoFlow.optimizer(), the flow on from the first step
+    (the harder case: during the warmup the guide is AutoMultivariateNormal), keeps a finite loss."""
+    post = pdb.load_posterior(post_name)
+    pyro.clear_param_store()
+    guide = AutoFlow(post.model, family, warmup=0)
+    svi = SVI(post.model, guide, AutoFlow.optimizer(), Trace_ELBO())
+    losses = [svi.step() for _ in range(50)]
+    assert all(math.isfinite(v) for v in losses), losses
+
+
+def test_autoflow_diag_affine_is_autodiagonalnormal():
+    pyro.clear_param_store()
+    guide = AutoFlow(_correlated_model, "autm_coupling", num_layers=2, affine_rank="diag", warmup=0)
+    ref = AutoDiagonalNormal(_correlated_model)
+    guide(), ref()
+    assert not hasattr(guide, "scale_tril")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        guide.loc.copy_(torch.randn(guide.latent_dim, generator=g, dtype=torch.float64))
+        ref.loc.copy_(guide.loc)
+    guide.scale = ref.scale = 0.5 + torch.rand(guide.latent_dim, generator=g, dtype=torch.float64)
+    z = torch.randn(5, guide.latent_dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(guide.get_posterior().log_prob(z), ref.get_posterior().log_prob(z),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_jit_trace_elbo_records_the_flow():
+    """A JIT trace replays what it recorded: with the default warmup the flow is on from the traced step."""
+    pyro.clear_param_store()
+    guide = AutoFlow(banana_model, "qlf", num_layers=1)
+    svi = SVI(banana_model, guide, AutoFlow.optimizer(), JitTrace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        svi.step()
+        before = [p.detach().clone() for p in guide._flow().parameters()]
+        losses = [svi.step() for _ in range(3)]
+    assert guide.flow_on and all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, guide._flow().parameters())), "the flow did not train"
