@@ -238,6 +238,29 @@ def test_banana_kl_below_mvn(name, banana_mvn_kl):
     assert kl < banana_mvn_kl - BANANA_MARGIN, f"{name}: KL {kl:.3f} vs AutoMultivariateNormal {banana_mvn_kl:.3f}"
 
 
+BANANA_DEFAULT_STEPS = 1500
+
+
+@pytest.mark.slow
+def test_banana_default_autoflow_kl():
+    """The default ``AutoFlow(model)`` (family, layers, widths, warmup) reaches KL(q || p) < 0.05 on the
+    banana in 1500 steps (8 vectorised particles), trained with ``AutoFlow.optimizer`` at a flow rate of
+    0.01 decayed tenfold over the run (the default flow rate, 0.002, was chosen on posteriors of 3 to 26
+    dimensions and gives ~0.12 here). Seeds 0-3 gave 0.030-0.048; AutoMultivariateNormal's optimum is
+    ~0.56. The KL is a Monte Carlo estimate on 8000 draws (s.e. ~0.01 nats)."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    guide = AutoFlow(banana_model)
+    optim = AutoFlow.optimizer(flow_lr=0.01, lrd=0.1 ** (1.0 / BANANA_DEFAULT_STEPS))
+    svi = SVI(banana_model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True,
+                                                      max_plate_nesting=0))
+    losses = [svi.step() for _ in range(BANANA_DEFAULT_STEPS)]
+    assert all(math.isfinite(v) for v in losses)
+    assert guide.flow_on, "the warmup never switched the flow on"
+    kl = _kl(banana_model, guide)
+    assert -0.03 < kl < 0.05, f"default AutoFlow: KL {kl:.3f} on the banana after {BANANA_DEFAULT_STEPS} steps"
+
+
 # ----------------------------------------------------------------------------------------------
 # (b) data plate + positive latent (+ a latent inside a plate); median, quantiles, Predictive
 # ----------------------------------------------------------------------------------------------
