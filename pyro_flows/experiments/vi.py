@@ -196,9 +196,14 @@ def fit_with_snapshots(post, kind, times, table_times=(), draws=2000, table_draw
             with clock.paused():
                 state = torch.get_rng_state()
                 is_table = any(t in table for t in due)
-                ev = evaluate_guide(post, guide, draws, table_draws if is_table else draws, seed=seed + 1,
-                                    per_param=is_table)
-                torch.set_rng_state(state)
+                try:
+                    ev = evaluate_guide(post, guide, draws, table_draws if is_table else draws, seed=seed + 1,
+                                        per_param=is_table)
+                except Exception as exc:  # e.g. a guide whose parameters went non-finite
+                    row["error"] = f"evaluation at {due[0]:g} s: {type(exc).__name__}: {str(exc)[:120]}"
+                    return True
+                finally:
+                    torch.set_rng_state(state)
             for t in due:
                 row["snapshots"].append({"t": t, "cpu_s": info.elapsed, "steps": info.step + 1, **ev})
         return not pending
@@ -209,7 +214,7 @@ def fit_with_snapshots(post, kind, times, table_times=(), draws=2000, table_draw
         guide, optim, row["label"] = build_guide(kind, post.model)
         res = train_svi(post.model, guide, (), steps=10**9, optim=optim, seed=seed, callback=callback,
                         clock=clock, max_plate_nesting=0)
-        row.update(steps=res.steps, train_s=res.seconds, status="ok")
+        row.update(steps=res.steps, train_s=res.seconds, status="error" if "error" in row else "ok")
         if res.stopped_by == "nonfinite":
             row.update(status="nonfinite", nonfinite_step=res.steps + 1, nonfinite_s=res.seconds)
     except Exception as exc:  # a failing guide is a result, not a crash
@@ -343,19 +348,30 @@ HEADLINE_COLUMNS = [
 ]
 
 
+def _family_rows(rows):
+    """Short-tier rows per family; the default family's long-tier ``AutoFlow`` rows stand in where its
+    short-tier fit was not run (the same fit: same guide, optimiser and seed)."""
+    out = {}
+    for r in rows:
+        if r["tier"] == "short":
+            out.setdefault(r["guide"], {})[r["posterior"]] = r
+    for r in rows:
+        if r["tier"] == "long" and r["guide"] == "AutoFlow" and r["label"].startswith("AutoFlow ("):
+            out.setdefault(r["label"][len("AutoFlow ("):-1], {}).setdefault(r["posterior"], r)
+    return out
+
+
 def _family_table(rows, meta, t):
     """Short tier: one row per family, one column per posterior (``mean / sd`` error at ``t``)."""
     out = []
-    fams = list(dict.fromkeys(r["guide"] for r in rows if r["tier"] == "short"))
-    for g in fams:
+    for g, by_post in _family_rows(rows).items():
         row, means, sds, bad = {"guide": g}, [], [], 0
         for p in meta["posteriors"]:
-            r = _row(rows, p, g, "short")
-            s = _snap(r, t)
+            r = by_post.get(p)
             if r is None:
                 continue
-            if r["status"] != "ok" and (s is None or r["status"] == "nonfinite"):
-                bad += r["status"] == "nonfinite"
+            s = _snap(r, t)
+            bad += r["status"] != "ok"
             if s is not None:
                 row[p] = f"{s['mean_rms']:.2f} / {s['sd_rms']:.2f}"
                 means.append(s["mean_rms"])
@@ -363,11 +379,11 @@ def _family_table(rows, meta, t):
             if r["status"] != "ok":
                 row[p] = (row.get(p, "") + " " + _status_text(r)).strip()
         row.update(median_mean=float(np.median(means)) if means else None,
-                   median_sd=float(np.median(sds)) if sds else None, nonfinite=bad)
+                   median_sd=float(np.median(sds)) if sds else None, bad=bad)
         out.append(row)
     cols = [("guide", "family", None)] + [(p, p.split("-")[-1], None) for p in meta["posteriors"]]
     cols += [("median_mean", "median mean err", "{:.3f}"), ("median_sd", "median sd err", "{:.3f}"),
-             ("nonfinite", "non-finite fits", "{:d}")]
+             ("bad", "non-finite / failed fits", "{:d}")]
     return reports.markdown_table(out, cols)
 
 
@@ -434,11 +450,12 @@ def vi_markdown(rows, meta):
     label = {(r["tier"], r["guide"]): r["label"] + (" [short]" if r["tier"] == "short" else "") for r in rows}
     lines += [reports.markdown_table(ttt, [("posterior", "posterior", None), ("target", "target ELBO", None)]
                                      + [(k, label[k], None) for k in guides]), ""]
-    if any(r["tier"] == "short" for r in rows):
+    if _family_rows(rows):
         ts = [x for x in meta["table_times"] if x <= meta["short_seconds"]]
         for x in sorted(ts, reverse=True):
             lines += [f"## Every family's AutoFlow with its defaults at {x:g} s (short tier): mean / sd err", "",
-                      _family_table(rows, meta, x), ""]
+                      "The default family's row is its long-tier fit where the short tier did not repeat it. A "
+                      "fit that failed is marked in its cell.", "", _family_table(rows, meta, x), ""]
     for p in meta["posteriors"]:
         detail = []
         for r in rows:
