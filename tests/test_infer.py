@@ -80,6 +80,9 @@ def _pyro_conditional_iaf_stack(input_dim, context_dim, num_layers=2, hidden=16)
 
 
 def autoflow(model, name, num_layers=2, **kw):
+    # the family's own training from the first step (no AutoMultivariateNormal warmup): these tests
+    # compare what the layers can learn in a fixed number of steps
+    kw.setdefault("warmup", 0)
     if name == BASELINE:
         return AutoFlow(model, functools.partial(_pyro_iaf_stack, num_layers=num_layers), **kw)
     return AutoFlow(model, name, num_layers=num_layers, **kw, **get_flow(name).test_kwargs)
@@ -720,3 +723,91 @@ def test_jit_trace_elbo(name):
     assert all(math.isfinite(v) for v in losses)
     after = dict(guide.transform.named_parameters())
     assert any(not torch.equal(before[k], after[k]) for k in before), "the replayed steps trained nothing"
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoFlow starts as AutoMultivariateNormal: full-rank affine, identity layers, warmup
+# ----------------------------------------------------------------------------------------------
+def _correlated_model():
+    a = pyro.sample("a", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+    pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+    pyro.sample("b", dist.Normal(a.sum(), 0.5))
+
+
+def _copy_affine(src, dst):
+    with torch.no_grad():
+        dst.loc.copy_(src.loc)
+    dst.scale = src.scale.detach().clone()
+    dst.scale_tril = src.scale_tril.detach().clone()
+
+
+@pytest.mark.parametrize("warmup", ["plateau", 0])
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "quar"])
+def test_autoflow_with_identity_layers_is_automultivariatenormal(name, warmup):
+    """With identity flow layers the guide is AutoMultivariateNormal: the same log_prob of the same z for
+    any affine parameters, whether the layers are skipped (warmup) or run (warmup=0)."""
+    pyro.clear_param_store()
+    g = torch.Generator().manual_seed(0)
+    guide = AutoFlow(_correlated_model, name, num_layers=2, warmup=warmup, **get_flow(name).test_kwargs)
+    mvn = AutoMultivariateNormal(_correlated_model)
+    guide(), mvn()
+    assert guide.flow_on == (warmup == 0)
+    D = guide.latent_dim
+    with torch.no_grad():
+        guide.loc.copy_(torch.randn(D, generator=g, dtype=torch.float64))
+    guide.scale = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    guide.scale_tril = torch.eye(D, dtype=torch.float64) + 0.5 * torch.randn(D, D, generator=g,
+                                                                              dtype=torch.float64).tril(-1)
+    _copy_affine(guide, mvn)
+    z = 2.0 * torch.randn(6, D, generator=g, dtype=torch.float64)
+    q, p = guide.get_posterior(), mvn.get_posterior()
+    torch.testing.assert_close(q.log_prob(z), p.log_prob(z), rtol=1e-12, atol=1e-12)
+    draws = q.rsample((6,))
+    torch.testing.assert_close(q.log_prob(draws), p.log_prob(draws), rtol=1e-12, atol=1e-12)
+
+
+def test_autoflow_warmup_matches_automultivariatenormal_step_for_step():
+    """During the warmup a plain SVI loop with AutoFlow.optimizer() follows AutoMultivariateNormal with
+    Adam(lr) exactly (same draws, same updates); after `warmup` steps the flow is switched on and trains."""
+    y = _plate_data()
+    steps = 30
+    traces = []
+    for make in (lambda: AutoFlow(plate_model, "qlf", num_layers=1, warmup=steps),
+                 lambda: AutoMultivariateNormal(plate_model)):
+        pyro.clear_param_store()
+        guide = make()
+        optim = AutoFlow.optimizer() if isinstance(guide, AutoFlow) else pyro.optim.ClippedAdam(
+            {"lr": 0.02, "clip_norm": math.inf})
+        svi = SVI(plate_model, guide, optim, Trace_ELBO())
+        torch.manual_seed(0)  # init_to_median draws from the prior
+        with torch.no_grad():
+            guide(y)  # builds the flow (random weights) before the draws are seeded
+        torch.manual_seed(3)
+        traces.append([svi.step(y) for _ in range(steps)])
+        if isinstance(guide, AutoFlow):
+            flow_guide = guide
+            assert not guide.flow_on
+    torch.testing.assert_close(torch.tensor(traces[0]), torch.tensor(traces[1]), rtol=1e-6, atol=1e-6)
+    before = {k: v.detach().clone() for k, v in flow_guide._flow().named_parameters()}
+    svi = SVI(plate_model, flow_guide, AutoFlow.optimizer(), Trace_ELBO())
+    losses = [svi.step(y) for _ in range(3)]
+    assert flow_guide.flow_on and all(math.isfinite(v) for v in losses)
+    after = dict(flow_guide._flow().named_parameters())
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the flow did not train after the warmup"
+
+
+def test_plateau_test_switches_the_flow_on():
+    """The default warmup: AutoMultivariateNormal until the affine parameters stop drifting, then the flow."""
+    pyro.clear_param_store()
+    y = _plate_data()
+    guide = AutoFlow(plate_model, "qlf", num_layers=1)
+    svi = SVI(plate_model, guide, AutoFlow.optimizer(), Trace_ELBO())
+    switched = None
+    for step in range(3000):
+        svi.step(y)
+        if guide.flow_on:
+            switched = step
+            break
+    # not before the affine part converged (the loc travels from the prior median 0 to ~3 at lr 0.02)
+    assert switched is not None and switched > 400, switched
+    assert abs(float(guide.loc[1]) - float(y.mean())) < 0.3

@@ -220,11 +220,16 @@ class FlowModel(nn.Module):
         return f"name={self.name!r}, dim={self.dim}, task={self.task!r}, direction={self.direction!r}"
 
 
-def make_guide(name, model, num_layers=4, hidden_dims=None, **kwargs):
-    """An autoguide for ``model``: one of :data:`GUIDE_BASELINES`, a family (``AutoFlow``) or a Pyro peer.
+def make_guide(name, model, num_layers=None, hidden_dims=None, **kwargs):
+    """An autoguide for ``model``: one of :data:`GUIDE_BASELINES`, ``"AutoFlow"`` (the default
+    :class:`~pyro_flows.infer.AutoFlow`: default family, sizes and warmup), a family (``AutoFlow`` of that
+    family) or a Pyro peer.
 
     Our families run in the guide direction (``AutoFlow`` chooses it); a Pyro peer is stacked as in
-    :class:`FlowModel` and used in its natural (IAF) direction. ``**kwargs`` go to every layer of a family.
+    :class:`FlowModel` and used in its natural (IAF) direction. ``num_layers=None`` means ``AutoFlow``'s
+    default (4 for a Pyro peer). ``**kwargs`` go to ``AutoFlow`` (e.g. ``warmup``) and every layer of a
+    family. Train an ``AutoFlow`` with ``AutoFlow.optimizer()`` (separate rates for the affine part and
+    the flow).
     """
     from pyro.infer import autoguide
 
@@ -234,14 +239,14 @@ def make_guide(name, model, num_layers=4, hidden_dims=None, **kwargs):
         return getattr(autoguide, name)(model, **kwargs)
     if name in PYRO_PEERS:
         make = functools.partial(
-            _pyro_stack, name, num_layers=num_layers, hidden_dims=hidden_dims or (64, 64)
+            _pyro_stack, name, num_layers=num_layers or 4, hidden_dims=hidden_dims or (64, 64)
         )
-        return AutoFlow(model, make)
-    if name in registered_flows():
+        return AutoFlow(model, make, **kwargs)
+    if name == "AutoFlow" or name in registered_flows():
         if hidden_dims is not None:
             kwargs["hidden_dims"] = tuple(hidden_dims)
-        return AutoFlow(model, name, num_layers=num_layers, **kwargs)
+        return AutoFlow(model, None if name == "AutoFlow" else name, num_layers=num_layers, **kwargs)
     raise ValueError(
-        f"unknown guide {name!r}; expected one of {GUIDE_BASELINES + tuple(pyro_flows.FLOWS)}"
+        f"unknown guide {name!r}; expected one of {GUIDE_BASELINES + ('AutoFlow',) + tuple(pyro_flows.FLOWS)}"
         f" or a Pyro peer {tuple(PYRO_PEERS)}"
     )

@@ -2,10 +2,12 @@
 
 Public names:
 
-* :class:`AutoFlow` (``AutoFlow(model, flow="<family>", num_layers=4, **kwargs)``), a flow autoguide
-  with an affine layer initialised at the model's initial point; :func:`make_flow`;
+* :class:`AutoFlow` (``AutoFlow(model)``, or ``AutoFlow(model, "<family>", num_layers, **kwargs)``), a
+  flow autoguide ``z = loc + L f(eps)`` that starts as ``AutoMultivariateNormal`` (full-rank affine part,
+  flow layers at the exact identity, skipped until the affine part has converged) and its optimiser
+  factory ``AutoFlow.optimizer()``; :func:`init_identity`, :class:`PlateauTest`, :func:`make_flow`;
   :func:`clear_transform_cache` (the transform cache and its stale-graph pitfall are documented in
-  :mod:`pyro_flows.infer.autoguide`).
+  :mod:`pyro_flows.infer.autoguide`; the guide in ``docs/autoflow.md``).
 * :class:`ConditionalFlow` / :func:`conditional_flow_distribution`: ``q(y | context)`` whose
   ``condition(ctx)`` has batch shape ``ctx.shape[:-1]``, for amortised guides and conditional
   density estimation inside a data plate.
@@ -20,18 +22,20 @@ Example:
     >>> pyro.clear_param_store()
     >>> def model():
     ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-    >>> guide = AutoFlow(model, affine_autoregressive)  # or a family name: AutoFlow(model, "sinusoidal")
+    >>> guide = AutoFlow(model, affine_autoregressive)  # or AutoFlow(model), or AutoFlow(model, "sinusoidal")
     >>> guide()["x"].shape
     torch.Size([2])
 """
 
-from .autoguide import AutoFlow, clear_transform_cache, make_flow
+from .autoguide import AutoFlow, PlateauTest, clear_transform_cache, init_identity, make_flow
 from .conditional import ConditionalFlow, conditional_flow_distribution
 from . import diagnostics as _diagnostics
 from .diagnostics import *  # noqa: F403  (the names in diagnostics.__all__, re-exported below)
 
 __all__ = [
     "AutoFlow",
+    "PlateauTest",
+    "init_identity",
     "make_flow",
     "clear_transform_cache",
     "ConditionalFlow",

@@ -1,17 +1,39 @@
-"""``AutoFlow``: a normalizing-flow autoguide with sensible defaults, and the transform-cache helper.
+"""``AutoFlow``: a normalizing-flow autoguide that starts where ``AutoMultivariateNormal`` ends.
 
 Construction. For a model whose unconstrained latent vector has size D, :class:`AutoFlow` uses
 
-    z = loc + scale * f(eps),    eps ~ Normal(0, I_D),
+    z = loc + L f(eps),    eps ~ Normal(0, I_D),    L = scale[:, None] * scale_tril,
 
 where ``f`` is a stack of ``num_layers`` layers of a registered family (``pyro_flows.flow(name, D,
-num_layers)``, which puts the family's permutations between layers) or any user transform, and
-``loc`` / ``scale`` form a diagonal affine layer whose ``loc`` starts at the model's initial point
-(``init_loc_fn``, :func:`~pyro.infer.autoguide.initialization.init_to_median` by default, as for
-``AutoNormal``/``AutoMultivariateNormal``) and whose ``scale`` starts at ``init_scale`` (0.1 by
-default, softplus-positive). The constrained values are then ``biject_to(support)(z)`` per site,
-as in every :class:`~pyro.infer.autoguide.AutoContinuous` guide (plates, constrained latents and
-``Predictive`` work as for Pyro's guides).
+num_layers)``, which puts the family's permutations between layers; :data:`DEFAULT_FLOW` when no
+family is given) or any user transform, and ``loc`` / ``L`` are exactly ``AutoMultivariateNormal``'s:
+``loc`` starts at the model's initial point (``init_loc_fn``,
+:func:`~pyro.infer.autoguide.initialization.init_to_median` by default), ``scale`` (softplus-positive)
+at ``init_scale`` (0.1) and ``scale_tril`` (unit lower triangular) at ``I``. ``affine_rank="diag"``
+drops ``scale_tril`` (``AutoDiagonalNormal``'s affine part). The constrained values are then
+``biject_to(support)(z)`` per site, as in every :class:`~pyro.infer.autoguide.AutoContinuous` guide
+(plates, constrained latents and ``Predictive`` work as for Pyro's guides).
+
+Identity start and warmup. With ``init="identity"`` (default) every flow layer is set to the exact
+identity map by its ``init_identity_()`` (:func:`init_identity`; the output layer of each conditioner
+is zeroed, so the gradient does not vanish); permutations between identity layers map ``N(0, I)`` to
+``N(0, I)``, so the guide is then *exactly* ``AutoMultivariateNormal`` (the same ``log_prob`` of the
+same ``z``, tested). While that holds the layers are skipped: ``get_posterior`` returns
+``MultivariateNormal(loc, scale_tril=L)``, the same object and cost per step as
+``AutoMultivariateNormal``. The guide counts its own training calls (calls with gradients on) and
+switches the flow on by the ``warmup`` rule: ``"plateau"`` (default) when a :class:`PlateauTest` of the
+affine parameters' trajectory says they only jitter (the guide cannot see the loss, but it sees its own
+parameters after every optimiser step), a fixed number of steps, or ``0`` (from the start). So a plain
+``SVI(model, guide, AutoFlow.optimizer(), Trace_ELBO())`` loop gets the schedule; ``guide.flow_on``
+tells which phase it is in. A guide whose flow is not exactly the identity (``init="default"``, a layer
+without ``init_identity_``, trained tensors loaded from the param store, or ``affine="base"`` with
+permutations) runs the flow from the first step.
+
+Optimiser. :meth:`AutoFlow.optimizer` is a ``pyro.optim.ClippedAdam`` with separate learning rates for
+the affine part (0.02, ``AutoMultivariateNormal``'s usual rate, unclipped) and the flow's networks
+(smaller, with an elementwise gradient clamp); :meth:`AutoFlow.optim_args` gives the per-parameter
+arguments for another Pyro optimiser. Defaults and the measurements that chose them:
+``docs/autoflow.md``.
 
 Choices where the requirements are loose:
 
@@ -20,9 +42,9 @@ Choices where the requirements are loose:
   and scale are. Flows whose non-linearity is concentrated near the origin (bounded sinusoidal
   terms, splines with linear tails, Lipschitz residual maps) would otherwise see inputs far in
   their linear tails (a posterior centred at 100 with scale 0.01) and could not bend them.
-  ``affine="base"`` gives ``z = f(loc + scale * eps)`` (the affine layer directly on the base
-  noise) for users who want the literal "affine layer at the base". Both are the identity
-  composed with ``Normal(init_loc, init_scale^2)`` when ``f`` is the identity.
+  ``affine="base"`` gives ``z = f(loc + L eps)`` (the affine layer directly on the base
+  noise) for users who want the literal "affine layer at the base". Both are
+  ``Normal(loc, L L^T)`` when ``f`` is the identity (``"base"`` up to the permutations).
 * Parameters are created on the model's device and dtype (those of the initial point), inside a
   ``torch.device`` context, so nothing is allocated on the default device behind the user's back
   (Pyro's ``AutoNormalizingFlow`` builds its transform on the default device and dtype).
@@ -69,6 +91,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 import weakref
 
@@ -76,7 +99,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineTransform, ComposeTransform
+from pyro.distributions.conditional import ConditionalComposeTransformModule, ConstantConditionalTransform
+from pyro.distributions.transforms import AffineTransform, ComposeTransform, LowerCholeskyAffine
+from pyro.distributions.transforms import Permute as TorchPermute
+from pyro.distributions.util import eye_like
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
@@ -85,10 +111,24 @@ from torch.distributions import Transform, biject_to
 
 from ..registry import get_flow
 from ..stacking import flow as _stack_flow
+from ..transforms._base import Permute
 
-__all__ = ["AutoFlow", "clear_transform_cache", "make_flow"]
+__all__ = ["DEFAULT_FLOW", "AutoFlow", "PlateauTest", "clear_transform_cache", "init_identity", "make_flow"]
 
 _AFFINE = ("output", "base")
+_AFFINE_RANK = ("full", "diag")
+_INIT = ("identity", "default")
+
+#: the family ``AutoFlow(model)`` uses, its layer count and layer arguments (chosen by measurement:
+#: ``docs/autoflow.md``)
+DEFAULT_FLOW = "autm_autoregressive"
+DEFAULT_NUM_LAYERS = 2
+DEFAULT_FLOW_KWARGS: dict = {}
+#: :meth:`AutoFlow.optimizer`'s defaults: the affine part's rate (``AutoMultivariateNormal``'s usual
+#: 0.02), the flow's rate and the flow's elementwise gradient clamp
+DEFAULT_LR = 0.02
+DEFAULT_FLOW_LR = 0.002
+DEFAULT_CLIP = 10.0
 
 
 def clear_transform_cache(obj) -> int:
@@ -176,7 +216,7 @@ def make_flow(flow, input_dim: int, num_layers: int = 4, context_dim: int | None
     raise ValueError(f"flow must be a family name or a callable, got {type(flow).__name__}")
 
 
-def _load_from_param_store(name: str, module: torch.nn.Module) -> torch.nn.Module:
+def _load_from_param_store(name: str, module: torch.nn.Module) -> bool:
     """Make ``module`` use the tensors the param store holds under ``name`` (after ``load``).
 
     Pyro registers a plain ``nn.Module`` inside a guide with ``pyro.module(name, module)``, which
@@ -184,37 +224,167 @@ def _load_from_param_store(name: str, module: torch.nn.Module) -> torch.nn.Modul
     already holds trained ones: after ``pyro.get_param_store().load(...)`` a freshly built guide
     would silently keep its untrained flow. ``update_module_params=True`` swaps the stored tensors
     into the module; a stored tensor of another shape (a different model or flow) is an error.
+    Returns whether the store held tensors for the module (then they are in use now).
     """
     store = pyro.get_param_store()
+    found = False
     for pname, p in module.named_parameters():
         key = param_with_module_name(name, pname)
-        if key in store and store[key].shape != p.shape:
-            raise ValueError(
-                f"the param store holds {key!r} with shape {tuple(store[key].shape)}, but the flow "
-                f"built here has shape {tuple(p.shape)}; clear the store or build the same flow"
-            )
-    return pyro.module(name, module, update_module_params=True)
+        if key in store:
+            found = True
+            if store[key].shape != p.shape:
+                raise ValueError(
+                    f"the param store holds {key!r} with shape {tuple(store[key].shape)}, but the flow "
+                    f"built here has shape {tuple(p.shape)}; clear the store or build the same flow"
+                )
+    pyro.module(name, module, update_module_params=True)
+    return found
+
+
+def init_identity(module) -> bool:
+    """Call ``init_identity_()`` on every layer of a flow that has one; whether the flow is now the
+    identity up to its permutations.
+
+    ``module`` is a transform or a (conditional) compose module of layers. Permutations are left
+    alone (identity layers with permutations between them map ``N(0, I)`` to ``N(0, I)``); a layer
+    without an exact identity initialisation (a Pyro built-in, or a family whose ``init_identity_``
+    raises ``NotImplementedError``) keeps its own initialisation, and the result is then ``False``.
+
+    Example:
+        >>> import torch, pyro_flows
+        >>> f = pyro_flows.flow("autm_coupling", 4, num_layers=2)
+        >>> init_identity(f)
+        True
+        >>> x = torch.randn(3, 4)
+        >>> bool((f(x) == x.flip(-1)).all())  # two identity layers around a reversing permutation
+        True
+    """
+    parts = _parts(module)
+    exact = True
+    for part in parts:
+        if _is_permutation(part):
+            continue
+        method = getattr(part, "init_identity_", None)
+        try:
+            if method is None:
+                raise NotImplementedError
+            method()
+        except NotImplementedError:
+            exact = False
+    return exact
+
+
+def _parts(module) -> list:
+    """The layers of a (conditional) compose module, or ``[module]``."""
+    parts = getattr(module, "parts", None)
+    if parts is None and isinstance(module, ConditionalComposeTransformModule):
+        parts = module.transforms
+    return list(parts) if parts is not None else [module]
+
+
+def _is_permutation(part) -> bool:
+    if isinstance(part, ConstantConditionalTransform):  # a conditional stack's wrapped permutation
+        part = part.transform
+    return isinstance(part, (Permute, TorchPermute))
+
+
+def _has_permutation(module) -> bool:
+    return any(_is_permutation(p) for p in _parts(module))
+
+
+class PlateauTest:
+    """A noise-aware plateau test of a parameter trajectory (``update`` once per optimiser step).
+
+    The last ``2 * window`` values of the parameters (flattened, concatenated) are kept. Every
+    ``window // 2`` updates the two halves of that history are compared coordinate by coordinate:
+    ``t_i = (mean of the newer half - mean of the older half) / (pooled within-half sd)``. A
+    parameter still travelling gives ``|t|`` of a few (a steady trend gives 3.5); one that only
+    jitters around its optimum (SGD noise) gives ``|t|`` well below 1. The trajectory has
+    plateaued when the root mean square of ``t`` over the coordinates that move at all is below
+    ``threshold``. Each check costs one host synchronisation.
+
+    Arguments:
+        window: the length of each half, in updates.
+        threshold: the plateau level of the rms ``t``.
+
+    Example:
+        >>> import torch
+        >>> test = PlateauTest(window=20)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> [test.update(torch.randn(3, generator=g)) for _ in range(40)][-1]  # pure noise
+        True
+        >>> test = PlateauTest(window=20)
+        >>> any(test.update(torch.full((3,), 0.1 * k)) for k in range(200))  # a steady trend
+        False
+    """
+
+    def __init__(self, window: int = 200, threshold: float = 1.0):
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        self.window = int(window)
+        self.threshold = float(threshold)
+        self.count = 0
+        self._history = None
+        #: the rms t statistic of the latest check (``None`` before the first)
+        self.statistic = None
+
+    def update(self, *tensors) -> bool:
+        """Record the current parameter values; whether the trajectory has plateaued."""
+        x = torch.cat([t.detach().reshape(-1) for t in tensors])
+        if self._history is None or self._history.shape[1] != x.numel():
+            self._history = x.new_zeros((2 * self.window, x.numel()))
+            self.count = 0
+        self._history[self.count % (2 * self.window)] = x
+        self.count += 1
+        if self.count < 2 * self.window or self.count % max(1, self.window // 2):
+            return False
+        order = (torch.arange(2 * self.window, device=x.device) + self.count) % (2 * self.window)
+        old, new = self._history[order].split(self.window)
+        dev = torch.cat([old - old.mean(0), new - new.mean(0)])
+        sd = dev.square().mean(0).sqrt()
+        moving = sd > 0
+        t = (new.mean(0) - old.mean(0))[moving] / sd[moving]
+        self.statistic = float(t.square().mean().sqrt()) if t.numel() else 0.0
+        return self.statistic < self.threshold
 
 
 class AutoFlow(AutoContinuous):
-    """A normalizing-flow guide over all continuous latents: ``z = loc + scale * f(eps)``.
+    """A normalizing-flow guide over all continuous latents: ``z = loc + L f(eps)``.
 
-    See the module docstring for the construction, the defaults and the cache policy.
+    ``L`` is lower triangular, ``scale[:, None] * scale_tril`` with ``scale_tril`` unit lower
+    triangular, parameterised and initialised as in Pyro's ``AutoMultivariateNormal``; ``f`` is a
+    stack of flow layers, initialised at the exact identity, so the guide starts as
+    ``AutoMultivariateNormal``. While the layers are still at the identity they are skipped
+    (``warmup``): the guide then *is* ``AutoMultivariateNormal`` at its cost per step, and the flow
+    is switched on once the affine part has converged. See the module docstring and
+    ``docs/autoflow.md``.
 
     Arguments:
         model: a Pyro model.
-        flow: a family name in ``pyro_flows.FLOWS``, or a callable ``(latent_dim) -> Transform``
-            (e.g. ``functools.partial(pyro.distributions.transforms.affine_autoregressive,
-            hidden_dims=[16])``).
-        num_layers: number of flow layers for a family name (default 4).
+        flow: a family name in ``pyro_flows.FLOWS`` (default :data:`DEFAULT_FLOW`), or a callable
+            ``(latent_dim) -> Transform`` (e.g. ``functools.partial(
+            pyro.distributions.transforms.affine_autoregressive, hidden_dims=[16])``).
+        num_layers: number of flow layers for a family name (default :data:`DEFAULT_NUM_LAYERS`).
         init_loc_fn: per-site initialisation of ``loc`` (default ``init_to_median``).
-        init_scale: initial ``scale`` of the affine layer (default 0.1).
-        affine: ``"output"`` (default, affine layer after the flow) or ``"base"`` (on the base
-            noise, before the flow).
+        init_scale: initial ``scale`` (default 0.1).
+        affine: ``"output"`` (default, ``z = loc + L f(eps)``) or ``"base"`` (``z = f(loc + L eps)``).
+        affine_rank: ``"full"`` (default: ``L`` lower triangular) or ``"diag"`` (``L = diag(scale)``,
+            then the guide starts as ``AutoDiagonalNormal``).
+        init: ``"identity"`` (default: every layer's ``init_identity_()``) or ``"default"`` (the
+            layers' own initialisation; the flow then trains from the first step).
+        warmup: when the flow is switched on: ``"plateau"`` (default: once a
+            :class:`PlateauTest` of the affine parameters passes), a number of training steps
+            (guide calls with gradients on), or 0 (from the first step). Only applies while the
+            flow is exactly the identity (``init="identity"``, every layer has an exact identity
+            initialisation, and ``affine="output"`` or no permutation), else the flow is on from
+            the start.
         num_quantile_samples: Monte Carlo draws used by :meth:`median` and :meth:`quantiles`.
         **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``,
             ``cache_size``). ``single_pass`` defaults to ``"sample"`` here: a guide draws
             (``rsample``) and scores its own draws, so that direction is the single-pass one.
+
+    Attributes:
+        flow_on: whether the flow layers are in use (``False`` during the warmup).
 
     Under ``JitTrace_ELBO`` every family with a single-pass sampling direction trains; a family
     whose sampling needs an iterative solve (monotone) raises a :class:`~pyro_flows.solvers.SolverError`
@@ -222,33 +392,46 @@ class AutoFlow(AutoContinuous):
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist
-        >>> from pyro.distributions.transforms import affine_autoregressive
         >>> from pyro.infer import SVI, Trace_ELBO
         >>> pyro.clear_param_store()
         >>> def model(y):
         ...     mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 1.).to_event(1))
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(mu, 1.).to_event(1), obs=y)
-        >>> guide = AutoFlow(model, affine_autoregressive, init_scale=0.1)  # or AutoFlow(model, "qlf")
-        >>> svi = SVI(model, guide, pyro.optim.Adam(AutoFlow.optim_args(0.02, 0.001)), Trace_ELBO())
+        >>> guide = AutoFlow(model)  # the default family; or AutoFlow(model, "qlf", num_layers=2)
+        >>> svi = SVI(model, guide, AutoFlow.optimizer(), Trace_ELBO())
         >>> loss = svi.step(torch.randn(10, 2))
         >>> guide.median(torch.randn(10, 2))["mu"].shape
         torch.Size([2])
     """
 
-    def __init__(self, model, flow, num_layers: int = 4, *, init_loc_fn=init_to_median,
-                 init_scale: float = 0.1, affine: str = "output", num_quantile_samples: int = 4000,
+    def __init__(self, model, flow=None, num_layers: int | None = None, *, init_loc_fn=init_to_median,
+                 init_scale: float = 0.1, affine: str = "output", affine_rank: str = "full",
+                 init: str = "identity", warmup="plateau", num_quantile_samples: int = 4000,
                  **flow_kwargs):
+        if flow is None:
+            flow = DEFAULT_FLOW
+            for key, value in DEFAULT_FLOW_KWARGS.items():
+                flow_kwargs.setdefault(key, value)
+        if num_layers is None:
+            num_layers = DEFAULT_NUM_LAYERS
         if isinstance(flow, str):
             get_flow(flow)
         elif not callable(flow):
             raise ValueError(f"flow must be a family name or a callable, got {type(flow).__name__}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-        if not isinstance(init_scale, numbers.Real) or not init_scale > 0:
+        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) or not init_scale > 0:
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
         if affine not in _AFFINE:
             raise ValueError(f"affine must be one of {_AFFINE}, got {affine!r}")
+        if affine_rank not in _AFFINE_RANK:
+            raise ValueError(f"affine_rank must be one of {_AFFINE_RANK}, got {affine_rank!r}")
+        if init not in _INIT:
+            raise ValueError(f"init must be one of {_INIT}, got {init!r}")
+        if warmup != "plateau" and (isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral)
+                                    or warmup < 0):
+            raise ValueError(f"warmup must be 'plateau' or a number of steps >= 0, got {warmup!r}")
         if not isinstance(num_quantile_samples, numbers.Integral) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples must be an integer >= 2, got {num_quantile_samples!r}")
         self._flow_spec = flow
@@ -258,9 +441,15 @@ class AutoFlow(AutoContinuous):
             self._flow_kwargs.setdefault("single_pass", "sample")
         self._init_scale = float(init_scale)
         self._affine = affine
+        self._affine_rank = affine_rank
+        self._init = init
+        self._warmup = warmup
         self.num_quantile_samples = int(num_quantile_samples)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.transform = None
+        self.flow_on = True
+        self._plateau = None
+        self._steps = 0
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -268,45 +457,110 @@ class AutoFlow(AutoContinuous):
         self.loc = torch.nn.Parameter(init_loc.clone())
         self.scale = PyroParam(torch.full_like(init_loc, self._init_scale),
                                constraint=constraints.softplus_positive)
+        if self._affine_rank == "full":
+            self.scale_tril = PyroParam(eye_like(init_loc, self.latent_dim),
+                                        constraint=constraints.unit_lower_cholesky)
         # build on the model's device (no allocation on the default device), then cast the dtype
         with torch.device(init_loc.device):
             module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **self._flow_kwargs)
+        at_identity = False
         if isinstance(module, torch.nn.Module):
             module = module.to(device=init_loc.device, dtype=init_loc.dtype)
-            _load_from_param_store(self._pyro_get_fullname("transform"), module)
+            if self._init == "identity":
+                at_identity = init_identity(module)
+            # trained tensors loaded from the store: the flow is not at the identity
+            at_identity = not _load_from_param_store(self._pyro_get_fullname("transform"), module) and at_identity
         self.transform = module
+        skippable = at_identity and (self._affine == "output" or not _has_permutation(module))
+        self.flow_on = not (skippable and self._warmup != 0)
+        self._plateau = PlateauTest() if self._warmup == "plateau" else None
+        self._steps = 0
+
+    def _flow(self):
+        """The flow module without registering it (``self.transform`` registers its parameters)."""
+        return self._modules.get("transform", self.__dict__.get("transform"))
+
+    def _advance_warmup(self):
+        """Count a training step of the warmup and switch the flow on when its rule says so."""
+        if self.flow_on or not (torch.is_grad_enabled() and self.loc.requires_grad):
+            return
+        self._steps += 1
+        if self._plateau is not None:
+            affine = [self.loc, self.scale]
+            if self._affine_rank == "full":
+                affine.append(self.scale_tril)
+            self.flow_on = self._plateau.update(*affine)
+        else:
+            self.flow_on = self._steps > self._warmup
 
     def get_base_dist(self):
         return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
 
-    @staticmethod
-    def optim_args(lr: float = 0.02, flow_lr: float = 0.001, **extra):
-        """Per-parameter arguments for a Pyro optimiser: ``lr`` for ``loc``/``scale``, ``flow_lr`` for
-        the flow's networks.
+    def _affine_transform(self):
+        # cache_size=1: log_prob(z) of a fresh sample z then reads every layer's input back from the
+        # caches instead of inverting the flow numerically
+        if self._affine_rank == "full":
+            return LowerCholeskyAffine(self.loc, self.scale[..., None] * self.scale_tril, cache_size=1)
+        return AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
 
-        The affine layer must travel far (to the posterior's location and scale) while the flow's
+    @staticmethod
+    def optim_args(lr: float = 0.02, flow_lr: float = 0.001, clip: float | None = None, **extra):
+        """Per-parameter arguments for a Pyro optimiser: ``lr`` for the affine part (``loc``,
+        ``scale``, ``scale_tril``), ``flow_lr`` for the flow's networks.
+
+        The affine part must travel far (to the posterior's location and scale) while the flow's
         networks, with thousands of weights, change the map a lot per Adam step: in the posteriordb
         benchmark one learning rate of 0.02 for everything made some families' maps blow up within
-        ~100 steps, while 0.02 / 0.001 trained stably. Use as
-        ``pyro.optim.Adam(AutoFlow.optim_args(0.02, 0.001))``.
+        ~100 steps. ``clip`` (for ``pyro.optim.ClippedAdam``, which clamps every gradient element
+        to ``[-clip, clip]``) applies to the flow only; the affine part is not clipped, so that it
+        follows ``Adam(lr)`` exactly as ``AutoMultivariateNormal`` would. ``**extra`` goes to every
+        parameter (e.g. ``lrd``). Use as ``pyro.optim.Adam(AutoFlow.optim_args(0.02, 0.001))``, or
+        take :meth:`optimizer`.
         """
-        return lambda module_name, param_name: {
-            "lr": flow_lr if module_name.split(".")[-1] == "transform" else lr, **extra}
+        def args(module_name, param_name):
+            if module_name.split(".")[-1] == "transform":
+                return {"lr": flow_lr, **({} if clip is None else {"clip_norm": clip}), **extra}
+            return {"lr": lr, **({} if clip is None else {"clip_norm": math.inf}), **extra}
+
+        return args
+
+    @staticmethod
+    def optimizer(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float = DEFAULT_CLIP,
+                  **extra):
+        """The recommended optimiser: ``pyro.optim.ClippedAdam`` with :meth:`optim_args`.
+
+        Arguments:
+            lr: the affine part's learning rate (default 0.02, as for ``AutoMultivariateNormal``).
+            flow_lr: the flow's learning rate.
+            clip: elementwise gradient clamp of the flow's parameters (the affine part is not
+                clipped).
+            **extra: more ``ClippedAdam`` arguments for every parameter (e.g. ``lrd``).
+
+        Example:
+            >>> optim = AutoFlow.optimizer()  # pass to SVI(model, guide, optim, Trace_ELBO())
+        """
+        return pyro.optim.ClippedAdam(AutoFlow.optim_args(lr, flow_lr, clip=clip, **extra))
+
+    def get_transform(self, *args, **kwargs):
+        if not self.flow_on:
+            return self._affine_transform()
+        return ComposeTransform(self._transforms(), cache_size=1)
 
     def _transforms(self):
-        # cache_size=1 on the affine layer: log_prob(z) of a fresh sample z then reads every layer's
-        # input back from the caches instead of inverting the flow numerically
-        affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
+        affine = self._affine_transform()
         if self._affine == "output":
             return [self.transform, affine]
         return [affine, self.transform]
 
-    def get_transform(self, *args, **kwargs):
-        return ComposeTransform(self._transforms(), cache_size=1)
-
     def get_posterior(self, *args, **kwargs):
+        self._advance_warmup()
+        if not self.flow_on:
+            # the flow is the identity: exactly AutoMultivariateNormal (AutoDiagonalNormal), at its cost
+            if self._affine_rank == "full":
+                return dist.MultivariateNormal(self.loc, scale_tril=self.scale[..., None] * self.scale_tril)
+            return dist.Normal(self.loc, self.scale).to_event(1)
         # one guide call = one step: caches from a previous step may hold stale graphs
-        clear_transform_cache(self.transform)
+        clear_transform_cache(self._flow())
         # a list, not a ComposeTransform, so TransformedDistribution.log_prob walks the cached layers
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
 
@@ -328,7 +582,7 @@ class AutoFlow(AutoContinuous):
         if q.dim() != 1 or not bool(((q > 0) & (q < 1)).all()):
             raise ValueError(f"quantiles must be a 1-D list of levels in (0, 1), got {quantiles!r}")
         latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        clear_transform_cache(self.transform)
+        clear_transform_cache(self._flow())
         # the draws' dimension must sit left of every plate dimension (as for vectorised particles)
         depth = max([-f.dim for stack in self._cond_indep_stacks.values() for f in stack
                      if f.vectorized and f.dim is not None] + [0])

@@ -362,6 +362,34 @@ class _AUTMBase(FlowTransform):
             return self._explicit(x)[1]
         return -self._explicit(y)[1]
 
+    def init_identity_(self):
+        """Make the layer exactly the identity map: zero the conditioner's output layer.
+
+        The raw coefficients are then ``a = b = c = 0``, so ``alpha = beta = gamma = 0`` and every
+        step of the discrete map is exactly ``v -> v`` with log-derivative exactly 0. The hidden
+        layers keep their values, so the output layer's gradient does not vanish. Needs a
+        conditioner whose last layer is ``net.layers[-1]`` with ``weight`` and ``bias`` (the
+        package's Lipschitz networks, Pyro's ``DenseNN``/``AutoRegressiveNN``). Returns ``self``.
+
+        Example:
+            >>> import torch
+            >>> t = autm_coupling(4).init_identity_()
+            >>> x = torch.randn(3, 4)
+            >>> bool((t(x) == x).all())
+            True
+        """
+        net = self.arn if hasattr(self, "arn") else self.nn
+        layers = getattr(net, "layers", None)
+        last = layers[-1] if layers is not None and len(layers) else None
+        if getattr(last, "weight", None) is None or getattr(last, "bias", None) is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: init_identity_ needs a conditioner whose output layer is "
+                f"net.layers[-1] with a weight and a bias, got {type(net).__name__}")
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+        return self
+
     # -- the elementwise maths ----------------------------------------------------------------
     def _coefficients(self, raw):
         P = _num_params(self.g)
@@ -635,6 +663,9 @@ class ConditionalAUTMAutoregressive(ConditionalFlowModule):
             raise ValueError(f"the conditioner's context_dim is {self.arn.context_dim}, expected "
                              f"{self.context_dim}")
 
+    #: zero the conditioner's output layer (context columns included): the identity for every context
+    init_identity_ = _AUTMBase.init_identity_
+
     def _condition(self, context):
         return ConditionedAUTMAutoregressive(self.input_dim, self.arn, context=context, **self.settings)
 
@@ -844,6 +875,9 @@ class ConditionalAUTMCoupling(ConditionalFlowModule):
         self.settings = _layer_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
                                         single_pass, cache_size)
         self.nn = hypernet
+
+    #: zero the conditioner's output layer (context columns included): the identity for every context
+    init_identity_ = _AUTMBase.init_identity_
 
     def _condition(self, context):
         return ConditionedAUTMCoupling(self.input_dim, self.split_dim, self.nn, context=context,

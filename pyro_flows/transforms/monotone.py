@@ -301,6 +301,28 @@ class Monotone(ConditionedMonotone, TransformModule):
         hidden = _default_hidden(self.input_dim) if hidden_dims is None else list(hidden_dims)
         self.net = MonotoneNet(self.input_dim, hidden, 0, activation, lipschitz, dense)
 
+    def init_identity_(self):
+        """Make the block exactly the identity map (log-det exactly 0); returns ``self``.
+
+        Zeroes the output layer of ``G`` (weight and bias), so ``G = 0``: the forward solve is
+        ``w = 2x`` (exact, a power of two), ``F(x) = 2x - x = x``, and ``log det(I - 0) -
+        log det(I + 0) = 0``. The hidden layers keep their values, so the output layer's gradient
+        does not vanish. In the conditional block ``G = 0`` for every context.
+
+        Example:
+            >>> import torch
+            >>> t = Monotone(3, hidden_dims=[16]).init_identity_()
+            >>> x = torch.randn(4, 3)
+            >>> bool((t(x) == x).all())
+            True
+        """
+        last = self.net.linears[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
+        return self
+
 
 class ConditionalMonotone(ConditionalFlowModule):
     """A conditional Monotone Flow block: the context enters ``G`` at its first layer.
@@ -333,6 +355,8 @@ class ConditionalMonotone(ConditionalFlowModule):
         self._options = dict(opts, cache_size=cache_size)
         hidden = _default_hidden(self.input_dim) if hidden_dims is None else list(hidden_dims)
         self.net = MonotoneNet(self.input_dim, hidden, self.context_dim, activation, lipschitz, dense)
+
+    init_identity_ = Monotone.init_identity_
 
     def _condition(self, context):
         return ConditionedMonotone(self.input_dim, self.net, context=context, **self._options)

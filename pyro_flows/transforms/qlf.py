@@ -694,6 +694,52 @@ class QLF(ConditionedQLF, TransformModule):
         activation = RQSActivation(input_dim, num_bins, bound, beta, min_derivative, cache_size=0)
         ConditionedQLF.__init__(self, linear, coupling, activation, cache_size=cache_size)
 
+    def init_identity_(self):
+        """Reset the block to the identity map (log-det 0) by the blockwise volume-preserving rule.
+
+        ``f_lin = kappa I`` (``theta = 0``: ``Q = I`` exactly), ``f_aff = s0 I`` (read-out weights
+        and shift bias zero, hat biases for ``log s0``) and ``f_act = beta I`` (every knot
+        derivative and bin slope ``beta``; the box keeps its width), with ``log s0 = min(log kappa,
+        0.5)`` (the constructor's default split) and ``beta = 1 / (kappa s0)``. The block is the
+        identity up to the rounding of the three scalings (``beta = 1`` is out of reach of the
+        activation's sigmoid, so not bit for bit: about ``1e-16`` relative in float64). The
+        coupling's hidden layers keep their values, so the read-out's gradient does not vanish.
+        In the conditional block the coupling is the identity for every context.
+
+        Example:
+            >>> import torch
+            >>> t = QLF(3, hidden_dims=[16]).double().init_identity_()
+            >>> x = torch.randn(4, 3, dtype=torch.float64)
+            >>> bool(torch.allclose(t(x), x, rtol=1e-14, atol=1e-14))
+            True
+        """
+        from ..nn.mexican_hat import mexican_hat_biases
+
+        lin, act = self.linear, self.activation
+        nets = [] if self.coupling is None else [n for n in (self.coupling.nn1, self.coupling.nn2) if n is not None]
+        log_s0 = 0.0
+        if nets:
+            low, high = log_scale_range(nets[0].num_hats)
+            log_s0 = min(max(min(lin.log_kappa, 0.5), low + 1e-3), high - 1e-3)
+        beta = math.exp(-lin.log_kappa - log_s0)
+        a = act.min_derivative
+        if not a < beta < 1:
+            raise ValueError(f"{type(self).__name__}: kappa = {math.exp(lin.log_kappa):.6g} leaves no identity "
+                             f"split (activation slope {beta:.6g} outside ({a}, 1))")
+        with torch.no_grad():
+            lin.theta.zero_()
+            for net in nets:
+                weight, bias = net.layers()[-1]
+                hats = bias.new_tensor(mexican_hat_biases(log_s0, net.num_hats))
+                weight.zero_()
+                bias.copy_(torch.cat([hats.repeat_interleave(net.out_features), bias.new_zeros(net.out_features)]))
+            K = (act.theta.shape[-1] - 2) // 3
+            theta = act.theta
+            theta[..., :K] = 0.0
+            theta[..., K:2 * K] = _logit((beta - a) / ((1 + beta) / 2 - a))
+            theta[..., 2 * K:3 * K + 1] = _logit((beta - a) / (1 - a))
+        return self
+
 
 class ConditionalQLF(ConditionalFlowModule):
     r"""Conditional QLF block: the context enters both coupling conditioners.
@@ -731,6 +777,8 @@ class ConditionalQLF(ConditionalFlowModule):
         )
         self.activation = RQSActivation(self.input_dim, num_bins, bound, beta, min_derivative,
                                         cache_size=0)
+
+    init_identity_ = QLF.init_identity_
 
     def _condition(self, context):
         return ConditionedQLF(self.linear, self.coupling.condition(context), self.activation,

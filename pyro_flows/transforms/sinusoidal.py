@@ -695,6 +695,35 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
     def _scales(self, ctx):
         return _constrain(self.raw_scales, self.eps)
 
+    def init_identity_(self):
+        """Make the block exactly the identity map (log-det exactly 0); returns ``self``.
+
+        Every D-scale gets ``alpha = 0`` and ``d = 0`` (so ``tau(u) = u - 0 + 0`` and
+        ``log tau' = log1p(0)``), and both shift networks a zero output layer (so ``s(x) = 0``);
+        frequencies, phases, weights and hidden layers keep their values, so the gradient in
+        ``alpha``, ``d`` and the shifts' output layers does not vanish. In the conditional block
+        the D-scale context network's output layer is zeroed too (the identity for every context).
+
+        Example:
+            >>> import torch
+            >>> from pyro_flows.transforms.sinusoidal import Sinusoidal
+            >>> t = Sinusoidal(3, hidden_dims=[16]).init_identity_()
+            >>> x = torch.randn(4, 3)
+            >>> bool((t(x) == x).all())
+            True
+        """
+        with torch.no_grad():
+            self.raw_scales[..., 0].zero_()
+            self.raw_scales[..., -1].zero_()
+            nets = [getattr(self, n, None) for n in ("upper_nn", "lower_nn")]
+            lasts = [n.net.layers[-1] for n in nets if n is not None]
+            if getattr(self, "scale_nn", None) is not None:
+                lasts.append(self.scale_nn.layers[-1])
+            for last in lasts:
+                last.weight.zero_()
+                last.bias.zero_()
+        return self
+
 
 class ConditionalSinusoidal(ConditionalFlowModule):
     """A conditional LDU block: the context drives both shift conditioners and the D-scales.
@@ -746,6 +775,8 @@ class ConditionalSinusoidal(ConditionalFlowModule):
         if self.shift:
             self.upper_nn = ShiftNet(input_dim, hidden_dims, context_dim, shift_lipschitz, upper=True)
             self.lower_nn = ShiftNet(input_dim, hidden_dims, context_dim, shift_lipschitz)
+
+    init_identity_ = Sinusoidal.init_identity_
 
     def _scales(self, ctx):
         h = self.scale_nn(ctx).reshape(ctx.shape[:-1] + self.raw_scales.shape)
