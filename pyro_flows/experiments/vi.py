@@ -304,6 +304,11 @@ def headline(rows, meta):
         f"- Better (one error lower by more than {WIN_MARGIN} sd, neither higher) on {len(better)} of {n}"
         + (f": {', '.join(better)}" if better else "") + ".",
     ]
+    fl = [r for r in (_row(rows, p, "AutoFlow", "long") for p in meta["posteriors"]) if r]
+    on = [r["posterior"].split("-")[-1] for r in fl if r.get("flow_on_s", math.inf) <= t]
+    lines.append(f"- The default AutoFlow's warmup (flow layers skipped, the guide is AutoMultivariateNormal) had "
+                 f"ended by {t:g} s on {len(on)} of {len(fl)} posteriors" + (f" ({', '.join(on)})" if on else "")
+                 + ".")
     ec = "eight_schools-eight_schools_centered"
     s = _snap(_row(rows, ec, "AutoFlow", "long"), t) if ec in meta["posteriors"] else None
     if s is not None:
@@ -441,7 +446,7 @@ def vi_markdown(rows, meta):
     label = {(r["tier"], r["guide"]): r["label"] + (" [short]" if r["tier"] == "short" else "") for r in rows}
     lines += [reports.markdown_table(ttt, [("posterior", "posterior", None), ("target", "target ELBO", None)]
                                      + [(k, label[k], None) for k in guides]), ""]
-    if _family_rows(rows):
+    if any(r["tier"] == "short" for r in rows):
         ts = [x for x in meta["table_times"] if x <= meta["short_seconds"]]
         for x in sorted(ts, reverse=True):
             lines += [f"## Every family's AutoFlow with its defaults at {x:g} s (short tier): mean / sd err", "",
@@ -458,6 +463,9 @@ def vi_markdown(rows, meta):
                                    "elbo_txt": f"{s['elbo']:.2f} ({_fmt(s.get('elbo_se'), '{:.2f}')})"})
             if r["status"] != "ok":
                 detail.append({"label": r["label"], "note": _status_text(r)})
+            if r["guide"] not in GUIDE_BASELINES and "flow_on_step" not in r and r["status"] == "ok":
+                detail.append({"label": r["label"], "note": "warmup never ended: the flow's identity layers were "
+                               "skipped throughout (the guide was AutoMultivariateNormal)"})
             if r.get("flow_on_step", 1) > 1:
                 detail.append({"label": r["label"], "note": f"flow on (warmup over) at step {r['flow_on_step']}, "
                                f"{r['flow_on_s']:.1f} s"})
