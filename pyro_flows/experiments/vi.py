@@ -544,7 +544,7 @@ def run_vi(args, header, log=print):
     """The posteriordb VI benchmark (see the module docstring); returns ``(rows, files written)``.
 
     With ``args.merge`` it fits nothing and reports every part in ``vi/parts/``; with ``args.results_part``
-    it writes its rows to ``vi/parts/<name>.json`` only.
+    it writes its rows to ``vi/parts/<name>.json`` only (after every fit, so a stopped run keeps its fits).
     """
     from pyro_flows.infer import posteriordb as pdb
 
@@ -561,6 +561,7 @@ def run_vi(args, header, log=print):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # AutoIAFNormal builds its flow in the default dtype
     rows, t0 = [], time.perf_counter()
+    part = os.path.join(out_dir, "parts", f"{args.results_part}.json") if args.results_part else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -580,13 +581,15 @@ def run_vi(args, header, log=print):
                            f"sd {last['sd_rms']:.3f} elbo {last['elbo']:.2f} khat {last['khat']:.2f} "
                            if last else "")
                         + _status_text(r) + f" [{(time.perf_counter() - t0) / 60:.1f} min]")
+                    if part:  # after every fit, so a stopped run keeps what it has done
+                        meta["wall_minutes"] = (time.perf_counter() - t0) / 60
+                        reports.write_text(part, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
     finally:
         torch.set_default_dtype(default)
     meta["wall_minutes"] = (time.perf_counter() - t0) / 60
-    if args.results_part:
-        path = os.path.join(out_dir, "parts", f"{args.results_part}.json")
-        reports.write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
-        return rows, [path]
+    if part:
+        reports.write_text(part, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
+        return rows, [part]
     return rows, write_vi_report(rows, meta, out_dir)
 
 
