@@ -304,6 +304,7 @@ def headline(rows, meta):
         f"- Better (one error lower by more than {WIN_MARGIN} sd, neither higher) on {len(better)} of {n}"
         + (f": {', '.join(better)}" if better else "") + ".",
     ]
+    lines.append(_iterate_noise(rows, meta))
     fl = [r for r in (_row(rows, p, "AutoFlow", "long") for p in meta["posteriors"]) if r]
     on = [r["posterior"].split("-")[-1] for r in fl if r.get("flow_on_s", math.inf) <= t]
     lines.append(f"- The default AutoFlow's warmup (flow layers skipped, the guide is AutoMultivariateNormal) had "
@@ -318,6 +319,23 @@ def headline(rows, meta):
                      f"mu {mu:.3f} sd, of tau {tau:.3f} sd (AutoMultivariateNormal: "
                      + _mu_tau(_snap(_row(rows, ec, "AutoMultivariateNormal", "long"), t)) + ").")
     return table, lines
+
+
+def _iterate_noise(rows, meta):
+    """How much AutoMultivariateNormal's errors move between its last two table times (where it has
+    mostly converged, constant-rate Adam keeps jittering): the scale of differences that are noise."""
+    ts = sorted(meta["table_times"])[-2:]
+    d = []
+    for p in meta["posteriors"]:
+        a, b = (_snap(_row(rows, p, "AutoMultivariateNormal", "long"), t) for t in ts)
+        if a and b and len(ts) == 2:
+            d += [abs(a["mean_rms"] - b["mean_rms"]), abs(a["sd_rms"] - b["sd_rms"])]
+    if not d:
+        return "- (no AutoMultivariateNormal fit with two table times: iterate noise not estimated)"
+    return (f"- Noise scale: AutoMultivariateNormal's rms errors change by a median {np.median(d):.3f} (max "
+            f"{max(d):.3f}) reference sds between its {ts[0]:g} s and {ts[1]:g} s snapshots (mostly converged; "
+            f"constant-rate Adam keeps moving): the scale of differences between fits that is noise, to set "
+            f"against the margin of {WIN_MARGIN}.")
 
 
 def _mu_tau(s):
