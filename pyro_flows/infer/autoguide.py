@@ -91,6 +91,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import weakref
@@ -124,6 +125,12 @@ _INIT = ("identity", "default")
 DEFAULT_FLOW = "autm_autoregressive"
 DEFAULT_NUM_LAYERS = 2
 DEFAULT_FLOW_KWARGS: dict = {}
+#: the default family's conditioner widths: ``[max(DEFAULT_HIDDEN_FACTOR * D, 16)] * 2`` (the family's own
+#: default, ``10 D``, costs about 3x more per step at D = 26)
+DEFAULT_HIDDEN_FACTOR = 2
+#: ``warmup="plateau"``'s :class:`PlateauTest` ``patience``: the flow is also switched on after this many
+#: steps of a trajectory that keeps drifting
+DEFAULT_PATIENCE = 2000
 #: :meth:`AutoFlow.optimizer`'s defaults: the affine part's rate (``AutoMultivariateNormal``'s usual
 #: 0.02), the flow's rate and the flow's elementwise gradient clamp
 DEFAULT_LR = 0.02
@@ -295,56 +302,68 @@ def _has_permutation(module) -> bool:
 class PlateauTest:
     """A noise-aware plateau test of a parameter trajectory (``update`` once per optimiser step).
 
-    The last ``2 * window`` values of the parameters (flattened, concatenated) are kept. Every
-    ``window // 2`` updates the two halves of that history are compared coordinate by coordinate:
-    ``t_i = (mean of the newer half - mean of the older half) / (pooled within-half sd)``. A
-    parameter still travelling gives ``|t|`` of a few (a steady trend gives 3.5); one that only
-    jitters around its optimum (SGD noise) gives ``|t|`` well below 1. The trajectory has
-    plateaued when the root mean square of ``t`` over the coordinates that move at all is below
-    ``threshold``. Each check costs one host synchronisation.
+    Over the last ``window`` updates it compares, coordinate by coordinate, the net displacement
+    ``|theta_t - theta_{t-window}|`` with the path length ``sum |theta_s - theta_{s-1}|``. A
+    coordinate still travelling towards its optimum moves mostly one way (ratio near 1); one that
+    only jitters around it (SGD noise, even with Adam's momentum) goes back and forth (ratio of order
+    ``sqrt(correlation time / window)``, about 0.1 at the defaults). The trajectory has plateaued
+    when the *largest* ratio over the coordinates is below ``threshold``: one slow direction still
+    drifting is enough to wait. Checked every ``check_every`` updates (one host synchronisation
+    each) once ``window`` increments are recorded.
 
     Arguments:
-        window: the length of each half, in updates.
-        threshold: the plateau level of the rms ``t``.
+        window: updates the ratio is taken over.
+        threshold: the plateau level of the largest ratio.
+        check_every: updates between checks.
+        patience: if given, :meth:`update` also returns ``True`` from this many updates on, plateau
+            or not (a trajectory that keeps drifting that long is one the affine part alone is slow
+            on).
 
     Example:
         >>> import torch
-        >>> test = PlateauTest(window=20)
+        >>> test = PlateauTest(window=100, check_every=50)
         >>> g = torch.Generator().manual_seed(0)
-        >>> [test.update(torch.randn(3, generator=g)) for _ in range(40)][-1]  # pure noise
-        True
-        >>> test = PlateauTest(window=20)
-        >>> any(test.update(torch.full((3,), 0.1 * k)) for k in range(200))  # a steady trend
+        >>> any(test.update(torch.full((3,), 0.01 * k)) for k in range(300))  # a steady trend
         False
+        >>> test = PlateauTest(window=100, check_every=50)
+        >>> any(test.update(torch.randn(3, generator=g)) for _ in range(300))  # jitter only
+        True
     """
 
-    def __init__(self, window: int = 200, threshold: float = 1.0):
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 2:
-            raise ValueError(f"window must be an integer >= 2, got {window!r}")
-        self.window = int(window)
-        self.threshold = float(threshold)
+    def __init__(self, window: int = 400, threshold: float = 0.3, check_every: int = 200,
+                 patience: int | None = None):
+        for name, value in (("window", window), ("check_every", check_every), ("patience", patience)):
+            if name == "patience" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.patience = None if patience is None else int(patience)
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        self.window, self.threshold, self.check_every = int(window), float(threshold), int(check_every)
         self.count = 0
-        self._history = None
-        #: the rms t statistic of the latest check (``None`` before the first)
+        self._last = None
+        self._steps = None
+        #: the largest displacement / path-length ratio at the latest check (``None`` before the first)
         self.statistic = None
 
     def update(self, *tensors) -> bool:
         """Record the current parameter values; whether the trajectory has plateaued."""
         x = torch.cat([t.detach().reshape(-1) for t in tensors])
-        if self._history is None or self._history.shape[1] != x.numel():
-            self._history = x.new_zeros((2 * self.window, x.numel()))
-            self.count = 0
-        self._history[self.count % (2 * self.window)] = x
-        self.count += 1
-        if self.count < 2 * self.window or self.count % max(1, self.window // 2):
+        if self._last is None or self._last.shape != x.shape:
+            self._last, self._steps, self.count = x.clone(), x.new_zeros((self.window, x.numel())), 0
             return False
-        order = (torch.arange(2 * self.window, device=x.device) + self.count) % (2 * self.window)
-        old, new = self._history[order].split(self.window)
-        dev = torch.cat([old - old.mean(0), new - new.mean(0)])
-        sd = dev.square().mean(0).sqrt()
-        moving = sd > 0
-        t = (new.mean(0) - old.mean(0))[moving] / sd[moving]
-        self.statistic = float(t.square().mean().sqrt()) if t.numel() else 0.0
+        self._steps[self.count % self.window] = x - self._last
+        self._last.copy_(x)
+        self.count += 1
+        if self.patience is not None and self.count >= self.patience:
+            return True
+        if self.count < self.window or self.count % self.check_every:
+            return False
+        path = self._steps.abs().sum(0)
+        moving = path > 0
+        ratio = self._steps.sum(0).abs()[moving] / path[moving]
+        self.statistic = float(ratio.max()) if ratio.numel() else 0.0
         return self.statistic < self.threshold
 
 
@@ -373,8 +392,10 @@ class AutoFlow(AutoContinuous):
         init: ``"identity"`` (default: every layer's ``init_identity_()``) or ``"default"`` (the
             layers' own initialisation; the flow then trains from the first step).
         warmup: when the flow is switched on: ``"plateau"`` (default: once a
-            :class:`PlateauTest` of the affine parameters passes), a number of training steps
-            (guide calls with gradients on), or 0 (from the first step). Only applies while the
+            :class:`PlateauTest` of ``loc`` and ``scale`` passes, or after :data:`DEFAULT_PATIENCE`
+            steps), a :class:`PlateauTest` with other
+            settings (copied), a number of training steps (guide calls with gradients on), or 0
+            (from the first step). Only applies while the
             flow is exactly the identity (``init="identity"``, every layer has an exact identity
             initialisation, and ``affine="output"`` or no permutation), else the flow is on from
             the start.
@@ -386,7 +407,8 @@ class AutoFlow(AutoContinuous):
     Attributes:
         flow_on: whether the flow layers are in use (``False`` during the warmup).
 
-    Under ``JitTrace_ELBO`` every family with a single-pass sampling direction trains; a family
+    Under ``JitTrace_ELBO`` the flow is on from the first step (a trace replays the graph it recorded,
+    so no warmup can switch it later), and every family with a single-pass sampling direction trains; a family
     whose sampling needs an iterative solve (monotone) raises a :class:`~pyro_flows.solvers.SolverError`
     naming JIT (a trace would freeze the solver's iteration count): use ``Trace_ELBO`` for it.
 
@@ -409,6 +431,7 @@ class AutoFlow(AutoContinuous):
                  init_scale: float = 0.1, affine: str = "output", affine_rank: str = "full",
                  init: str = "identity", warmup="plateau", num_quantile_samples: int = 4000,
                  **flow_kwargs):
+        self._default_hidden = flow is None and "hidden_dims" not in flow_kwargs
         if flow is None:
             flow = DEFAULT_FLOW
             for key, value in DEFAULT_FLOW_KWARGS.items():
@@ -429,9 +452,9 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"affine_rank must be one of {_AFFINE_RANK}, got {affine_rank!r}")
         if init not in _INIT:
             raise ValueError(f"init must be one of {_INIT}, got {init!r}")
-        if warmup != "plateau" and (isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral)
-                                    or warmup < 0):
-            raise ValueError(f"warmup must be 'plateau' or a number of steps >= 0, got {warmup!r}")
+        if not (warmup == "plateau" or isinstance(warmup, PlateauTest) or (
+                isinstance(warmup, numbers.Integral) and not isinstance(warmup, bool) and warmup >= 0)):
+            raise ValueError(f"warmup must be 'plateau', a PlateauTest or a number of steps >= 0, got {warmup!r}")
         if not isinstance(num_quantile_samples, numbers.Integral) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples must be an integer >= 2, got {num_quantile_samples!r}")
         self._flow_spec = flow
@@ -462,7 +485,10 @@ class AutoFlow(AutoContinuous):
                                         constraint=constraints.unit_lower_cholesky)
         # build on the model's device (no allocation on the default device), then cast the dtype
         with torch.device(init_loc.device):
-            module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **self._flow_kwargs)
+            kwargs = dict(self._flow_kwargs)
+            if self._default_hidden:
+                kwargs["hidden_dims"] = [max(DEFAULT_HIDDEN_FACTOR * self.latent_dim, 16)] * 2
+            module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **kwargs)
         at_identity = False
         if isinstance(module, torch.nn.Module):
             module = module.to(device=init_loc.device, dtype=init_loc.dtype)
@@ -473,7 +499,11 @@ class AutoFlow(AutoContinuous):
         self.transform = module
         skippable = at_identity and (self._affine == "output" or not _has_permutation(module))
         self.flow_on = not (skippable and self._warmup != 0)
-        self._plateau = PlateauTest() if self._warmup == "plateau" else None
+        self._plateau = None
+        if isinstance(self._warmup, PlateauTest):
+            self._plateau = copy.deepcopy(self._warmup)
+        elif self._warmup == "plateau":
+            self._plateau = PlateauTest(patience=DEFAULT_PATIENCE)
         self._steps = 0
 
     def _flow(self):
@@ -484,12 +514,14 @@ class AutoFlow(AutoContinuous):
         """Count a training step of the warmup and switch the flow on when its rule says so."""
         if self.flow_on or not (torch.is_grad_enabled() and self.loc.requires_grad):
             return
+        if torch.jit.is_tracing():
+            # a JIT trace replays the graph it recorded, without this method: it must record the flow
+            self.flow_on = True
+            return
         self._steps += 1
         if self._plateau is not None:
-            affine = [self.loc, self.scale]
-            if self._affine_rank == "full":
-                affine.append(self.scale_tril)
-            self.flow_on = self._plateau.update(*affine)
+            # location and scales: the directions the ELBO converges slowest in
+            self.flow_on = self._plateau.update(self.loc, self.scale)
         else:
             self.flow_on = self._steps > self._warmup
 
