@@ -322,20 +322,21 @@ def headline(rows, meta):
 
 
 def _iterate_noise(rows, meta):
-    """How much AutoMultivariateNormal's errors move between its last two table times (where it has
-    mostly converged, constant-rate Adam keeps jittering): the scale of differences that are noise."""
-    ts = sorted(meta["table_times"])[-2:]
-    d = []
+    """How much AutoMultivariateNormal's errors move between its last two snapshots (where it has mostly
+    converged, constant-rate Adam keeps jittering): the scale of differences between fits that is noise."""
+    d, ts = [], None
     for p in meta["posteriors"]:
-        a, b = (_snap(_row(rows, p, "AutoMultivariateNormal", "long"), t) for t in ts)
-        if a and b and len(ts) == 2:
+        r = _row(rows, p, "AutoMultivariateNormal", "long")
+        if r and len(r.get("snapshots", ())) >= 2:
+            a, b = r["snapshots"][-2:]
+            ts = (a["t"], b["t"])
             d += [abs(a["mean_rms"] - b["mean_rms"]), abs(a["sd_rms"] - b["sd_rms"])]
     if not d:
-        return "- (no AutoMultivariateNormal fit with two table times: iterate noise not estimated)"
-    return (f"- Noise scale: AutoMultivariateNormal's rms errors change by a median {np.median(d):.3f} (max "
-            f"{max(d):.3f}) reference sds between its {ts[0]:g} s and {ts[1]:g} s snapshots (mostly converged; "
-            f"constant-rate Adam keeps moving): the scale of differences between fits that is noise, to set "
-            f"against the margin of {WIN_MARGIN}.")
+        return "- (no AutoMultivariateNormal fit with two snapshots: iterate noise not estimated)"
+    return (f"- Noise scale: between its last two snapshots ({ts[0]:g} s and {ts[1]:g} s) AutoMultivariateNormal's "
+            f"rms errors change by a median {np.median(d):.3f} reference sds ({sum(x > WIN_MARGIN for x in d)} of "
+            f"{len(d)} changes exceed {WIN_MARGIN}): constant-rate Adam keeps moving after convergence, so "
+            f"differences of this size between two fits are noise.")
 
 
 def _mu_tau(s):
@@ -630,14 +631,20 @@ def _merge(out_dir, header, log):
     meta = dict(metas[0])
     meta.update(posteriors=[p for p in pdb.POSTERIORS if p in names] + sorted(names - set(pdb.POSTERIORS)),
                 table_times=sorted({t for m in metas for t in m["table_times"]}),
-                header="\n\n".join(dict.fromkeys(m["header"] for m in metas))
-                + f"  \nMerged from {', '.join(os.path.basename(f) for f in files)} "
-                f"({', '.join(format(m['wall_minutes'], '.0f') for m in metas)} wall minutes).",
+                header=_merged_header(metas, files),
                 draws=min(m["draws"] for m in metas), table_draws=min(m["table_draws"] for m in metas),
                 short_seconds=max(m["short_seconds"] for m in metas))
     rows = list(rows.values())
     log(f"[vi] merged {len(rows)} fits from {len(files)} parts")
     return rows, write_vi_report(rows, meta, out_dir)
+
+
+def _merged_header(metas, files):
+    """The first part's machine line and every part's command."""
+    first = metas[0]["header"].split("\n")[0]
+    commands = [ln for m in metas for ln in m["header"].split("\n") if ln.startswith("Command:")]
+    parts = ", ".join(f"{os.path.basename(f)} ({m['wall_minutes']:.0f} wall min)" for f, m in zip(files, metas))
+    return "\n".join([first] + [c.rstrip() + "  " for c in commands] + [f"Merged from {parts}."])
 
 
 def write_vi_report(rows, meta, out_dir):
