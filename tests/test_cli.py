@@ -46,6 +46,8 @@ def test_no_subcommand_prints_help(capsys):
         (["demo", "--family", "no_such_flow"], "unknown flow family 'no_such_flow'"),
         (["demo", "--dataset", "no_such_data"], "unknown data set 'no_such_data'"),
         (["demo", "--steps", "0"], "steps must be >= 1"),
+        (["demo", "--svi-guides", "AutoNothing"], "unknown SVI guide 'AutoNothing'"),
+        (["demo", "--svi-seconds", "0"], "--svi-seconds must be positive"),
     ],
 )
 def test_bad_arguments_exit_with_clear_error(argv, msg, capsys, tmp_path):
@@ -74,6 +76,8 @@ def test_demo_tiny_run_writes_table_and_plots(tmp_path, capsys):
             "3",
             "--svi-steps",
             "3",
+            "--svi-guides",
+            "AutoMultivariateNormal,AutoFlow",
             "--layers",
             "2",
             "--output",
@@ -85,7 +89,7 @@ def test_demo_tiny_run_writes_table_and_plots(tmp_path, capsys):
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "test NLL" in printed and "PSIS k-hat" in printed and fam in printed
+    assert "test NLL" in printed and "PSIS k-hat" in printed and fam in printed and "eight schools, centred" in printed
     for f in (
         "results.md",
         "results.json",
@@ -99,8 +103,10 @@ def test_demo_tiny_run_writes_table_and_plots(tmp_path, capsys):
     assert row["family"] == fam and row["dataset"] == "8gaussians" and row["steps"] == 3
     assert row["floor"] == pytest.approx(2.8314)
     assert row["excess"] == pytest.approx(row["test_nll"] - row["floor"])
-    assert [r["family"] for r in res["svi"]] == ["AutoNormal", fam]
-    assert all(r["steps"] == 3 for r in res["svi"])
+    mvn, flow = res["svi"]
+    assert mvn["family"] == "AutoMultivariateNormal" and flow["family"].startswith("AutoFlow (")
+    assert all(r["steps"] == 3 and r["k_hat"] == r["k_hat"] and r["elbo_se"] > 0 for r in res["svi"])
+    assert all(r["mu_err"] >= 0 and r["tau_err"] >= 0 for r in res["svi"])
     md = (out / "results.md").read_text()
     assert f"| {fam} | 8gaussians | 3 |" in md
     with open(out / "density_8gaussians.png", "rb") as f:

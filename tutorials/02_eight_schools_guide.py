@@ -1,8 +1,8 @@
 """Tutorial 2: a flow guide for a hierarchical model (eight schools), with diagnostics.
 
-Run:  python tutorials/02_eight_schools_guide.py                 (every family: several minutes on one core)
+Run:  python tutorials/02_eight_schools_guide.py                 (about a minute on one core)
       python tutorials/02_eight_schools_guide.py --smoke         (a few seconds)
-      python tutorials/02_eight_schools_guide.py --family qlf    (pick the family)
+      python tutorials/02_eight_schools_guide.py --family qlf    (add a family; 'all': every one)
 
 The model
 ---------
@@ -22,9 +22,13 @@ The guides
 ----------
 * ``AutoNormal``: independent Gaussians (Pyro's default);
 * ``AutoMultivariateNormal``: a full-covariance Gaussian;
-* ``pyro_flows.infer.AutoFlow(model, "<family>")``: ``z = loc + scale * f(eps)`` with ``f`` a stack of a
-  pyro_flows family (``pyro.infer.autoguide.AutoNormalizingFlow(model, functools.partial(pyro_flows.flow,
-  name, num_layers=4))`` also works; AutoFlow adds the affine layer and sensible initialisation).
+* ``pyro_flows.infer.AutoFlow(model)``: ``z = loc + L f(eps)`` with ``loc`` and the lower-triangular ``L``
+  of ``AutoMultivariateNormal`` and ``f`` a stack of a pyro_flows family (the default family, or
+  ``AutoFlow(model, "<family>")``). ``f`` starts at the exact identity, so the guide starts as
+  ``AutoMultivariateNormal`` and the flow can only add; its optimiser is ``AutoFlow.optimizer()`` (separate
+  learning rates for the affine part and the flow). ``pyro.infer.autoguide.AutoNormalizingFlow(model,
+  functools.partial(pyro_flows.flow, name, num_layers=4))`` also works, without the affine part and the
+  identity start.
 
 The diagnostics
 ---------------
@@ -42,20 +46,23 @@ import time
 import torch
 
 import pyro
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
 import pyro_flows
 from pyro_flows.experiments.data import eight_schools
-from pyro_flows.experiments.models import make_guide
 from pyro_flows.experiments.reports import markdown_table
 from pyro_flows.experiments.trainer import train_svi
-from pyro_flows.infer import guide_draws, importance_log_weights, psis_khat, to_inference_data
+from pyro_flows.infer import AutoFlow, guide_draws, importance_log_weights, psis_khat, to_inference_data
 
 model, LATENT_DIM = eight_schools()  # model() closes over the data; 10 latent dimensions
 
 
 def train(guide, steps, lr):
-    """SVI with 4 vectorised particles per step (flows handle the (N, 1, D) particle batch)."""
+    """SVI with 4 vectorised particles per step (flows handle the (N, 1, D) particle batch); the learning
+    rate decays to a tenth. ``lr=None``: ``AutoFlow.optimizer()``, AutoFlow's own rates."""
     pyro.clear_param_store()
-    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.1 ** (1 / steps)})
+    decay = 0.1 ** (1 / steps)
+    optim = AutoFlow.optimizer(lrd=decay) if lr is None else pyro.optim.ClippedAdam({"lr": lr, "lrd": decay})
     result = train_svi(model, guide, (), steps=steps, num_particles=4, optim=optim, max_plate_nesting=0)
     for step in range(0, result.steps, max(1, result.steps // 4)):
         print(f"  step {step:4d}  ELBO {-result.losses[step]:9.2f}")
@@ -84,22 +91,20 @@ def diagnose(name, guide, num_samples):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny run to check that everything works")
-    p.add_argument("--family", default=None, help="pyro_flows family (default: every registered one)")
+    p.add_argument("--family", default=None, help="a pyro_flows family besides AutoFlow's default ('all': every one)")
     p.add_argument("--steps", type=int, default=None, help="SVI steps (default 500; 5 with --smoke)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = args.steps or (5 if args.smoke else 500)
     n = 100 if args.smoke else 2000
-    families = [args.family] if args.family else list(pyro_flows.FLOWS)
-    # make_guide: Pyro's autoguides by name, or pyro_flows.infer.AutoFlow(model, family, num_layers)
+    families = list(pyro_flows.FLOWS) if args.family == "all" else [args.family] if args.family else []
     guides = [
-        ("AutoNormal", lambda: make_guide("AutoNormal", model), 3e-2),
-        ("AutoMultivariateNormal", lambda: make_guide("AutoMultivariateNormal", model), 1e-2),
+        ("AutoNormal", lambda: AutoNormal(model), 3e-2),
+        ("AutoMultivariateNormal", lambda: AutoMultivariateNormal(model), 1e-2),
+        ("AutoFlow (default family)", lambda: AutoFlow(model), None),
     ]
     for f in families:
-        guides.append(
-            (f"AutoFlow({f})", lambda f=f: make_guide(f, model, num_layers=2 if args.smoke else 4), 1e-2)
-        )
+        guides.append((f"AutoFlow({f})", lambda f=f: AutoFlow(model, f), None))
     results = []
     for name, make, lr in guides:
         print(f"{name}:")

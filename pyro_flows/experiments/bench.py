@@ -13,11 +13,13 @@ are noisy, ratios measured in the same run are not (timings are interleaved, :mo
   single-pass one, and with ``--compile`` the ``torch.compile``d step time.
 * ``nll``: test NLL at an equal training budget on toy densities (next to the exact entropy floor) and real
   tables (best validation checkpoint), trained by :func:`pyro_flows.experiments.trainer.train`.
-* ``vi``: flow guides against Pyro's autoguides on the posteriordb subset (:mod:`.vi`).
+* ``vi``: flow guides against Pyro's Gaussian guides per CPU second on the posteriordb subset, in two tiers
+  (:mod:`.vi`; ``--tier``, ``--seconds``, ``--guides``, ``--results-part`` / ``--merge``).
 * ``particles``: SVI steps per second against the number of vectorised ELBO particles (:mod:`.vi`).
 
 Results (markdown, plots, ``results.json``) go to ``--results`` (default ``benchmarks/results`` in a source
-checkout, else ``./pyro_flows_bench``; ``--quick`` writes to a temporary folder unless given one).
+checkout, else ``./pyro_flows_bench``; ``--quick`` writes to a temporary folder unless given one); ``vi`` and
+``particles`` write into its sub-folders ``vi/`` and ``particles/``.
 """
 
 from __future__ import annotations
@@ -432,7 +434,40 @@ def parse_args(argv=None):
         "--eval-every", type=int, default=20, help="nll: validation every this many steps (tables)"
     )
     p.add_argument("--posteriors", default=None, help="vi: comma list of posteriordb names (default: all)")
-    p.add_argument("--seconds", type=float, default=6.0, help="vi: training wall time per fit")
+    p.add_argument(
+        "--seconds",
+        default="10,30,120",
+        help="vi: comma list of the table times (CPU seconds of training, one thread); the long tier trains "
+        "to the largest, the short tier to those up to 30",
+    )
+    p.add_argument(
+        "--tier",
+        default="both",
+        choices=("long", "short", "both"),
+        help="vi: long (AutoNormal, AutoMultivariateNormal, default AutoFlow to the largest --seconds), short "
+        "(every family's AutoFlow with its defaults, to 30 s) or both",
+    )
+    p.add_argument(
+        "--guides",
+        action="append",
+        metavar="NAME",
+        help="vi: guides of the chosen tier(s) instead of the tier's own; repeatable or a comma list of "
+        "AutoNormal, AutoMultivariateNormal, AutoIAFNormal, AutoFlow (the default family) and family names",
+    )
+    p.add_argument("--draws", type=int, default=2000, help="vi: guide draws per snapshot (ELBO, k-hat, errors)")
+    p.add_argument(
+        "--table-draws", type=int, default=10000, help="vi: guide draws for the errors at the table times"
+    )
+    p.add_argument(
+        "--results-part",
+        default=None,
+        metavar="NAME",
+        help="vi: write the fits to <results>/vi/parts/NAME.json only (run tiers or posteriors in separate "
+        "processes, then --merge)",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="vi: fit nothing; write the report from every <results>/vi/parts/*.json"
+    )
     p.add_argument("--particles", default="1,16,256,1024,4096", help="particles: comma list of N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -446,6 +481,17 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown --what {bad[0]!r}; expected one of {WHAT}")
     args.family = _split(args.family) or list(pyro_flows.FLOWS)
+    args.guides = _split(args.guides)
+    known = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoFlow") + tuple(pyro_flows.FLOWS)
+    bad = [g for g in args.guides if g not in known]
+    if bad:
+        p.error(f"unknown guide {bad[0]!r}; expected one of {known}")
+    try:
+        seconds = [float(t) for t in _split([args.seconds])]
+    except ValueError:
+        seconds = []
+    if not seconds or min(seconds) <= 0:
+        p.error(f"--seconds must be a comma list of positive numbers, got {args.seconds!r}")
     bad = [f for f in args.family if f not in pyro_flows.FLOWS]
     if bad:
         p.error(f"unknown family {bad[0]!r}; registered: {pyro_flows.FLOWS}")
@@ -459,7 +505,11 @@ def parse_args(argv=None):
             p.error(f"unknown peer {bad[0]!r}; available: {available_peers()}")
     if args.quick:
         args.dims, args.repeats, args.toy_steps, args.table_steps = "2,8", 1, 30, 15
-        args.seconds, args.particles, args.skip_after = 1.0, "1,64", 10.0
+        args.particles, args.skip_after = "1,64", 10.0
+        if args.seconds == p.get_default("seconds"):
+            args.seconds = "0.5,1"
+        if args.draws == p.get_default("draws"):
+            args.draws, args.table_draws = 200, 400
         args.layers, args.batch, args.nll_time_cap = 3, 256, min(args.nll_time_cap or 10.0, 10.0)
         if args.datasets == p.get_default("datasets"):
             args.datasets = "8gaussians,wine"
@@ -564,9 +614,13 @@ def main(argv=None):
             summary += nll_markdown(out["nll"], flows, args.datasets, "", args).split("\n")[4:]
             summary += ["Full text: [nll.md](nll.md).", ""]
         written.append(reports.write_text(os.path.join(args.results, "summary.md"), "\n".join(summary)))
-    written.append(
-        reports.write_text(os.path.join(args.results, "results.json"), json.dumps(out, indent=1, default=str))
-    )
+    if "speed" in out or "nll" in out:  # vi and particles write their own results.json in their folders
+        written.append(
+            reports.write_text(
+                os.path.join(args.results, "results.json"),
+                json.dumps({k: v for k, v in out.items() if k not in ("vi", "particles")}, indent=1, default=str),
+            )
+        )
     for path in written:
         if path.endswith(".md"):
             with open(path) as fh:

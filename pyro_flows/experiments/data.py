@@ -6,8 +6,8 @@
   product of bimodal marginals otherwise).
 * :func:`ridge_sample` / :func:`ridge_log_prob`: a conditional density p(x | c) with a known log-density
   (a curved ridge whose width depends on c), for conditional density estimation.
-* :func:`eight_schools`: the non-centred eight-schools model of :mod:`pyro_flows.infer.posteriordb`
-  with Rubin's data built in (no data directory needed).
+* :func:`eight_schools`: the non-centred or centred eight-schools model of
+  :mod:`pyro_flows.infer.posteriordb` with Rubin's data built in (no data directory needed).
 
 Example:
     >>> from pyro_flows.experiments.data import density_splits
@@ -111,15 +111,15 @@ def ridge_log_prob(x, c):
     return lp1 + lp2
 
 
-def eight_schools(dtype=torch.float32, device=None):
-    """The non-centred eight-schools model with Rubin's data: ``(model, latent_dim)``.
+def eight_schools(dtype=torch.float32, device=None, centered=False):
+    """The eight-schools model with Rubin's data: ``(model, latent_dim)``.
 
     ``model()`` takes no arguments (the data are closed over); its latent sites are ``mu``, ``tau`` and
-    ``theta_trans`` (8 values), 10 dimensions in all. It is the model of
-    :mod:`pyro_flows.infer.posteriordb`, built here without the posteriordb data directory.
+    ``theta_trans`` (non-centred) or ``theta`` (``centered=True``: the funnel), 10 dimensions in all. It is
+    the model of :mod:`pyro_flows.infer.posteriordb`, built here without the posteriordb data directory.
     """
     from pyro_flows.infer import posteriordb
 
-    build = posteriordb._BUILDERS["eight_schools-eight_schools_noncentered"]
-    model, _, dim = build(EIGHT_SCHOOLS, dtype, torch.device("cpu") if device is None else device)
+    name = "eight_schools-eight_schools_" + ("centered" if centered else "noncentered")
+    model, _, dim = posteriordb._BUILDERS[name](EIGHT_SCHOOLS, dtype, torch.device("cpu") if device is None else device)
     return model, dim

@@ -14,6 +14,8 @@ candidates measured in the same call are meaningful.
 * :func:`peak_memory`: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for backward
   (deterministic, the part of training memory that grows with batch and depth).
 * :func:`solver_stats`: the solver diagnostics the layers of a flow keep about their last solve.
+* :class:`CpuClock`: process CPU time that can be paused, the training clock of budgets that must not
+  depend on what else runs on a shared machine (nor include the evaluation done between snapshots).
 
 Example:
     >>> import torch
@@ -44,6 +46,7 @@ __all__ = [
     "solver_stats",
     "TrainingStep",
     "compile_loss",
+    "CpuClock",
 ]
 
 SYNC_METHODS = (
@@ -208,3 +211,34 @@ class TrainingStep:
         loss = self.forward_backward()
         self.optimizer.step()
         return loss
+
+
+class CpuClock:
+    """Seconds of this process's CPU time (``time.process_time``), less the time spent in :meth:`paused`.
+
+    A training budget on this clock is fair on a shared machine (wall time charges a run for whatever else
+    runs) when torch uses one thread (``torch.set_num_threads(1)``: with more threads CPU time adds up
+    across cores). Pausing excludes work that is not training (evaluation at snapshots) from the budget.
+
+    Example:
+        >>> clock = CpuClock()
+        >>> t = clock()
+        >>> with clock.paused():
+        ...     _ = sum(range(10**6))  # not counted
+        >>> clock() - t < 0.05
+        True
+    """
+
+    def __init__(self):
+        self._excluded = 0.0
+
+    def __call__(self) -> float:
+        return time.process_time() - self._excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.process_time()
+        try:
+            yield self
+        finally:
+            self._excluded += time.process_time() - t0

@@ -69,7 +69,7 @@ __all__ = [
 @dataclass
 class TrainResult:
     """What a run did. ``losses``: the loss of each step (averaged over ranks in a group); ``steps``: steps
-    taken; ``seconds``: wall time of the loop; ``stopped_by``: ``"steps"``, ``"time"`` (``time_budget``
+    taken; ``seconds``: time of the loop (on its clock); ``stopped_by``: ``"steps"``, ``"time"`` (``time_budget``
     used), ``"callback"`` (the callback returned True) or ``"nonfinite"`` (a non-finite loss; that step's
     update is not applied); ``world_size``: processes that trained together."""
 
@@ -367,18 +367,19 @@ def load_checkpoint(path, module=None, optimizer=None, map_location="cpu"):
 # the loop shared by both
 # ---------------------------------------------------------------------------------------------
 class _Loop:
-    def __init__(self, steps, time_budget, progress, callback, lr_schedule, desc, world, rank):
+    def __init__(self, steps, time_budget, progress, callback, lr_schedule, desc, world, rank, clock=None):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        self.clock = time.perf_counter if clock is None else clock
         self.steps, self.time_budget = steps, time_budget
         self.callback, self.lr_schedule = callback, lr_schedule
         self.world = world
         self.bar = _progress(steps, desc, progress and rank == 0)
         self.result = TrainResult(world_size=world)
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
 
     def elapsed(self):
-        return time.perf_counter() - self.t0
+        return self.clock() - self.t0
 
     def fraction(self, step, elapsed):
         frac = (step + 1) / max(self.steps, 1)
@@ -431,7 +432,7 @@ def _scaler(groups_of):
 # ---------------------------------------------------------------------------------------------
 def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimizer=None, time_budget=None,
           seed=0, progress=False, callback=None, checkpoint=None, clip_norm=None, lr_schedule=None,
-          desc="train", distributed=None) -> TrainResult:
+          desc="train", distributed=None, clock=None) -> TrainResult:
     """Minimise ``loss_fn(module, batch)`` over minibatches of ``tensors``.
 
     Arguments:
@@ -456,6 +457,9 @@ def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimize
         desc: the progress bar's label.
         distributed: ``None`` (default): train together with the ranks of an initialised default process
             group, alone without one; ``False``: alone even in a group (e.g. each rank fits its own model).
+        clock: a callable returning seconds, which ``time_budget``, ``StepInfo.elapsed`` and
+            ``TrainResult.seconds`` are measured in (default ``time.perf_counter``, wall time; e.g.
+            :class:`~pyro_flows.experiments.measure.CpuClock` for process CPU time that can pause).
 
     Returns:
         :class:`TrainResult`.
@@ -471,7 +475,7 @@ def train(module, loss_fn, tensors, *, steps, batch_size=None, lr=1e-3, optimize
     if optimizer is None:
         optimizer = torch.optim.Adam(params, lr=lr)
     batches = _Batches(tensors, batch_size, world, rank, seed)
-    loop = _Loop(steps, time_budget, progress, callback, lr_schedule, desc, world, rank)
+    loop = _Loop(steps, time_budget, progress, callback, lr_schedule, desc, world, rank, clock)
     set_factor = _scaler(lambda: [optimizer])
     for step in range(steps):
         loss = loss_fn(module, batches.next())
@@ -519,7 +523,7 @@ def _make_elbo(loss, num_particles, vectorize, max_plate_nesting):
 def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particles=1, vectorize=True, lr=1e-2,
               optim=None, loss="Trace_ELBO", time_budget=None, seed=0, progress=False, callback=None,
               checkpoint=None, lr_schedule=None, max_plate_nesting=None, desc="svi",
-              distributed=None) -> TrainResult:
+              distributed=None, clock=None) -> TrainResult:
     """Stochastic variational inference: ``model(*batch)`` and ``guide(*batch)`` on minibatches of
     ``tensors``.
 
@@ -539,7 +543,7 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
         num_particles, vectorize: ELBO particles, vectorised when ``num_particles > 1``.
         lr: learning rate of the default ``pyro.optim.Adam``; optim: any ``pyro.optim`` optimiser.
         loss: a ``pyro.infer`` ELBO class name or an ELBO instance.
-        time_budget, seed, progress, callback, lr_schedule, desc, distributed: as in :func:`train`.
+        time_budget, seed, progress, callback, lr_schedule, desc, distributed, clock: as in :func:`train`.
         checkpoint: a path; rank 0 writes the param store's and optimiser's state at the end.
         max_plate_nesting: passed to the ELBO.
 
@@ -576,7 +580,7 @@ def train_svi(model, guide, tensors, *, steps, subsample_size=None, num_particle
         _broadcast_loose(_loose_tensors(model, guide))
     batches = _Batches(tensors, subsample_size, world, rank, seed)
     pyro.set_rng_seed(seed)
-    loop = _Loop(steps, time_budget, progress, callback, lr_schedule, desc, world, rank)
+    loop = _Loop(steps, time_budget, progress, callback, lr_schedule, desc, world, rank, clock)
     set_factor = _scaler(lambda: list(getattr(optim, "optim_objs", {}).values()))
     for step in range(steps):
         batch = batches.next()

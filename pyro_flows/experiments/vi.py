@@ -1,13 +1,35 @@
-"""VI benchmarks: flow guides against Pyro's autoguides (``bench --what vi``) and SVI particle scaling
-(``bench --what particles``).
+"""VI benchmarks: flow guides against Pyro's Gaussian guides per CPU second (``bench --what vi``), and SVI
+particle scaling (``bench --what particles``).
 
-``vi``: for every posterior of the posteriordb subset (:mod:`pyro_flows.infer.posteriordb`) and every guide
-(AutoNormal, AutoMultivariateNormal, AutoIAFNormal, ``AutoFlow`` of each family), SVI (Trace_ELBO, one
-particle, Adam lr 0.02; AutoFlow's flow networks lr 0.001) under the same training wall time per fit
-(``--seconds``), trained by :func:`pyro_flows.experiments.trainer.train_svi`; then, from 1000 guide draws,
-mean and sd errors against the 10,000 reference draws (in reference sds, rms over parameters), the ELBO and
-the PSIS k-hat. Flow guides use 2 layers with each family's registry ``test_kwargs`` (hidden widths raised
-to >= 2D). Everything in float64.
+``vi`` answers "for the same compute, does a flow guide give a better posterior than ``AutoNormal`` or
+``AutoMultivariateNormal``?" on the posteriordb subset (:mod:`pyro_flows.infer.posteriordb`, nine
+posteriors with 10,000 reference draws each). Two tiers:
+
+* ``long``: ``AutoNormal``, ``AutoMultivariateNormal`` and the default ``AutoFlow(model)`` (and
+  ``AutoIAFNormal`` when asked for with ``--guides``), trained up to the largest ``--seconds`` (default
+  120 s), with snapshots at log-spaced times (1, 2, 5, 10, 20, 30, 60, 120 s and the ``--seconds``).
+* ``short``: ``AutoFlow(model, family)`` of every registered family with its defaults (the sizes users
+  get), trained up to 30 s (the ``--seconds`` up to 30), with the same snapshots.
+
+The clock is the process's CPU time with one torch thread (:class:`~pyro_flows.experiments.measure.CpuClock`):
+on a shared machine wall time charges a fit for whatever else runs. One SVI run per fit (Trace_ELBO, one
+particle; :func:`~pyro_flows.experiments.trainer.train_svi`) continues through all snapshots, optimiser
+state included; the evaluation at a snapshot is paused out of the clock and leaves the random stream of
+the training as it was. At each snapshot: the ELBO (mean log importance weight) with its standard error
+and the PSIS k-hat from ``--draws`` guide draws; mean and sd errors against the reference draws (in
+reference sds; rms and max over parameters) from ``--draws`` draws, ``--table-draws`` at the table times
+(``--seconds``), where the per-parameter errors are kept too. A non-finite loss ends the fit and is
+recorded (step and time). Optimisers: Adam lr 0.02 for the Gaussian guides (and IAF); ``AutoFlow``'s own
+optimiser factory for AutoFlow. Everything in float64.
+
+The report (``vi.md``, ``results.json``, one ``vi_<posterior>.png`` per posterior: errors against CPU
+time, log x) puts first the comparison the user asks for: at 30 s, default ``AutoFlow`` against
+``AutoMultivariateNormal``; then the time each guide needs to reach AutoMultivariateNormal's ELBO at its
+last snapshot (snapshot resolution), the per-family short tier (non-finite losses included) and the full
+tables.
+
+Separate processes may run separate tiers or posteriors (``--results-part NAME`` writes
+``vi/parts/NAME.json`` only); ``--merge`` then writes the report from every part.
 
 ``particles``: SVI steps per second against the number N of vectorised ELBO particles on a hierarchical
 regression with a data plate (latent dimension 12; flows see ``(N, 1, D)``), as a ratio to AutoIAFNormal.
@@ -15,6 +37,9 @@ regression with a data plate (latent dimension 12; flows see ``(N, 1, D)``), as 
 
 from __future__ import annotations
 
+import glob
+import json
+import math
 import os
 import time
 import warnings
@@ -26,197 +51,612 @@ import torch
 
 from pyro_flows.experiments import measure, reports
 from pyro_flows.experiments.models import GUIDE_BASELINES, make_guide
-from pyro_flows.registry import get_flow
 
-__all__ = ["run_vi", "run_particles", "regression_data", "regression_model"]
+__all__ = [
+    "TIERS",
+    "SNAPSHOT_GRID",
+    "build_guide",
+    "evaluate_guide",
+    "fit_with_snapshots",
+    "run_vi",
+    "vi_markdown",
+    "time_to_target",
+    "run_particles",
+    "regression_data",
+    "regression_model",
+]
+
+#: The tiers: guides to fit and the longest budget (seconds of CPU time; None: the largest ``--seconds``).
+TIERS = {
+    "long": {"guides": ("AutoNormal", "AutoMultivariateNormal", "AutoFlow"), "max_seconds": None},
+    "short": {"guides": None, "max_seconds": 30.0},  # None: every registered family
+}
+#: Snapshot times (CPU seconds) besides the table times.
+SNAPSHOT_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+#: The Gaussian guides' (and IAF's) optimiser: Adam with this learning rate, initial scale 0.1.
+BASELINE_LR = 0.02
+#: ELBO tolerance of the time-to-target: reached when ``elbo >= target - max(TARGET_TOL, 2 * se)``, ``se`` the
+#: standard error of the difference of the two ELBO estimates.
+TARGET_TOL = 0.1
+#: Margin by which a guide must beat another on an error (reference sds) to count as better.
+WIN_MARGIN = 0.03
 
 
-def _flow_kwargs(kind, dim):
-    kwargs = dict(get_flow(kind).test_kwargs)
-    if "hidden_dims" in kwargs:  # MADE-type conditioners need widths >= D; test sizes are meant for D <= 5
-        kwargs["hidden_dims"] = [max(int(h), 2 * dim) for h in kwargs["hidden_dims"]]
-    return kwargs
+# ---------------------------------------------------------------------------------------------
+# guides
+# ---------------------------------------------------------------------------------------------
+def _autoflow(model, family=None, **kwargs):
+    """``AutoFlow(model)`` (``family=None``: the default family) or ``AutoFlow(model, family)``, with
+    ``AutoFlow.optimizer()``; returns ``(guide, optimiser, label)``."""
+    from pyro_flows.infer import AutoFlow
+
+    guide = AutoFlow(model, **kwargs) if family is None else AutoFlow(model, family, **kwargs)
+    spec = guide._flow_spec
+    name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+    return guide, AutoFlow.optimizer(), f"AutoFlow ({name})" if family is None else name
 
 
-def _guide(kind, model, dim, num_layers=2):
-    if kind == "AutoNormal" or kind == "AutoMultivariateNormal":
-        return make_guide(kind, model, init_scale=0.1)
+def build_guide(kind, model):
+    """``(guide, pyro optimiser, label)`` for ``kind``: ``"AutoNormal"``, ``"AutoMultivariateNormal"``,
+    ``"AutoIAFNormal"`` (Pyro's defaults, initial scale 0.1 for the Gaussian ones, Adam lr
+    :data:`BASELINE_LR`), ``"AutoFlow"`` (the default ``AutoFlow(model)``) or a family name
+    (``AutoFlow(model, family)`` with its defaults); AutoFlow with its own optimiser factory.
+
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide, optim, label = build_guide("AutoMultivariateNormal", model)
+        >>> label
+        'AutoMultivariateNormal'
+    """
+    from pyro.infer import autoguide
+
+    import pyro_flows
+
+    if kind in ("AutoNormal", "AutoMultivariateNormal"):
+        return getattr(autoguide, kind)(model, init_scale=0.1), pyro.optim.Adam({"lr": BASELINE_LR}), kind
     if kind == "AutoIAFNormal":
-        return make_guide(kind, model, hidden_dim=[max(2 * dim, 10)], num_transforms=num_layers)
-    return make_guide(kind, model, num_layers=num_layers, init_scale=0.1, **_flow_kwargs(kind, dim))
+        return autoguide.AutoIAFNormal(model), pyro.optim.Adam({"lr": BASELINE_LR}), kind
+    if kind == "AutoFlow":
+        return _autoflow(model)
+    if kind in pyro_flows.FLOWS:
+        return _autoflow(model, kind)
+    raise ValueError(f"unknown guide {kind!r}; expected AutoNormal, AutoMultivariateNormal, AutoIAFNormal, "
+                     f"AutoFlow or a family in {pyro_flows.FLOWS}")
 
 
-def fit_and_evaluate(post, kind, args, seconds, steps=5000, draws=1000):
-    from pyro_flows.infer import (
-        AutoFlow,
-        compare_draws,
-        elbo_estimate,
-        flatten_draws,
-        guide_draws,
-        importance_log_weights,
-        psis_khat,
-    )
+# ---------------------------------------------------------------------------------------------
+# one fit with snapshots
+# ---------------------------------------------------------------------------------------------
+def _draws(post, guide, n, chunk):
+    from pyro_flows.infer import flatten_draws, guide_draws
+
+    parts = [flatten_draws(guide_draws(post.model, guide, num_samples=min(chunk, n - i), sites=post.sites))
+             for i in range(0, n, chunk)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def evaluate_guide(post, guide, draws=2000, moment_draws=None, seed=0, per_param=False, chunk=1000):
+    """ELBO (and its standard error), PSIS k-hat from ``draws`` guide draws; mean and sd errors against
+    ``post.reference`` from ``moment_draws`` (default ``draws``) draws; ``per_param``: keep every
+    parameter's ``[mean_err, sd_err]``. Vectorised in chunks of ``chunk`` draws."""
+    from pyro_flows.infer import compare_draws, elbo_estimate, importance_log_weights, psis_khat
+
+    torch.manual_seed(seed)
+    lw = importance_log_weights(post.model, guide, num_samples=draws, max_plate_nesting=0, chunk_size=chunk)
+    e = elbo_estimate(lw)
+    out = {"elbo": e["elbo"], "elbo_se": e["elbo_se"], "khat": psis_khat(log_weights=lw),
+           "finite_weights": float(torch.isfinite(lw).double().mean())}
+    c = compare_draws(_draws(post, guide, moment_draws or draws, chunk), post.reference)
+    out.update(mean_rms=c["mean_err_rms"], mean_max=c["mean_err_max"], sd_rms=c["sd_err_rms"],
+               sd_max=c["sd_err_max"])
+    if per_param:
+        out["per_param"] = {k: [v["mean_err"], v["sd_err"]] for k, v in c["per_param"].items()}
+    return out
+
+
+def snapshot_times(table_times, budget):
+    """The grid points up to ``budget`` together with the table times up to ``budget``, sorted."""
+    return sorted({t for t in SNAPSHOT_GRID if t <= budget} | {t for t in table_times if t <= budget})
+
+
+def fit_with_snapshots(post, kind, times, table_times=(), draws=2000, table_draws=10000, seed=0, tier="long",
+                       clock=None):
+    """Fit guide ``kind`` (see :func:`build_guide`) to ``post`` by SVI for ``max(times)`` CPU seconds and
+    evaluate (:func:`evaluate_guide`) at each of ``times`` (the first step whose clock reaches it); returns
+    a row ``{"posterior", "guide", "label", "tier", "dim", "snapshots": [...], "status", ...}``.
+    ``status``: ``"ok"``, ``"nonfinite"`` (a non-finite loss ended the fit: ``nonfinite_step``,
+    ``nonfinite_s``) or ``"error"`` (an exception; ``error``); ``flow_on_step`` / ``flow_on_s``: when an
+    ``AutoFlow``'s warmup ended (1: the flow ran from the start). ``clock``: the training clock (default a
+    :class:`~pyro_flows.experiments.measure.CpuClock`; anything with ``__call__`` and ``paused()``)."""
     from pyro_flows.experiments.trainer import train_svi
 
-    pyro.clear_param_store()
-    torch.manual_seed(args.seed)
-    guide = _guide(kind, post.model, post.dim)
-    optim = pyro.optim.Adam(
-        AutoFlow.optim_args(lr=0.02, flow_lr=0.001) if isinstance(guide, AutoFlow) else {"lr": 0.02}
-    )
-    res = train_svi(
-        post.model,
-        guide,
-        (),
-        steps=steps,
-        optim=optim,  # (): the model closes over its data
-        time_budget=seconds,
-        seed=args.seed,
-    )
-    if res.stopped_by == "nonfinite":
-        raise FloatingPointError(f"non-finite loss after {res.steps} steps")
-    torch.manual_seed(args.seed + 1)
-    lw = importance_log_weights(post.model, guide, num_samples=draws, max_plate_nesting=0, chunk_size=250)
-    e = elbo_estimate(lw)
-    c = compare_draws(
-        flatten_draws(guide_draws(post.model, guide, num_samples=draws, sites=post.sites)), post.reference
-    )
-    return {
-        "posterior": post.name,
-        "guide": kind,
-        "steps": res.steps,
-        "train_s": res.seconds,
-        "elbo": e["elbo"],
-        "khat": psis_khat(log_weights=lw),
-        "mean_rms": c["mean_err_rms"],
-        "mean_max": c["mean_err_max"],
-        "sd_rms": c["sd_err_rms"],
-        "sd_max": c["sd_err_max"],
-    }
+    row = {"posterior": post.name, "guide": kind, "label": kind, "tier": tier, "dim": post.dim, "snapshots": []}
+    pending = sorted(float(t) for t in times)
+    table = {float(t) for t in table_times}
+    clock = measure.CpuClock() if clock is None else clock
+
+    def callback(info):
+        if "flow_on_step" not in row and getattr(guide, "flow_on", False):  # AutoFlow's warmup ended
+            row.update(flow_on_step=info.step + 1, flow_on_s=info.elapsed)
+        due = []
+        while pending and info.elapsed >= pending[0]:
+            due.append(pending.pop(0))
+        if due:
+            with clock.paused():
+                state = torch.get_rng_state()
+                is_table = any(t in table for t in due)
+                try:
+                    ev = evaluate_guide(post, guide, draws, table_draws if is_table else draws, seed=seed + 1,
+                                        per_param=is_table)
+                except Exception as exc:  # e.g. a guide whose parameters went non-finite
+                    row["error"] = f"evaluation at {due[0]:g} s: {type(exc).__name__}: {str(exc)[:120]}"
+                    return True
+                finally:
+                    torch.set_rng_state(state)
+            for t in due:
+                row["snapshots"].append({"t": t, "cpu_s": info.elapsed, "steps": info.step + 1, **ev})
+        return not pending
+
+    try:
+        pyro.clear_param_store()
+        torch.manual_seed(seed)
+        guide, optim, row["label"] = build_guide(kind, post.model)
+        res = train_svi(post.model, guide, (), steps=10**9, optim=optim, seed=seed, callback=callback,
+                        clock=clock, max_plate_nesting=0)
+        row.update(steps=res.steps, train_s=res.seconds, status="error" if "error" in row else "ok")
+        if res.stopped_by == "nonfinite":
+            row.update(status="nonfinite", nonfinite_step=res.steps + 1, nonfinite_s=res.seconds)
+    except Exception as exc:  # a failing guide is a result, not a crash
+        row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:160]}")
+    return row
 
 
-VI_COLUMNS = [
-    ("guide", "guide", None),
+# ---------------------------------------------------------------------------------------------
+# analysis
+# ---------------------------------------------------------------------------------------------
+def _snap(row, t):
+    """The snapshot of ``row`` at time ``t`` (None if the fit did not get there)."""
+    return next((s for s in row.get("snapshots", ()) if s["t"] == t), None) if row else None
+
+
+def _row(rows, posterior, guide, tier=None):
+    return next((r for r in rows if r["posterior"] == posterior and r["guide"] == guide
+                 and (tier is None or r["tier"] == tier)), None)
+
+
+def time_to_target(row, target, tol=TARGET_TOL):
+    """CPU seconds (snapshot resolution) at which ``row`` first reaches ``target = (elbo, se)``: its ELBO
+    at least ``target - max(tol, 2 se_diff)``; None if never. Returns ``(seconds or None, best gap)``."""
+    best = -math.inf
+    for s in row.get("snapshots", ()):
+        if not math.isfinite(s["elbo"]):
+            continue
+        se = math.sqrt((s.get("elbo_se") or 0.0) ** 2 + (target[1] or 0.0) ** 2)
+        gap = s["elbo"] - target[0]
+        best = max(best, gap)
+        if gap >= -max(tol, 2 * se if math.isfinite(se) else 0.0):
+            return s["t"], best
+    return None, best
+
+
+def _target(rows, posterior):
+    """AutoMultivariateNormal's ELBO at its last snapshot (long tier first): ``((elbo, se), t)``."""
+    r = _row(rows, posterior, "AutoMultivariateNormal", "long") or _row(rows, posterior, "AutoMultivariateNormal")
+    if not r or not r.get("snapshots"):
+        return None, None
+    s = r["snapshots"][-1]
+    return (s["elbo"], s.get("elbo_se") or 0.0), s["t"]
+
+
+def _decision_time(meta):
+    """The table time the headline comparison uses: 30 s, else the largest table time up to 30 s."""
+    ts = sorted(meta["table_times"])
+    return 30.0 if 30.0 in ts else max([t for t in ts if t <= 30.0] or ts[:1])
+
+
+def _fmt(v, f="{:.3f}"):
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)
+
+
+def _status_text(row):
+    if row["status"] == "nonfinite":
+        return f"non-finite loss at step {row['nonfinite_step']} ({row['nonfinite_s']:.1f} s)"
+    if row["status"] == "error":
+        return row.get("error", "error")
+    return ""
+
+
+def headline(rows, meta):
+    """Per posterior at the decision time: default AutoFlow against AutoMultivariateNormal; returns
+    ``(table rows, verdict lines)``."""
+    t = _decision_time(meta)
+    table, worse, better = [], [], []
+    for p in meta["posteriors"]:
+        f, m, n = (_snap(_row(rows, p, g, "long"), t) for g in ("AutoFlow", "AutoMultivariateNormal", "AutoNormal"))
+        fr = _row(rows, p, "AutoFlow", "long")
+        r = {"posterior": p.split("-")[-1], "dim": (fr or {}).get("dim")}
+        if n:
+            r["normal"] = f"{n['mean_rms']:.3f} / {n['sd_rms']:.3f}"
+        if m:
+            r.update(mvn_mean=m["mean_rms"], mvn_sd=m["sd_rms"], mvn_khat=m["khat"], mvn_elbo=m["elbo"])
+        if f:
+            r.update(flow_mean=f["mean_rms"], flow_sd=f["sd_rms"], flow_khat=f["khat"], flow_elbo=f["elbo"])
+        if f and m:
+            dm, ds = f["mean_rms"] - m["mean_rms"], f["sd_rms"] - m["sd_rms"]
+            if dm > WIN_MARGIN or ds > WIN_MARGIN:
+                r["verdict"] = "AutoMVN better"
+                worse.append(r["posterior"])
+            elif dm < -WIN_MARGIN or ds < -WIN_MARGIN:
+                r["verdict"] = "AutoFlow better"
+                better.append(r["posterior"])
+            else:
+                r["verdict"] = f"tie (within {WIN_MARGIN})"
+        else:
+            r["verdict"] = "missing: " + (_status_text(fr) if fr and not f else "no AutoFlow/AutoMVN snapshot")
+            worse.append(r["posterior"])
+        table.append(r)
+    n = len(meta["posteriors"])
+    lines = [
+        f"- No worse than AutoMultivariateNormal (both errors within {WIN_MARGIN} sd) on "
+        f"{n - len(worse)} of {n} posteriors" + (f"; worse on: {', '.join(worse)}" if worse else "") + ".",
+        f"- Better (one error lower by more than {WIN_MARGIN} sd, neither higher) on {len(better)} of {n}"
+        + (f": {', '.join(better)}" if better else "") + ".",
+    ]
+    lines.append(_iterate_noise(rows, meta))
+    fl = [r for r in (_row(rows, p, "AutoFlow", "long") for p in meta["posteriors"]) if r]
+    on = [r["posterior"].split("-")[-1] for r in fl if r.get("flow_on_s", math.inf) <= t]
+    lines.append(f"- The default AutoFlow's warmup (flow layers skipped, the guide is AutoMultivariateNormal) had "
+                 f"ended by {t:g} s on {len(on)} of {len(fl)} posteriors" + (f" ({', '.join(on)})" if on else "")
+                 + ".")
+    ec = "eight_schools-eight_schools_centered"
+    s = _snap(_row(rows, ec, "AutoFlow", "long"), t) if ec in meta["posteriors"] else None
+    if s is not None:
+        pp = s.get("per_param", {})
+        mu, tau = (pp.get(k, [math.nan])[0] for k in ("mu", "tau"))
+        lines.append(f"- eight_schools_centered, default AutoFlow at {t:g} s: k-hat {s['khat']:.2f}, mean error of "
+                     f"mu {mu:.3f} sd, of tau {tau:.3f} sd (AutoMultivariateNormal: "
+                     + _mu_tau(_snap(_row(rows, ec, "AutoMultivariateNormal", "long"), t)) + ").")
+    return table, lines
+
+
+def _iterate_noise(rows, meta):
+    """How much AutoMultivariateNormal's errors move between its last two snapshots (where it has mostly
+    converged, constant-rate Adam keeps jittering): the scale of differences between fits that is noise."""
+    d, ts = [], None
+    for p in meta["posteriors"]:
+        r = _row(rows, p, "AutoMultivariateNormal", "long")
+        if r and len(r.get("snapshots", ())) >= 2:
+            a, b = r["snapshots"][-2:]
+            ts = (a["t"], b["t"])
+            d += [abs(a["mean_rms"] - b["mean_rms"]), abs(a["sd_rms"] - b["sd_rms"])]
+    if not d:
+        return "- (no AutoMultivariateNormal fit with two snapshots: iterate noise not estimated)"
+    return (f"- Noise scale: between its last two snapshots ({ts[0]:g} s and {ts[1]:g} s) AutoMultivariateNormal's "
+            f"rms errors change by a median {np.median(d):.3f} reference sds ({sum(x > WIN_MARGIN for x in d)} of "
+            f"{len(d)} changes exceed {WIN_MARGIN}): constant-rate Adam keeps moving after convergence, so "
+            f"differences of this size between two fits are noise.")
+
+
+def _mu_tau(s):
+    if s is None:
+        return "n/a"
+    pp = s.get("per_param", {})
+    return (f"k-hat {s['khat']:.2f}, mu {pp.get('mu', [math.nan])[0]:.3f} sd, "
+            f"tau {pp.get('tau', [math.nan])[0]:.3f} sd")
+
+
+HEADLINE_COLUMNS = [
+    ("posterior", "posterior", None),
+    ("dim", "D", None),
+    ("flow_mean", "AutoFlow mean err", "{:.3f}"),
+    ("mvn_mean", "AutoMVN mean err", "{:.3f}"),
+    ("flow_sd", "AutoFlow sd err", "{:.3f}"),
+    ("mvn_sd", "AutoMVN sd err", "{:.3f}"),
+    ("verdict", "verdict", None),
+    ("flow_khat", "AutoFlow k-hat", "{:.2f}"),
+    ("mvn_khat", "AutoMVN k-hat", "{:.2f}"),
+    ("flow_elbo", "AutoFlow ELBO", "{:.2f}"),
+    ("mvn_elbo", "AutoMVN ELBO", "{:.2f}"),
+    ("normal", "AutoNormal mean / sd err", None),
+]
+
+
+def _family_rows(rows):
+    """Short-tier rows per family; the default family's long-tier ``AutoFlow`` rows stand in where its
+    short-tier fit was not run (the same fit: same guide, optimiser and seed)."""
+    out = {}
+    for r in rows:
+        if r["tier"] == "short":
+            out.setdefault(r["guide"], {})[r["posterior"]] = r
+    for r in rows:
+        if r["tier"] == "long" and r["guide"] == "AutoFlow" and r["label"].startswith("AutoFlow ("):
+            out.setdefault(r["label"][len("AutoFlow ("):-1], {}).setdefault(r["posterior"], r)
+    return out
+
+
+def _family_table(rows, meta, t):
+    """Short tier: one row per family, one column per posterior (``mean / sd`` error at ``t``)."""
+    out = []
+    for g, by_post in _family_rows(rows).items():
+        row, means, sds, bad = {"guide": g}, [], [], 0
+        for p in meta["posteriors"]:
+            r = by_post.get(p)
+            if r is None:
+                continue
+            s = _snap(r, t)
+            bad += r["status"] != "ok"
+            if s is not None:
+                row[p] = f"{s['mean_rms']:.2f} / {s['sd_rms']:.2f}"
+                means.append(s["mean_rms"])
+                sds.append(s["sd_rms"])
+            if r["status"] != "ok":
+                row[p] = (row.get(p, "") + " " + _status_text(r)).strip()
+        row.update(median_mean=float(np.median(means)) if means else None,
+                   median_sd=float(np.median(sds)) if sds else None, bad=bad)
+        out.append(row)
+    cols = [("guide", "family", None)] + [(p, p.split("-")[-1], None) for p in meta["posteriors"]]
+    cols += [("median_mean", "median mean err", "{:.3f}"), ("median_sd", "median sd err", "{:.3f}"),
+             ("bad", "non-finite / failed fits", "{:d}")]
+    return reports.markdown_table(out, cols)
+
+
+DETAIL_COLUMNS = [
+    ("label", "guide", None),
+    ("t", "CPU s", "{:g}"),
     ("steps", "steps", "{:d}"),
-    ("train_s", "train s", "{:.1f}"),
     ("mean_rms", "mean err rms", "{:.3f}"),
     ("mean_max", "mean err max", "{:.3f}"),
     ("sd_rms", "sd err rms", "{:.3f}"),
     ("sd_max", "sd err max", "{:.3f}"),
-    ("elbo", "ELBO", "{:.2f}"),
+    ("elbo_txt", "ELBO (se)", None),
     ("khat", "k-hat", "{:.2f}"),
-    ("error", "error", None),
-]
-VI_SUMMARY_COLUMNS = [
-    ("guide", "guide", None),
-    ("n", "posteriors fitted", "{:d}"),
-    ("mean_rms", "median mean err rms", "{:.3f}"),
-    ("sd_rms", "median sd err rms", "{:.3f}"),
-    ("elbo_rank", "mean ELBO rank", "{:.1f}"),
-    ("k_good", "k-hat < 0.7", "{:d}"),
-    ("steps", "median steps", "{:.0f}"),
-    ("train_s", "total train s", "{:.0f}"),
+    ("note", "note", None),
 ]
 
 
-def _vi_summary(rows, guides, posteriors):
-    ok = [r for r in rows if "error" not in r]
-    out = []
-    for g in guides:
-        rs = [r for r in ok if r["guide"] == g]
-        if not rs:
-            out.append({"guide": g, "n": 0})
+def vi_markdown(rows, meta):
+    """The report: headline (default AutoFlow against AutoMultivariateNormal at 30 s), time to reach
+    AutoMultivariateNormal's ELBO, the short tier per family, then per posterior the table times."""
+    t = _decision_time(meta)
+    table, verdict = headline(rows, meta)
+    lines = [
+        "# VI: flow guides against Gaussian guides per CPU second (posteriordb)",
+        "",
+        meta.get("header", ""),
+        "",
+        f"Clock: process CPU time with one torch thread (`time.process_time`, evaluation paused out), not wall "
+        "time: the machine is shared. One SVI run per fit (Trace_ELBO, 1 particle) continues through every "
+        "snapshot, optimiser state included. AutoNormal / AutoMultivariateNormal (/ AutoIAFNormal): init scale "
+        f"0.1, Adam lr {BASELINE_LR}. AutoFlow: `AutoFlow(model)` (long tier) or `AutoFlow(model, family)` "
+        "(short tier) with their defaults (user sizes) and AutoFlow's own optimiser. Per snapshot: ELBO (mean "
+        f"log importance weight, standard error in brackets) and PSIS k-hat from {meta['draws']} guide draws; "
+        "errors |mean_q - mean_ref| / sd_ref and |sd_q - sd_ref| / sd_ref against the 10,000 reference draws "
+        f"(rms / max over parameters) from {meta['table_draws']} draws at the table times "
+        f"({', '.join(f'{x:g}' for x in meta['table_times'])} s), {meta['draws']} at the other snapshots. "
+        "ELBOs compare within a posterior only. k-hat: < 0.5 good, > 0.7 unreliable. Float64.",
+        "",
+        f"## At {t:g} s: default AutoFlow against AutoMultivariateNormal",
+        "",
+        reports.markdown_table(table, HEADLINE_COLUMNS),
+        "",
+        *verdict,
+        "",
+        "## CPU seconds to reach AutoMultivariateNormal's ELBO at its last snapshot",
+        "",
+        f"Reached: ELBO >= target - max({TARGET_TOL} nats, 2 standard errors of the difference), at snapshot "
+        f"resolution (the first snapshot that qualifies). 'not reached (gap)': the best ELBO minus the target.",
+        "",
+    ]
+    guides = list(dict.fromkeys((r["tier"], r["guide"]) for r in rows))
+    ttt = []
+    for p in meta["posteriors"]:
+        target, tt = _target(rows, p)
+        row = {"posterior": p.split("-")[-1], "target": "" if target is None else f"{target[0]:.2f} ({tt:g} s)"}
+        for tier, g in guides:
+            r = _row(rows, p, g, tier)
+            if r is None or target is None:
+                continue
+            s, gap = time_to_target(r, target)
+            row[(tier, g)] = f"{s:g}" if s is not None else (f"not reached ({gap:+.2f})" if math.isfinite(gap)
+                                                              else "not reached")
+        ttt.append(row)
+    label = {(r["tier"], r["guide"]): r["label"] + (" [short]" if r["tier"] == "short" else "") for r in rows}
+    lines += [reports.markdown_table(ttt, [("posterior", "posterior", None), ("target", "target ELBO", None)]
+                                     + [(k, label[k], None) for k in guides]), ""]
+    if any(r["tier"] == "short" for r in rows):
+        ts = [x for x in meta["table_times"] if x <= meta["short_seconds"]]
+        for x in sorted(ts, reverse=True):
+            lines += [f"## Every family's AutoFlow with its defaults at {x:g} s (short tier): mean / sd err", "",
+                      "The default family's row is its long-tier fit where the short tier did not repeat it. A "
+                      "fit that failed is marked in its cell.", "", _family_table(rows, meta, x), ""]
+    for p in meta["posteriors"]:
+        detail = []
+        for r in rows:
+            if r["posterior"] != p:
+                continue
+            for s in r.get("snapshots", ()):
+                if s["t"] in meta["table_times"]:
+                    detail.append({**s, "label": r["label"] + (" [short]" if r["tier"] == "short" else ""),
+                                   "elbo_txt": f"{s['elbo']:.2f} ({_fmt(s.get('elbo_se'), '{:.2f}')})"})
+            if r["status"] != "ok":
+                detail.append({"label": r["label"], "note": _status_text(r)})
+            if r["guide"] not in GUIDE_BASELINES and "flow_on_step" not in r and r["status"] == "ok":
+                detail.append({"label": r["label"], "note": "warmup never ended: the flow's identity layers were "
+                               "skipped throughout (the guide was AutoMultivariateNormal)"})
+            if r.get("flow_on_step", 1) > 1:
+                detail.append({"label": r["label"], "note": f"flow on (warmup over) at step {r['flow_on_step']}, "
+                               f"{r['flow_on_s']:.1f} s"})
+        lines += [f"## {p} (D = {next((r['dim'] for r in rows if r['posterior'] == p), '?')})", "",
+                  f"![errors against CPU time](vi_{p.split('-')[-1]}.png)", "",
+                  reports.markdown_table(detail, DETAIL_COLUMNS), ""]
+    return "\n".join(lines)
+
+
+def plot_posterior(rows, posterior, path):
+    """Mean and sd error against CPU seconds (log x), one line per guide (short tier dashed)."""
+    plt = reports._plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    target, _ = _target(rows, posterior)
+    for r in rows:
+        if r["posterior"] != posterior or not r.get("snapshots"):
             continue
-        ranks = []  # rank of the ELBO within each posterior (1 = best), averaged
-        for p in posteriors:
-            es = sorted((r["elbo"] for r in ok if r["posterior"] == p), reverse=True)
-            ranks += [1 + es.index(r["elbo"]) for r in rs if r["posterior"] == p]
-        out.append(
-            {
-                "guide": g,
-                "n": len(rs),
-                "mean_rms": float(np.median([r["mean_rms"] for r in rs])),
-                "sd_rms": float(np.median([r["sd_rms"] for r in rs])),
-                "elbo_rank": float(np.mean(ranks)),
-                "k_good": sum(r["khat"] < 0.7 for r in rs),
-                "steps": float(np.median([r["steps"] for r in rs])),
-                "train_s": float(np.sum([r["train_s"] for r in rs])),
-            }
-        )
-    return out
+        ts = [s["t"] for s in r["snapshots"]]
+        short = r["tier"] == "short"
+        kw = dict(ls="--" if short else "-", lw=1 if short else 2, marker="." if short else "o", ms=4,
+                  label=r["label"] + (" [short]" if short else ""))
+        axes[0].plot(ts, [s["mean_rms"] for s in r["snapshots"]], **kw)
+        axes[1].plot(ts, [s["sd_rms"] for s in r["snapshots"]], **kw)
+        if target is not None:
+            gap = [target[0] - s["elbo"] if math.isfinite(s["elbo"]) else math.nan for s in r["snapshots"]]
+            axes[2].plot(ts, [max(g, 1e-3) for g in gap], **kw)
+    for ax, title in zip(axes, ("rms mean error (reference sds)", "rms sd error (reference sds)",
+                                "AutoMVN's final ELBO - ELBO (nats, floor 1e-3)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training CPU seconds (one thread)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[2].axhline(TARGET_TOL, color="k", ls=":", lw=1)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(posterior, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+def _plan(args):
+    """``[(tier, guide, budget)]`` for the run and the table times."""
+    import pyro_flows
+
+    table_times = sorted(float(s) for s in str(args.seconds).split(",") if s.strip())
+    long_budget = max(table_times)
+    short_budget = min(TIERS["short"]["max_seconds"], long_budget)
+    tiers = ["long", "short"] if args.tier == "both" else [args.tier]
+    plan = []
+    for tier in tiers:
+        guides = TIERS[tier]["guides"] or tuple(pyro_flows.FLOWS)
+        if args.guides:
+            guides = args.guides
+        plan += [(tier, g, long_budget if tier == "long" else short_budget) for g in guides]
+    return plan, table_times, short_budget
+
+
+def _posteriors(args):
+    from pyro_flows.infer import posteriordb as pdb
+
+    if args.posteriors:
+        return [s.strip() for s in args.posteriors.split(",") if s.strip()]
+    return ["eight_schools-eight_schools_noncentered"] if args.quick else list(pdb.POSTERIORS)
+
+
+def vi_dir(args):
+    return os.path.join(args.results, "vi")
 
 
 def run_vi(args, header, log=print):
-    """The posteriordb VI benchmark; returns ``(rows, files written)``."""
+    """The posteriordb VI benchmark (see the module docstring); returns ``(rows, files written)``.
+
+    With ``args.merge`` it fits nothing and reports every part in ``vi/parts/``; with ``args.results_part``
+    it writes its rows to ``vi/parts/<name>.json`` only (after every fit, so a stopped run keeps its fits).
+    """
     from pyro_flows.infer import posteriordb as pdb
 
+    out_dir = vi_dir(args)
+    if args.merge:
+        return _merge(out_dir, header, log)
     if not pdb.available():
         log(f"[vi] posteriordb not found at {pdb.posteriordb_path()} (set ${pdb.ENV_VAR}); skipped")
         return [], []
-    posteriors = (
-        args.posteriors.split(",")
-        if args.posteriors
-        else ["eight_schools-eight_schools_noncentered", "kilpisjarvi_mod-kilpisjarvi"]
-        if args.quick
-        else list(pdb.POSTERIORS)
-    )
-    guides = list(GUIDE_BASELINES) + list(args.family)
-    draws = 200 if args.quick else 1000
+    posteriors = _posteriors(args)
+    plan, table_times, short_budget = _plan(args)
+    meta = {"header": header, "posteriors": posteriors, "table_times": table_times, "short_seconds": short_budget,
+            "draws": args.draws, "table_draws": args.table_draws, "threads": torch.get_num_threads()}
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # AutoIAFNormal builds its flow in the default dtype
     rows, t0 = [], time.perf_counter()
+    part = os.path.join(out_dir, "parts", f"{args.results_part}.json") if args.results_part else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # first-call costs of torch/pyro would otherwise be charged to the first guide's budget
-            fit_and_evaluate(pdb.load_posterior(posteriors[0]), "AutoNormal", args, 2.0, steps=20, draws=50)
+            fit_with_snapshots(pdb.load_posterior(posteriors[0]), "AutoNormal", [0.2], draws=50, table_draws=50)
             for name in posteriors:
                 post = pdb.load_posterior(name)
-                for kind in guides:
-                    try:
-                        r = fit_and_evaluate(post, kind, args, args.seconds, draws=draws)
-                    except Exception as exc:  # a failing guide is a result, not a crash
-                        r = {
-                            "posterior": name,
-                            "guide": kind,
-                            "error": f"{type(exc).__name__}: {str(exc)[:80]}",
-                        }
+                for tier, kind, budget in plan:
+                    times = snapshot_times(table_times, budget)
+                    r = fit_with_snapshots(post, kind, times, [t for t in table_times if t <= budget],
+                                           draws=args.draws, table_draws=args.table_draws, seed=args.seed,
+                                           tier=tier)
                     rows.append(r)
-                    log(
-                        f"[vi] {name:42s} {kind:24s} "
-                        + (
-                            r.get("error")
-                            or f"steps {r['steps']:5d} mean rms {r['mean_rms']:.3f} sd rms {r['sd_rms']:.3f} "
-                            f"elbo {r['elbo']:.2f} khat {r['khat']:.2f}"
-                        )
-                    )
+                    last = r["snapshots"][-1] if r["snapshots"] else None
+                    log(f"[vi] {name:40s} {tier:5s} {r['label']:26s} "
+                        + (f"t {last['t']:g} s steps {last['steps']:6d} mean {last['mean_rms']:.3f} "
+                           f"sd {last['sd_rms']:.3f} elbo {last['elbo']:.2f} khat {last['khat']:.2f} "
+                           if last else "")
+                        + _status_text(r) + f" [{(time.perf_counter() - t0) / 60:.1f} min]")
+                    if part:  # after every fit, so a stopped run keeps what it has done
+                        meta["wall_minutes"] = (time.perf_counter() - t0) / 60
+                        reports.write_text(part, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
     finally:
         torch.set_default_dtype(default)
-    lines = [
-        "# VI: flow guides against Pyro's autoguides on posteriordb",
-        "",
-        header,
-        f"Total {(time.perf_counter() - t0) / 60:.1f} min.",
-        "",
-        f"Budget per fit: {args.seconds:g} s of training (Trace_ELBO, 1 particle, Adam lr 0.02; AutoFlow's "
-        "flow networks lr 0.001); 2 layers for AutoIAFNormal and every AutoFlow family (registry "
-        f"`test_kwargs` sizes); evaluation on {draws} guide draws. Errors: |mean_q - mean_ref| / sd_ref and "
-        "|sd_q - sd_ref| / sd_ref against the 10,000 reference draws (rms and max over parameters). ELBOs "
-        "compare within a posterior only. k-hat: PSIS (< 0.5 good, > 0.7 unreliable).",
-        "",
-        "## Summary over posteriors",
-        "",
-        reports.markdown_table(_vi_summary(rows, guides, posteriors), VI_SUMMARY_COLUMNS),
-        "",
-    ]
-    for p in posteriors:
-        lines += [
-            f"## {p}",
-            "",
-            reports.markdown_table([r for r in rows if r["posterior"] == p], VI_COLUMNS),
-            "",
-        ]
-    return rows, [reports.write_text(os.path.join(args.results, "vi.md"), "\n".join(lines))]
+    meta["wall_minutes"] = (time.perf_counter() - t0) / 60
+    if part:
+        reports.write_text(part, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
+        return rows, [part]
+    return rows, write_vi_report(rows, meta, out_dir)
+
+
+def _merge(out_dir, header, log):
+    """Rows of every ``vi/parts/*.json`` (a later file's row replaces an earlier one's for the same posterior,
+    tier and guide) and the report written from them."""
+    files = sorted(glob.glob(os.path.join(out_dir, "parts", "*.json")), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"--merge: no parts in {os.path.join(out_dir, 'parts')}")
+    rows, metas = {}, []
+    for f in files:
+        with open(f) as fh:
+            part = json.load(fh)
+        metas.append(part["meta"])
+        for r in part["rows"]:
+            rows[(r["posterior"], r["tier"], r["guide"])] = r
+    from pyro_flows.infer import posteriordb as pdb
+
+    names = {p for m in metas for p in m["posteriors"]}
+    meta = dict(metas[0])
+    meta.update(posteriors=[p for p in pdb.POSTERIORS if p in names] + sorted(names - set(pdb.POSTERIORS)),
+                table_times=sorted({t for m in metas for t in m["table_times"]}),
+                header=_merged_header(metas, files),
+                draws=min(m["draws"] for m in metas), table_draws=min(m["table_draws"] for m in metas),
+                short_seconds=max(m["short_seconds"] for m in metas))
+    rows = list(rows.values())
+    log(f"[vi] merged {len(rows)} fits from {len(files)} parts")
+    return rows, write_vi_report(rows, meta, out_dir)
+
+
+def _merged_header(metas, files):
+    """The first part's machine line and every part's command."""
+    first = metas[0]["header"].split("\n")[0]
+    commands = [ln for m in metas for ln in m["header"].split("\n") if ln.startswith("Command:")]
+    parts = ", ".join(f"{os.path.basename(f)} ({m['wall_minutes']:.0f} wall min)" for f, m in zip(files, metas))
+    return "\n".join([first] + [c.rstrip() + "  " for c in commands] + [f"Merged from {parts}."])
+
+
+def write_vi_report(rows, meta, out_dir):
+    written = [reports.write_text(os.path.join(out_dir, "vi.md"), vi_markdown(rows, meta)),
+               reports.write_text(os.path.join(out_dir, "results.json"),
+                                  json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))]
+    try:
+        for p in meta["posteriors"]:
+            written.append(plot_posterior(rows, p, os.path.join(out_dir, f"vi_{p.split('-')[-1]}.png")))
+    except ImportError:  # pragma: no cover - matplotlib is an extra
+        pass
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +691,15 @@ def _svi_step(kind, n, device):
     torch.manual_seed(0)
     data = regression_data(device)
     if kind == "AutoIAFNormal":
-        guide = make_guide(kind, regression_model, hidden_dim=[24], num_transforms=2)
-    else:
-        guide = make_guide(kind, regression_model, num_layers=2)
+        guide, optim = make_guide(kind, regression_model, hidden_dim=[24], num_transforms=2), None
+    elif kind in GUIDE_BASELINES:
+        guide, optim = make_guide(kind, regression_model), None
+    else:  # AutoFlow with its defaults (user sizes) and its own optimiser, the flow on from the first step
+        guide, optim, _ = _autoflow(regression_model, None if kind == "AutoFlow" else kind, warmup=0)
     svi = SVI(
         regression_model,
         guide,
-        pyro.optim.Adam({"lr": 0.005}),
+        optim or pyro.optim.Adam({"lr": 0.005}),
         Trace_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=1),
     )
     return lambda: svi.step(*data)
@@ -266,7 +708,7 @@ def _svi_step(kind, n, device):
 def run_particles(args, header, log=print):
     """SVI steps per second against vectorised particles; returns ``(rows, files written)``."""
     particles = [int(p) for p in str(args.particles).split(",")]
-    guides = list(GUIDE_BASELINES) + list(args.family)
+    guides = list(GUIDE_BASELINES) + ["AutoFlow"] + list(args.family)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -307,12 +749,19 @@ def run_particles(args, header, log=print):
             header,
             "",
             "Model: hierarchical regression with a data plate (200 observations, latent dimension 12), "
-            "Trace_ELBO(vectorize_particles=True); AutoIAFNormal and AutoFlow with 2 layers. Steps per "
-            "second (higher is better) and the ratio to AutoIAFNormal at the same N.",
+            "Trace_ELBO(vectorize_particles=True); AutoIAFNormal with 2 layers (hidden 24); AutoFlow "
+            "(`AutoFlow(model)`, the default family) and each family's `AutoFlow(model, family)` with their "
+            "defaults (user sizes) and `AutoFlow.optimizer()`, with `warmup=0`: the flow runs from the first "
+            "step, so this is the cost of a step of the flow phase (during AutoFlow's default warmup the "
+            "flow's identity layers are skipped and a step costs what AutoMultivariateNormal's does). Steps "
+            "per second (higher is better) and the ratio to AutoIAFNormal at the same N.",
             "",
             reports.markdown_table(rows, cols),
             "",
         ]
     )
     rows = [{str(k): v for k, v in r.items()} for r in rows]
-    return rows, [reports.write_text(os.path.join(args.results, "svi_particles.md"), text)]
+    out_dir = os.path.join(args.results, "particles")
+    return rows, [reports.write_text(os.path.join(out_dir, "svi_particles.md"), text),
+                  reports.write_text(os.path.join(out_dir, "results.json"),
+                                     json.dumps({"header": header, "rows": rows}, indent=1, default=str))]

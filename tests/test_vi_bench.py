@@ -1,0 +1,132 @@
+"""The VI benchmark's code path (``bench --what vi``): snapshots on a CPU clock, parts and merge, the report's
+verdicts and time-to-target. Nothing here depends on how fast anything trains."""
+
+import contextlib
+import json
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_flows.experiments import measure, vi
+from pyro_flows.experiments.bench import main as bench_main
+from pyro_flows.infer import posteriordb as pdb
+
+needs_pdb = pytest.mark.skipif(not pdb.available(), reason="posteriordb data not found")
+POST = "kilpisjarvi_mod-kilpisjarvi"  # D = 3, cheap
+
+
+def _snap(t, elbo, se=0.01, mean=0.5, sd=0.5, khat=0.5, **kw):
+    return {"t": t, "cpu_s": t, "steps": int(100 * t), "elbo": elbo, "elbo_se": se, "khat": khat,
+            "mean_rms": mean, "mean_max": mean, "sd_rms": sd, "sd_max": sd, **kw}
+
+
+def _row(post, guide, snaps, tier="long", status="ok", **kw):
+    return {"posterior": post, "guide": guide, "label": guide, "tier": tier, "dim": 3, "snapshots": snaps,
+            "status": status, **kw}
+
+
+def test_time_to_target_uses_tolerance_and_reports_the_gap():
+    row = _row("p", "g", [_snap(1.0, -12.0), _snap(10.0, -10.15), _snap(30.0, -10.05)])
+    assert vi.time_to_target(row, (-10.0, 0.01)) == (30.0, pytest.approx(-0.05))
+    assert vi.time_to_target(row, (-10.0, 0.01), tol=0.2) == (10.0, pytest.approx(-0.15))
+    # a noisy target widens the tolerance to two standard errors of the difference
+    assert vi.time_to_target(row, (-10.0, 0.1), tol=0.1)[0] == 10.0
+    never, gap = vi.time_to_target(row, (-9.0, 0.0))
+    assert never is None and gap == pytest.approx(-1.05)
+
+
+def test_headline_verdicts_margin_and_missing_fits():
+    names = ["a-a", "b-b", "c-c", "d-d"]
+    rows = []
+    for p, (fm, fs) in zip(names[:3], [(0.10, 0.10), (0.20, 0.05), (0.12, 0.12)]):
+        rows.append(_row(p, "AutoMultivariateNormal", [_snap(30.0, -1.0, mean=0.10, sd=0.10)]))
+        rows.append(_row(p, "AutoFlow", [_snap(30.0, -1.0, mean=fm, sd=fs)]))
+    rows.append(_row("d-d", "AutoMultivariateNormal", [_snap(30.0, -1.0)]))
+    rows.append(_row("d-d", "AutoFlow", [], status="nonfinite", nonfinite_step=7, nonfinite_s=0.5))
+    meta = {"posteriors": names, "table_times": [10.0, 30.0, 120.0]}
+    table, lines = vi.headline(rows, meta)
+    verdict = {r["posterior"]: r["verdict"] for r in table}
+    assert verdict["a"].startswith("tie")
+    assert verdict["b"] == "AutoMVN better"  # mean error worse by 0.10 although sd error is better
+    assert verdict["c"].startswith("tie")  # 0.02 worse: within the margin
+    assert "non-finite loss at step 7" in verdict["d"]
+    assert "on 2 of 4 posteriors; worse on: b, d" in lines[0]
+    assert "on 0 of 4" in lines[1]
+
+
+def test_cpu_clock_pauses_evaluation_out():
+    clock = measure.CpuClock()
+    t0 = clock()
+    with clock.paused():
+        torch.randn(200, 200) @ torch.randn(200, 200)
+        sum(range(300_000))
+    assert clock() - t0 < 0.02
+
+
+def test_nonfinite_loss_is_recorded_not_raised():
+    def model():
+        x = pyro.sample("x", dist.Normal(torch.zeros((), dtype=torch.float64), 1.0))
+        pyro.factor("broken", x.new_tensor(math.inf) + x)  # loss -inf from the first step
+
+    post = pdb.Posterior(name="broken", model=model, reference={"x": np.random.randn(100)}, sites=["x"], dim=1)
+    row = vi.fit_with_snapshots(post, "AutoNormal", [0.5], draws=20, table_draws=20)
+    assert row["status"] == "nonfinite" and row["nonfinite_step"] == 1 and row["snapshots"] == []
+    assert "non-finite loss at step 1" in vi._status_text(row)
+
+
+class _StepClock:
+    """A clock that advances 1/64 s (exact in binary) per reading (once per training step), paused like CpuClock."""
+
+    def __init__(self):
+        self.t, self.running = 0.0, True
+
+    def __call__(self):
+        self.t += 2.0**-6 if self.running else 0.0
+        return self.t
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.running = False
+        yield self
+        self.running = True
+
+
+@needs_pdb
+def test_fit_with_snapshots_continues_one_run():
+    post = pdb.load_posterior(POST)
+    row = vi.fit_with_snapshots(post, "AutoMultivariateNormal", [0.125, 0.375], table_times=[0.375], draws=50,
+                                table_draws=100, clock=_StepClock())
+    assert row["status"] == "ok", row
+    a, b = row["snapshots"]
+    assert (a["t"], b["t"]) == (0.125, 0.375)
+    # one run, evaluation paused out: the snapshots come after 8 and 24 clock ticks of training
+    assert (a["steps"], b["steps"], row["steps"]) == (8, 24, 24)
+    assert (a["cpu_s"], b["cpu_s"]) == (0.125, 0.375)
+    assert "per_param" in b and "per_param" not in a and set(b["per_param"]) == set(post.reference)
+    assert all(math.isfinite(s[k]) for s in (a, b) for k in ("mean_rms", "sd_rms"))
+    assert not any(math.isnan(s[k]) for s in (a, b) for k in ("elbo", "khat"))
+
+
+@needs_pdb
+def test_bench_vi_parts_then_merge_writes_report(tmp_path, capsys):
+    common = ["bench", "--what", "vi", "--posteriors", POST, "--seconds", "0.2,0.4", "--draws", "50",
+              "--table-draws", "100", "--results", str(tmp_path)]
+    assert bench_main(common[1:] + ["--tier", "long", "--guides", "AutoMultivariateNormal,AutoFlow",
+                                    "--results-part", "long"]) == 0
+    assert bench_main(common[1:] + ["--tier", "short", "--guides", "qlf", "--results-part", "short"]) == 0
+    assert not (tmp_path / "vi" / "vi.md").exists()
+    assert bench_main(["--what", "vi", "--merge", "--results", str(tmp_path)]) == 0
+    out = tmp_path / "vi"
+    data = json.loads((out / "results.json").read_text())
+    fits = {(r["tier"], r["guide"]): r for r in data["rows"]}
+    assert set(fits) == {("long", "AutoMultivariateNormal"), ("long", "AutoFlow"), ("short", "qlf")}
+    assert [s["t"] for s in fits[("long", "AutoFlow")]["snapshots"]] == [0.2, 0.4]
+    assert [s["t"] for s in fits[("short", "qlf")]["snapshots"]] == [0.2, 0.4]
+    md = (out / "vi.md").read_text()
+    assert "default AutoFlow against AutoMultivariateNormal" in md and "| kilpisjarvi | 3 |" in md
+    assert "CPU seconds to reach AutoMultivariateNormal's ELBO" in md and "short tier" in md
+    assert (out / "vi_kilpisjarvi.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
