@@ -222,3 +222,18 @@ def test_power_norm_product_is_a_guaranteed_bound_with_its_exact_gradient(blocks
     assert all(w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all() for w in w32)
     with pytest.raises(ValueError, match="2-D"):
         power_norm_product([torch.ones(3)])
+
+
+def test_spectral_norm_bounds_do_not_depend_on_grad_mode():
+    # the map a Lipschitz layer computes must be the same with and without gradients (bit for bit):
+    # the stack's round-trip certificate runs without gradients and must check the user's map
+    from pyro_flows.nn.lipschitz import spectral_norm_bounds
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # eigh and eigvalsh round the top eigenvalue differently for most such draws
+        ws = [(5 * torch.randn(64, 8, generator=g, dtype=torch.float64)).requires_grad_(),
+              (5 * torch.randn(64, 64, generator=g, dtype=torch.float64)).requires_grad_()]
+        with_grad = spectral_norm_bounds(ws)
+        with torch.no_grad():
+            without = spectral_norm_bounds(ws)
+        assert torch.equal(with_grad.detach(), without)

@@ -57,9 +57,10 @@ class _SpectralNormBounds(torch.autograd.Function):
             for idx in members:
                 a = [weights[i].T if tall[i] else weights[i] for i in idx]
                 a = (torch.stack(a) if len(a) > 1 else a[0].unsqueeze(0)).to(torch.float64)
-                gram = torch.bmm(a, a.transpose(1, 2))
-                # eigenvalues only where no gradient is needed (about half the time of eigh)
-                evals, evecs = torch.linalg.eigh(gram) if need_grad else (torch.linalg.eigvalsh(gram), None)
+                # eigh whatever the grad mode (not eigvalsh without gradients): the two round the top
+                # eigenvalue differently, and the map must not change with the grad mode (the stack's
+                # round-trip certificate, computed without gradients, must see the user's map)
+                evals, evecs = torch.linalg.eigh(torch.bmm(a, a.transpose(1, 2)))
                 sigma = evals[:, -1:].clamp(min=0).sqrt()
                 sigmas.append(sigma)
                 if need_grad:
