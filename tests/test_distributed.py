@@ -207,18 +207,28 @@ def _worker(rank, world, port, outdir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The cases in a 2-process gloo group (spawned once) and in this process."""
+    outdir = str(tmp_path_factory.mktemp("dist"))
+    ranks = _spawn_ranks(_worker, outdir)
+    single = _in_float64(lambda: {name: case(0) for name, case in CASES.items()})
+    return {"ranks": ranks, "single": single, "outdir": outdir}
+
+
+def _spawn_ranks(worker, outdir):
+    """Run ``worker(rank, WORLD, port, outdir)`` in a ``WORLD``-process group; each rank's saved results."""
     import torch.multiprocessing as mp
 
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=True)
-    ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    mp.spawn(worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _in_float64(fn):
+    """``fn()`` with float64 as the default dtype (as in the workers), restoring the old default."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = {name: case(0) for name, case in CASES.items()}
+        return fn()
     finally:
         torch.set_default_dtype(old)
-    return {"ranks": ranks, "single": single, "outdir": outdir}
 
 
 def _assert_same(dist_params, single_params, init):
@@ -347,19 +357,11 @@ def _family_worker(rank, world, port, outdir):
 
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     import pyro_flows
 
     outdir = str(tmp_path_factory.mktemp("families"))
-    mp.spawn(_family_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD, join=True)
-    ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        single = {(f, c): case_family(f, 0, c) for f in pyro_flows.FLOWS for c in (False, True)}
-    finally:
-        torch.set_default_dtype(old)
+    ranks = _spawn_ranks(_family_worker, outdir)
+    single = _in_float64(lambda: {(f, c): case_family(f, 0, c) for f in pyro_flows.FLOWS for c in (False, True)})
     return ranks, single
 
 
