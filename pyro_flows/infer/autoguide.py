@@ -536,7 +536,7 @@ class AutoFlow(AutoContinuous):
         return AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
 
     @staticmethod
-    def optim_args(lr: float = 0.02, flow_lr: float = 0.001, clip: float | None = None, **extra):
+    def optim_args(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float | None = None, **extra):
         """Per-parameter arguments for a Pyro optimiser: ``lr`` for the affine part (``loc``,
         ``scale``, ``scale_tril``), ``flow_lr`` for the flow's networks.
 
@@ -546,8 +546,8 @@ class AutoFlow(AutoContinuous):
         ~100 steps. ``clip`` (for ``pyro.optim.ClippedAdam``, which clamps every gradient element
         to ``[-clip, clip]``) applies to the flow only; the affine part is not clipped, so that it
         follows ``Adam(lr)`` exactly as ``AutoMultivariateNormal`` would. ``**extra`` goes to every
-        parameter (e.g. ``lrd``). Use as ``pyro.optim.Adam(AutoFlow.optim_args(0.02, 0.001))``, or
-        take :meth:`optimizer`.
+        parameter (e.g. ``lrd``). The default rates are :meth:`optimizer`'s (``DEFAULT_LR``,
+        ``DEFAULT_FLOW_LR``). Use as ``pyro.optim.Adam(AutoFlow.optim_args())``, or take :meth:`optimizer`.
         """
         def args(module_name, param_name):
             if module_name.split(".")[-1] == "transform":
