@@ -246,8 +246,8 @@ def test_banana_default_autoflow_kl():
     """The default ``AutoFlow(model)`` (family, layers, widths, warmup) reaches KL(q || p) < 0.05 on the
     banana in 1500 steps (8 vectorised particles), trained with ``AutoFlow.optimizer`` at a flow rate of
     0.01 decayed tenfold over the run (the default flow rate, 0.002, was chosen on posteriors of 3 to 26
-    dimensions and gives ~0.12 here). Seeds 0-3 gave 0.030-0.048; AutoMultivariateNormal's optimum is
-    ~0.56. The KL is a Monte Carlo estimate on 8000 draws (s.e. ~0.01 nats)."""
+    dimensions and gives 0.10-0.16 here). Seeds 0-3 give 0.029-0.047 (benchmarks/bench_banana.py);
+    AutoMultivariateNormal's optimum is ~0.56. The KL is a Monte Carlo estimate on 8000 draws (s.e. ~0.01 nats)."""
     pyro.clear_param_store()
     torch.manual_seed(0)
     guide = AutoFlow(banana_model)
