@@ -286,16 +286,18 @@ class ConditionedQuAR(FlowTransform):
         for _ in range(self.input_dim + 8):
             out, diag = self._net(u, scale)
             r = u + out - v
-            res = r.pow(2).sum(-1).sqrt()
-            if not bool(torch.isfinite(res).all()):
-                break
-            better = res < best_res
+            res = torch.linalg.vector_norm(r, dim=-1)
+            better = res < best_res  # (False where res is not finite)
             best = torch.where(better[..., None], u, best)
             best_diag = torch.where(better[..., None], diag, best_diag)
             best_res = torch.where(better, res, best_res)
             done = best_res / (1 - lip) <= atol + rtol * best.abs().amax(-1)
-            if bool(done.all()):
+            # one host synchronisation per step: convergence and finiteness together
+            all_done, finite = torch.stack([done.all(), torch.isfinite(res).all()]).tolist()
+            if all_done:
                 return best, True, best_diag
+            if not finite:
+                break
             u = torch.where(done[..., None], best, u - r / (1 + diag))
         return best, bool(done.all()), best_diag
 
