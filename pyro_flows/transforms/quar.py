@@ -132,8 +132,9 @@ class ConditionedQuAR(FlowTransform):
     Arguments:
         input_dim: D.
         net: a :class:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet` (or a module with
-            its interface: ``net(u, context, scale=None) -> (F(u), diag J_F(u))`` with a
-            lower-triangular ``J_F``, ``product_bound()``, ``output_scale(p)`` and ``lipschitz_target``).
+            its interface: ``net(u, context, scale=None, diag=True) -> (F(u), diag J_F(u))`` with a
+            lower-triangular ``J_F`` (``diag=False`` may return ``None`` for the diagonal),
+            ``product_bound()``, ``output_scale(p)`` and ``lipschitz_target``).
         context: the context (``None`` for an unconditional layer).
         single_pass: ``"log_prob"`` (default: the residual map is ``_inverse``, data -> base, so
             ``log_prob`` of data is one pass) or ``"sample"`` (the residual map is ``_call``, base ->
