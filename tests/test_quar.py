@@ -262,6 +262,37 @@ def test_newton_finish_beats_plain_fixed_point_on_a_slow_contraction():
     assert len(calls_plain) > 100 and 4 * len(calls) < len(calls_plain), (len(calls), len(calls_plain))
 
 
+@pytest.mark.parametrize("context_dim", [0, C])
+def test_fixed_point_passes_skip_the_diagonal(context_dim):
+    net = _net(context_dim=context_dim, scale=0.5)
+    x = torch.randn(7, D, dtype=torch.float64)
+    ctx = torch.randn(7, context_dim, dtype=torch.float64) if context_dim else None
+    out, diag = net(x, ctx, diag=False)
+    assert diag is None and torch.equal(out, net(x, ctx)[0])
+
+
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_inverse_log_det_reuses_the_certifying_pass_and_is_exact(single_pass):
+    """Without gradients the solve returns its certified iterate with the diagonal of the pass that
+    certified it: the log-det is that of the returned point (as a fresh pass computes it), and the
+    point agrees with the one the gradient path returns to the solver's tolerance."""
+    torch.manual_seed(0)
+    t = QuAR(D, hidden_factors=(3, 3), single_pass=single_pass).double()
+    perturb(t, 0.5)
+    v = torch.randn(32, D, dtype=torch.float64)
+    solve = t._call_and_ladj if single_pass == "log_prob" else t._inverse_and_ladj
+    with torch.no_grad():
+        u, ladj = solve(v)
+    sign = -1 if single_pass == "log_prob" else 1
+    with torch.no_grad():
+        fresh = sign * t._residual_logdet(u)
+        assert (t._residual(u)[0] - v).abs().max() < 1e-10
+    assert torch.allclose(ladj, fresh, atol=1e-12, rtol=0)
+    u_grad, ladj_grad = solve(v)
+    assert (u_grad.detach() - u).abs().max() < 1e-10
+    assert torch.allclose(ladj_grad.detach(), ladj, atol=1e-9, rtol=0)
+
+
 def test_fallback_when_newton_is_not_certified(monkeypatch):
     t = _slow_contraction_layer()
     monkeypatch.setattr(ConditionedQuAR, "_newton_finish", lambda self, u, *a: (u, False, None))

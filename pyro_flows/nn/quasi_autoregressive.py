@@ -286,9 +286,10 @@ class QuasiAutoregressiveNet(nn.Module):
         return self
 
     # -- forward with the exact diagonal ------------------------------------------------------
-    def forward(self, x, context=None, scale=None):
+    def forward(self, x, context=None, scale=None, diag=True):
         """``(F(x), diag J_F(x))``; ``scale`` is a precomputed :meth:`output_scale` (e.g. held fixed
-        over the iterations of a solve), ``None`` to compute it here."""
+        over the iterations of a solve), ``None`` to compute it here; ``diag=False`` skips the
+        diagonal (returned as ``None``): a fixed-point step needs only ``F(x)``."""
         D = self.input_dim
         if self.context_dim:
             if context is None:
@@ -305,6 +306,12 @@ class QuasiAutoregressiveNet(nn.Module):
         else:
             c = scale
         n = len(self.layers)
+        if not diag:
+            for i, w in enumerate(weights):
+                h = F.linear(h, w, views[2 * i + 1])
+                if i < n - 1:
+                    h = self.activations[i](h)
+            return h * c, None
         g = None
         for i, w in enumerate(weights):
             a = F.linear(h, w, views[2 * i + 1])

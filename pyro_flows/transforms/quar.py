@@ -17,11 +17,10 @@ Choices made where the paper is silent or loose (this module is the reference im
   paper's speed claim), ``rsample`` solves. ``single_pass="sample"`` puts the residual map on
   ``_call`` instead (one-pass ``rsample`` and log-prob of own samples, for guides; density of external
   data then solves). ``lipschitz`` (the paper's ``sigma``, default 0.9) is the bound on ``Lip(F)``.
-* **Inverse.** Solving ``u + F(u) = v`` starts with the paper's Algorithm 1, the Banach iteration
-  ``u <- v - F(u)`` run by :func:`pyro_flows.solvers.fixed_point` with the guaranteed ``Lip(F)`` bound
-  ``L`` as its contraction constant, to a coarse tolerance (error bound ``<= 0.1 (1 + max|u|)``).
-  Near a trained model's solution Algorithm 1 contracts slowly (the true ``Lip(F)`` approaches the
-  bound ``sigma`` in training), so it is then *finished* with
+* **Inverse.** Solving ``u + F(u) = v`` starts with two steps of the paper's Algorithm 1, the Banach
+  iteration ``u <- v - F(u)`` (network passes without the Jacobian diagonal, about half the cost of a
+  full pass). Near a trained model's solution Algorithm 1 contracts slowly (the true ``Lip(F)``
+  approaches the bound ``sigma`` in training), so the solve is then *finished* with
   Newton steps that use the exact diagonal: ``u <- u - (u + F(u) - v) / (1 + diag J_F(u))``. For a
   lower-triangular system the linearised error map of this step, ``I - diag(J)^{-1} J``, is strictly
   lower-triangular (nilpotent), so the finish converges in at most ``D`` steps of the linearisation
@@ -41,8 +40,10 @@ Choices made where the paper is silent or loose (this module is the reference im
 * **Cost.** The single-pass direction is one network pass per layer (map, exact diagonal and log-det
   together), plus one batched float64 eigendecomposition per Gram size for the spectral bounds; it
   makes no ``Tensor.item``/``bool`` call and compiles with ``torch.compile(fullgraph=True)``. The
-  numerical direction costs about five network passes per layer (two coarse fixed-point steps, two
-  or three Newton steps, the log-det), all with the bound and output scale computed once per solve.
+  numerical direction costs two diagonal-free contraction steps and, at initialisation, two Newton
+  passes per layer (more on a trained model), all with the bound and output scale computed once per
+  solve; without gradients the log-det reuses the diagonal of the certifying Newton pass (the
+  certified iterate is returned), with gradients one more pass computes it on the graph.
 * **Map and log-det together.** The residual pass returns the map and its log-det in one network
   pass (``_call_and_ladj`` / ``_inverse_and_ladj``); ``log_abs_det_jacobian`` of any other pair runs
   one network pass on the residual side's input, never a solve.
@@ -93,11 +94,12 @@ from ._base import ConditionalFlowModule, FlowTransform
 
 __all__ = ["ConditionalQuAR", "ConditionedQuAR", "QuAR", "conditional_quar", "quar"]
 
-#: Algorithm 1 runs until its a-posteriori error bound is below ``0.1 * (1 + max|u|)``; the Newton
-#: finish takes over from there (measured on a trained 8-layer 8gaussians flow, float64, 2048 points:
-#: about 100 network passes over the 8 layers for the whole inverse, against 381 with a 1e-6 hand-over
-#: and 749 for Algorithm 1 alone to 1e-12).
-_COARSE = 0.1
+#: Algorithm 1 steps before the Newton finish. Measured on a trained 8-layer 8gaussians flow (float64,
+#: 2048 points, whole inverse over the 8 layers): 0, 1, 2, 3 steps take 52, 58, 64, 69 network passes
+#: (the contraction steps at half cost); running Algorithm 1 to an error bound of ``0.1 (1 + max|u|)``
+#: first took 118 full passes (381 with a 1e-6 hand-over, 749 for Algorithm 1 alone to 1e-12). At
+#: initialisation (D = 8, 5 layers) two steps leave two Newton passes per layer, none leave five.
+_CONTRACTION_STEPS = 2
 #: default bound ``m`` of the elementwise affine's log-scale (``|s_i| < m``)
 MAX_LOG_SCALE = 3.0
 
@@ -130,8 +132,9 @@ class ConditionedQuAR(FlowTransform):
     Arguments:
         input_dim: D.
         net: a :class:`~pyro_flows.nn.quasi_autoregressive.QuasiAutoregressiveNet` (or a module with
-            its interface: ``net(u, context, scale=None) -> (F(u), diag J_F(u))`` with a
-            lower-triangular ``J_F``, ``product_bound()``, ``output_scale(p)`` and ``lipschitz_target``).
+            its interface: ``net(u, context, scale=None, diag=True) -> (F(u), diag J_F(u))`` with a
+            lower-triangular ``J_F`` (``diag=False`` may return ``None`` for the diagonal),
+            ``product_bound()``, ``output_scale(p)`` and ``lipschitz_target``).
         context: the context (``None`` for an unconditional layer).
         single_pass: ``"log_prob"`` (default: the residual map is ``_inverse``, data -> base, so
             ``log_prob`` of data is one pass) or ``"sample"`` (the residual map is ``_call``, base ->
@@ -186,8 +189,8 @@ class ConditionedQuAR(FlowTransform):
         return self
 
     # -- the residual map and its numerical inverse --------------------------------------------
-    def _net(self, u, scale=None):
-        return self.net(u, self._context, scale=scale)
+    def _net(self, u, scale=None, diag=True):
+        return self.net(u, self._context, scale=scale, diag=diag)
 
     # one (2, D) parameter for both vectors: one optimiser update instead of two per layer
     @property
@@ -221,8 +224,10 @@ class ConditionedQuAR(FlowTransform):
             logdet = logdet + s.sum()
         return v, logdet
 
-    def _residual_logdet(self, u):
-        _, diag = self._net(u)
+    def _residual_logdet(self, u, diag=None):
+        """``log|det dR/du|`` at ``u`` (``diag``: the network's Jacobian diagonal there, if known)."""
+        if diag is None:
+            diag = self._net(u)[1]
         logdet = torch.log1p(diag).sum(-1)
         if self.scale_shift is not None:
             logdet = logdet + self._bounded_log_scale().sum()
@@ -235,7 +240,9 @@ class ConditionedQuAR(FlowTransform):
         return (floor if self.atol is None else self.atol), (floor if self.rtol is None else self.rtol)
 
     def _solve(self, v):
-        """``u`` with ``u + F(u) = v``: Algorithm 1 (fixed point), a certified Newton finish, fallback."""
+        """``(u, diag)``: ``u`` with ``u + F(u) = v`` by Algorithm 1 steps, a certified Newton finish and
+        the fallback; ``diag`` is the network's Jacobian diagonal at the returned ``u`` where
+        the solve already has it (without gradients: the certified iterate), else ``None``."""
         check_finite(v, f"{type(self).__name__} inverse input")
         v = self._broadcast_context(v)[0]
         if self.scale_shift is not None:
@@ -249,60 +256,66 @@ class ConditionedQuAR(FlowTransform):
             lip = float((scale.max() * p).clamp(max=self.net.lipschitz_target))
             vd = v.detach()
 
-            def step(u):
-                return vd - self._net(u, scale)[0]
+            def step(u):  # the fixed-point passes need no Jacobian diagonal
+                return vd - self._net(u, scale, diag=False)[0]
 
-            coarse = max(_COARSE, atol, rtol)
-            u = fixed_point(step, vd, lipschitz=lip, atol=coarse, rtol=coarse, max_iter=self.max_iter)
-            u, certified, out = self._newton_finish(u, vd, lip, atol, rtol, scale)
+            u = vd
+            for _ in range(_CONTRACTION_STEPS):
+                u = step(u)
+            u, certified, diag = self._newton_finish(u, vd, lip, atol, rtol, scale)
             if not certified:
                 u = fixed_point(step, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter)
-                out = None
+                diag = None
         if not torch.is_grad_enabled():
-            # one more contraction step, from the certifying pass's F(u) (no extra network pass)
-            return step(u) if out is None else vd - out
+            # the certified iterate, with the diagonal of its certifying pass (no extra pass for
+            # the log-det); after the fallback, one more contraction step
+            return (u, diag) if diag is not None else (step(u), None)
 
         def g(u):
-            return v - self._net(u)[0]
+            return v - self._net(u, diag=False)[0]
 
         # value g(u) (one more contraction step); gradients by the implicit function theorem
-        return implicit_fixed_point(g, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter)
+        return implicit_fixed_point(g, u, lipschitz=lip, atol=atol, rtol=rtol, max_iter=self.max_iter), None
 
     def _newton_finish(self, u, v, lip, atol, rtol, scale=None):
+        """Newton steps from ``u``; returns the best iterate per sample, whether all are certified, and
+        the Jacobian diagonal at the best iterates."""
         best = u
         best_res = torch.full(u.shape[:-1], float("inf"), dtype=u.dtype, device=u.device)
-        best_out = torch.zeros_like(u)
+        best_diag = torch.zeros_like(u)
         done = torch.zeros(u.shape[:-1], dtype=torch.bool, device=u.device)
         for _ in range(self.input_dim + 8):
             out, diag = self._net(u, scale)
             r = u + out - v
-            res = r.pow(2).sum(-1).sqrt()
-            if not bool(torch.isfinite(res).all()):
-                break
-            better = res < best_res
+            res = torch.linalg.vector_norm(r, dim=-1)
+            better = res < best_res  # (False where res is not finite)
             best = torch.where(better[..., None], u, best)
-            best_out = torch.where(better[..., None], out, best_out)
+            best_diag = torch.where(better[..., None], diag, best_diag)
             best_res = torch.where(better, res, best_res)
             done = best_res / (1 - lip) <= atol + rtol * best.abs().amax(-1)
-            if bool(done.all()):
-                return best, True, best_out
+            # one host synchronisation per step: convergence and finiteness together
+            all_done, finite = torch.stack([done.all(), torch.isfinite(res).all()]).tolist()
+            if all_done:
+                return best, True, best_diag
+            if not finite:
+                break
             u = torch.where(done[..., None], best, u - r / (1 + diag))
-        return best, bool(done.all()), best_out
+        return best, bool(done.all()), best_diag
 
     # -- the protocol ----------------------------------------------------------------------------
     def _call_and_ladj(self, x):
         if self.single_pass == "sample":
             return self._residual(x)
-        x_out = self._solve(x)
+        x_out, diag = self._solve(x)
         # the forward log-det of the pair (x, x_out) is minus the residual's at x_out
-        return x_out, -self._residual_logdet(x_out)
+        return x_out, -self._residual_logdet(x_out, diag)
 
     def _inverse_and_ladj(self, y):
         if self.single_pass == "log_prob":
             x, logdet = self._residual(y)
             return x, -logdet
-        x = self._solve(y)
-        return x, self._residual_logdet(x)
+        x, diag = self._solve(y)
+        return x, self._residual_logdet(x, diag)
 
     def _log_abs_det_jacobian(self, x, y):
         # one network pass on the residual side's input, never a solve
