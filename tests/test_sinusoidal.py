@@ -487,3 +487,25 @@ def test_svi_guide_with_vectorised_particles():
     evidence = -dist.Normal(0.0, math.sqrt(1.09)).log_prob(torch.tensor(1.0)).item()
     final = sum(losses[-20:]) / 20
     assert final < evidence + 0.3 and final < sum(losses[:20]) / 20 - 2.0, (final, evidence)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_checkpoints_with_separate_shift_modules_still_load(conditional):
+    """State dicts saved when each shift was its own module (``upper_nn.net.layers.j.weight``, ``.bias``,
+    ``.mask``; likewise ``lower_nn``) load into the packed parameters and give the same map."""
+    make = (lambda: ConditionalSinusoidal(3, 2, hidden_dims=[8, 8])) if conditional else (
+        lambda: Sinusoidal(3, hidden_dims=[8, 8]))
+    src = perturb(make().double(), 0.5)
+    old = {k: v for k, v in src.state_dict().items() if not k.startswith("shifts.")}
+    for j, (W, b) in enumerate(src.shifts.layers()):
+        for i, name in enumerate(("upper_nn", "lower_nn")):
+            old[f"{name}.net.layers.{j}.weight"] = W[i].detach().clone()
+            old[f"{name}.net.layers.{j}.bias"] = b[i].detach().clone()
+            old[f"{name}.net.layers.{j}.mask"] = getattr(src.shifts, f"_mask{j}")[i].clone()
+    dst = make().double()
+    dst.load_state_dict(old)
+    assert torch.equal(dst.shifts.params, src.shifts.params)
+    ctx = torch.randn(5, 2, dtype=f64)
+    x = torch.randn(5, 3, dtype=f64)
+    a, b = (m.condition(ctx) if conditional else m for m in (src, dst))
+    assert torch.equal(a.inv(x), b.inv(x))
