@@ -470,7 +470,8 @@ class ShiftNets(torch.nn.Module):
             k = torch.clamp(self.bound / B, max=1.0)
             W, b = layers[-1]
             layers[-1] = (W * k[:, None, None], b * k[:, None])
-        out = [[(W[i], b[i]) for W, b in layers] for i in range(len(self.upper))]
+        per_net = [list(zip(W.unbind(0), b.unbind(0))) for W, b in layers]  # unbind: one backward node
+        out = [[layer[i] for layer in per_net] for i in range(len(self.upper))]
         if not bounds:
             return out
         lip = (B if self.bound is None else B.clamp(max=self.bound)).detach().tolist()
