@@ -119,19 +119,27 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # the elementwise D-scale
 # ------------------------------------------------------------------------------------------------
+def _kd(t):
+    """A ``(..., D, K)`` parameter laid out ``(..., K, D)`` (``(K,)`` becomes ``(K, 1)``), contiguous: a
+    transposed view would make the products with ``u`` inherit its strides (``K`` innermost again)."""
+    return t.transpose(-1, -2).contiguous() if t.dim() >= 2 else t.unsqueeze(-1)
+
+
 def _angles(u, alpha, a, b, w):
-    """Shared terms: ``u[..., None]``, ``theta = a u``, ``phi = a u + 2 b``, ``alpha w`` and ``alpha w / a``.
+    """Shared terms: ``u[..., None, :]``, ``theta = a u``, ``phi = a u + 2 b``, ``alpha w`` and
+    ``alpha w / a``, laid out ``(..., K, D)``: the sums over the ``K`` sinusoids then reduce an outer
+    axis, which vectorises over ``D`` (a sum over a short innermost axis does not).
 
     Frequencies are floored at ``sqrt(tiny)`` of the dtype (``1.1e-19`` in float32, ``1.5e-154`` in
     float64), so ``a u`` stays a normal number and ``sin(a u) / a`` never divides by zero; every
     function below uses the same floored ``a``, so the map and its derivative stay consistent. Below
     the floor the D-scale equals its ``a -> 0`` limit ``u cos(2b)`` to relative ``a u``.
     """
-    a = a.clamp_min(torch.finfo(a.dtype).tiny ** 0.5)
-    uk = u.unsqueeze(-1)
+    a = _kd(a.clamp_min(torch.finfo(a.dtype).tiny ** 0.5))
+    uk = u.unsqueeze(-2)
     theta = a * uk
-    aw = alpha.unsqueeze(-1) * w
-    return uk, theta, theta + 2 * b, aw, aw / a
+    aw = alpha.unsqueeze(-2) * _kd(w)
+    return uk, theta, theta + 2 * _kd(b), aw, aw / a
 
 
 def dscale(u, alpha, a, b, w, d):
@@ -154,29 +162,20 @@ def dscale(u, alpha, a, b, w, d):
         torch.Size([5])
     """
     _, theta, phi, _, awa = _angles(u, alpha, a, b, w)
-    return u - (awa * torch.sin(theta) * torch.cos(phi)).sum(-1) + d
+    return u - (awa * torch.sin(theta) * torch.cos(phi)).sum(-2) + d
 
 
 def dscale_log_derivative(u, alpha, a, b, w):
     """``log tau'(u) = log1p(-alpha * sum_k w_k cos(2 a_k u + 2 b_k))``, elementwise, shape of ``u``."""
     _, theta, phi, aw, _ = _angles(u, alpha, a, b, w)
-    return torch.log1p(-(aw * torch.cos(theta + phi)).sum(-1))
-
-
-def _dscale_with_log_derivative(u, alpha, a, b, w, d):
-    """``(tau(u), log tau'(u))`` sharing the intermediate terms (the training hot path); the same
-    operations as :func:`dscale` and :func:`dscale_log_derivative`, so the same rounding."""
-    _, theta, phi, aw, awa = _angles(u, alpha, a, b, w)
-    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
-    c = (aw * torch.cos(theta + phi)).sum(-1)
-    return u - r + d, torch.log1p(-c)
+    return torch.log1p(-(aw * torch.cos(theta + phi)).sum(-2))
 
 
 def _dscale_and_derivative(u, alpha, a, b, w, d):
     """``(tau(u), tau'(u))`` for the Newton solver."""
     _, theta, phi, aw, awa = _angles(u, alpha, a, b, w)
-    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
-    return u - r + d, 1 - (aw * torch.cos(theta + phi)).sum(-1)
+    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-2)
+    return u - r + d, 1 - (aw * torch.cos(theta + phi)).sum(-2)
 
 
 def _alpha_max(eps, num_scales):
@@ -214,11 +213,12 @@ def _block_terms(params):
 
 
 def _dscale_fast(u, a, two_b, aw, awa, d):
-    """``(tau(u), log tau'(u))`` of one D-scale from its :func:`_block_terms` (any batch shapes)."""
-    theta = a * u.unsqueeze(-1)
-    phi = theta + two_b
-    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
-    c = (aw * torch.cos(theta + phi)).sum(-1)
+    """``(tau(u), log tau'(u))`` of one D-scale from its :func:`_block_terms` (any batch shapes; laid
+    out ``(..., K, D)`` as in :func:`_angles`)."""
+    theta = _kd(a) * u.unsqueeze(-2)
+    phi = theta + _kd(two_b)
+    r = (_kd(awa) * torch.sin(theta) * torch.cos(phi)).sum(-2)
+    c = (_kd(aw) * torch.cos(theta + phi)).sum(-2)
     return u - r + d, torch.log1p(-c)
 
 
