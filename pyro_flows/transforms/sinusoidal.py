@@ -189,12 +189,9 @@ def _constrain(raw, eps):
     ``alpha, d``: ``(..., S, D)``; ``a, b, w``: ``(..., S, D, K)``; ``|alpha| <= 1 - eps^(1/S)``.
     """
     K = (raw.shape[-1] - 2) // 3
-    alpha = _alpha_max(eps, raw.shape[-3]) * torch.tanh(raw[..., 0])
-    a = F.softplus(raw[..., 1:1 + K])
-    b = raw[..., 1 + K:1 + 2 * K]
-    w = torch.softmax(raw[..., 1 + 2 * K:1 + 3 * K], dim=-1)
-    d = raw[..., -1]
-    return alpha, a, b, w, d
+    alpha, a, b, w, d = raw.split([1, K, K, K, 1], dim=-1)  # one split: one backward node
+    alpha = _alpha_max(eps, raw.shape[-3]) * torch.tanh(alpha.squeeze(-1))
+    return alpha, F.softplus(a), b, torch.softmax(w, dim=-1), d.squeeze(-1)
 
 
 def _scale(params, s):
