@@ -320,7 +320,7 @@ class ConditionedDualAffineCoupling(FlowTransform):
 
     def _call_and_ladj(self, x):
         x, ctx = self._broadcast_context(x)
-        x1, x2 = x[..., : self.split], x[..., self.split:]
+        x1, x2 = x.split([self.split, self.input_dim - self.split], -1)
         log_s1, t1 = self.nn1(x2, ctx)
         y1 = torch.exp(log_s1) * x1 + t1
         if self.nn2 is None:
@@ -331,7 +331,7 @@ class ConditionedDualAffineCoupling(FlowTransform):
 
     def _inverse_and_ladj(self, y):
         y, ctx = self._broadcast_context(y)
-        y1, y2 = y[..., : self.split], y[..., self.split:]
+        y1, y2 = y.split([self.split, self.input_dim - self.split], -1)
         if self.nn2 is None:
             log_s1, t1 = self.nn1(y2, ctx)
             return (y1 - t1) * torch.exp(-log_s1), log_s1.sum(-1)
