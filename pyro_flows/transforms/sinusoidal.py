@@ -68,6 +68,12 @@ Choices made where the paper is vague or numerically loose (tested in ``tests/te
   the paper's orientation: ``_inverse`` (data -> noise, ``log_prob`` of data) is the analytic block
   and ``_call`` (``rsample``) the certified numerical inverse. ``"sample"`` swaps them (cheap
   ``rsample`` for guides, numerical ``log_prob`` of external data).
+* **The analytic direction's cost.** A block's S D-scales run as one autograd node
+  (:class:`_DScaleChain`) with a closed-form backward, laid out ``(D, K, batch)`` so that the sums
+  over the K sinusoids and the parameter gradients' sums over the batch are batched matrix
+  products; both shifts' weights and biases are one parameter tensor (:class:`ShiftNets`), their
+  masked weights and Lipschitz bounds computed together, the bound product as one node with its
+  closed-form gradient. A block trains two parameter tensors, not thirteen.
 * **Gradients through the numerical direction** use implicit differentiation
   (:func:`~pyro_flows.solvers.implicit_monotone_root`, :func:`~pyro_flows.solvers.implicit_fixed_point`).
 * **Initial frequencies** ``a_k = 2^(k - K/2)``, phases uniform in ``(-pi/2, pi/2)``, uniform weights.
