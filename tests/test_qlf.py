@@ -33,6 +33,7 @@ from pyro_flows.datasets import ENTROPY, toy_sample
 from pyro_flows.nn.mexican_hat import (
     H_MIN,
     MexicanHatNN,
+    mean_of_hats,
     mexican_hat,
     mexican_hat_biases,
 )
@@ -163,6 +164,13 @@ def test_mexican_hat_range():
     assert abs(h.max().item() - 1.0) < 1e-12
     assert abs(h.min().item() - H_MIN) < 1e-8
     assert 0.6399 < math.exp(H_MIN) < 0.6401 and abs(math.exp(1.0) - 2.71828) < 1e-5
+
+
+def test_mean_of_hats_is_the_mean_and_has_its_exact_gradient():
+    g = torch.Generator().manual_seed(5)
+    u = (3 * torch.randn(6, 4, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert torch.equal(mean_of_hats(u), mexican_hat(u).mean(-2))
+    assert torch.autograd.gradcheck(mean_of_hats, (u,))
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0, 10.0])

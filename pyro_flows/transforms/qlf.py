@@ -320,7 +320,7 @@ class ConditionedDualAffineCoupling(FlowTransform):
 
     def _call_and_ladj(self, x):
         x, ctx = self._broadcast_context(x)
-        x1, x2 = x[..., : self.split], x[..., self.split:]
+        x1, x2 = x.split([self.split, self.input_dim - self.split], -1)
         log_s1, t1 = self.nn1(x2, ctx)
         y1 = torch.exp(log_s1) * x1 + t1
         if self.nn2 is None:
@@ -331,7 +331,7 @@ class ConditionedDualAffineCoupling(FlowTransform):
 
     def _inverse_and_ladj(self, y):
         y, ctx = self._broadcast_context(y)
-        y1, y2 = y[..., : self.split], y[..., self.split:]
+        y1, y2 = y.split([self.split, self.input_dim - self.split], -1)
         if self.nn2 is None:
             log_s1, t1 = self.nn1(y2, ctx)
             return (y1 - t1) * torch.exp(-log_s1), log_s1.sum(-1)
@@ -467,12 +467,17 @@ def rqs_table(theta, min_derivative=MIN_DERIVATIVE):
 
 
 def _bins(v, edges, table):
-    """The table entries of the bins of ``v`` (``(N, D)``), given the bins' left edges ``(D, K + 2)``."""
+    """The table entries of the bins of ``v`` (``(N, D)``), given the bins' left edges ``(D, K + 2)``.
+
+    The bin of ``v`` is the number of inner edges ``<= v`` (bins ``0 .. K + 1``): one comparison with
+    all ``K + 1`` inner edges and a sum (``(N, K + 1, D)``, reduced over the middle axis), then one
+    gather of all eight columns at once (``index_select`` on the stacked table; its backward is one
+    ``index_add``)."""
     D, nb = edges.shape
-    # bins 0 .. K + 1: the number of inner edges <= v (searchsorted wants the event dim first)
-    idx = torch.searchsorted(edges[:, 1:].contiguous(), v.t().contiguous(), right=True).t()
+    idx = (edges[:, 1:].t() <= v.unsqueeze(-2)).sum(-2)
     idx = idx + torch.arange(0, D * nb, nb, device=v.device)
-    return [torch.take(col, idx) for col in table]
+    rows = torch.stack(table, 0).reshape(len(table), D * nb)
+    return rows.index_select(1, idx.reshape(-1)).view(len(table), *idx.shape).unbind(0)
 
 
 def _log_derivative(xi, d, a0, e2, c, den):

@@ -21,9 +21,9 @@ and ``alpha = (1 - eps^(1/S)) tanh(.)``.
   (``log(2 - e^(-t)) <= t``). So the per-block, per-coordinate log-slope is in
   ``[log eps, -log eps]`` (``+-6.91`` at the default ``eps = 1e-3``) and the block's log-det in
   ``[D log eps, -D log eps]``, whatever ``num_scales``, ``num_sinusoids`` or the widths;
-* each shift is a normalised :class:`~pyro_flows.nn.LipschitzMADE`,
+* each shift is a normalised MADE (masked layers, ELU),
   ``s(x) = min(1, L / B) net(x)`` with ``B`` a guaranteed bound of ``Lip(net)`` (see
-  :class:`ShiftNet`), so ``Lip(s) <= shift_lipschitz = L`` (default ``0.5``). A
+  :class:`ShiftNets`), so ``Lip(s) <= shift_lipschitz = L`` (default ``0.5``). A
   strictly triangular shift with ``Lip(s) <= L < 1`` has ``1 - L <= sigma(I + J_s) <= 1 + L``;
 * hence the block's Jacobian ``(I + J_L) diag(prod_s tau_s') (I + J_U)`` has singular values in
   ``[(1 - L)^2 eps, (1 + L)^2 / eps]`` (``[2.5e-4, 2.25e3]`` at the defaults): a condition number at
@@ -68,6 +68,12 @@ Choices made where the paper is vague or numerically loose (tested in ``tests/te
   the paper's orientation: ``_inverse`` (data -> noise, ``log_prob`` of data) is the analytic block
   and ``_call`` (``rsample``) the certified numerical inverse. ``"sample"`` swaps them (cheap
   ``rsample`` for guides, numerical ``log_prob`` of external data).
+* **The analytic direction's cost.** A block's S D-scales run as one autograd node
+  (:class:`_DScaleChain`) with a closed-form backward, laid out ``(D, K, batch)`` so that the sums
+  over the K sinusoids and the parameter gradients' sums over the batch are batched matrix
+  products; both shifts' weights and biases are one parameter tensor (:class:`ShiftNets`), their
+  masked weights and Lipschitz bounds computed together, the bound product as one node with its
+  closed-form gradient. A block trains two parameter tensors, not thirteen.
 * **Gradients through the numerical direction** use implicit differentiation
   (:func:`~pyro_flows.solvers.implicit_monotone_root`, :func:`~pyro_flows.solvers.implicit_fixed_point`).
 * **Initial frequencies** ``a_k = 2^(k - K/2)``, phases uniform in ``(-pi/2, pi/2)``, uniform weights.
@@ -89,7 +95,7 @@ import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 from pyro.nn import DenseNN
 
-from ..nn import LipschitzMADE
+from ..nn.masked import autoregressive_masks
 from ..registry import register_flow
 from ..solvers import (
     ConvergenceWarning,
@@ -107,6 +113,7 @@ __all__ = [
     "ConditionalSinusoidal",
     "ConditionedSinusoidal",
     "ShiftNet",
+    "ShiftNets",
     "Sinusoidal",
     "conditional_sinusoidal",
     "dscale",
@@ -118,19 +125,27 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # the elementwise D-scale
 # ------------------------------------------------------------------------------------------------
+def _kd(t):
+    """A ``(..., D, K)`` parameter laid out ``(..., K, D)`` (``(K,)`` becomes ``(K, 1)``), contiguous: a
+    transposed view would make the products with ``u`` inherit its strides (``K`` innermost again)."""
+    return t.transpose(-1, -2).contiguous() if t.dim() >= 2 else t.unsqueeze(-1)
+
+
 def _angles(u, alpha, a, b, w):
-    """Shared terms: ``u[..., None]``, ``theta = a u``, ``phi = a u + 2 b``, ``alpha w`` and ``alpha w / a``.
+    """Shared terms: ``u[..., None, :]``, ``theta = a u``, ``phi = a u + 2 b``, ``alpha w`` and
+    ``alpha w / a``, laid out ``(..., K, D)``: the sums over the ``K`` sinusoids then reduce an outer
+    axis, which vectorises over ``D`` (a sum over a short innermost axis does not).
 
     Frequencies are floored at ``sqrt(tiny)`` of the dtype (``1.1e-19`` in float32, ``1.5e-154`` in
     float64), so ``a u`` stays a normal number and ``sin(a u) / a`` never divides by zero; every
     function below uses the same floored ``a``, so the map and its derivative stay consistent. Below
     the floor the D-scale equals its ``a -> 0`` limit ``u cos(2b)`` to relative ``a u``.
     """
-    a = a.clamp_min(torch.finfo(a.dtype).tiny ** 0.5)
-    uk = u.unsqueeze(-1)
+    a = _kd(a.clamp_min(torch.finfo(a.dtype).tiny ** 0.5))
+    uk = u.unsqueeze(-2)
     theta = a * uk
-    aw = alpha.unsqueeze(-1) * w
-    return uk, theta, theta + 2 * b, aw, aw / a
+    aw = alpha.unsqueeze(-2) * _kd(w)
+    return uk, theta, theta + 2 * _kd(b), aw, aw / a
 
 
 def dscale(u, alpha, a, b, w, d):
@@ -153,29 +168,20 @@ def dscale(u, alpha, a, b, w, d):
         torch.Size([5])
     """
     _, theta, phi, _, awa = _angles(u, alpha, a, b, w)
-    return u - (awa * torch.sin(theta) * torch.cos(phi)).sum(-1) + d
+    return u - (awa * torch.sin(theta) * torch.cos(phi)).sum(-2) + d
 
 
 def dscale_log_derivative(u, alpha, a, b, w):
     """``log tau'(u) = log1p(-alpha * sum_k w_k cos(2 a_k u + 2 b_k))``, elementwise, shape of ``u``."""
     _, theta, phi, aw, _ = _angles(u, alpha, a, b, w)
-    return torch.log1p(-(aw * torch.cos(theta + phi)).sum(-1))
-
-
-def _dscale_with_log_derivative(u, alpha, a, b, w, d):
-    """``(tau(u), log tau'(u))`` sharing the intermediate terms (the training hot path); the same
-    operations as :func:`dscale` and :func:`dscale_log_derivative`, so the same rounding."""
-    _, theta, phi, aw, awa = _angles(u, alpha, a, b, w)
-    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
-    c = (aw * torch.cos(theta + phi)).sum(-1)
-    return u - r + d, torch.log1p(-c)
+    return torch.log1p(-(aw * torch.cos(theta + phi)).sum(-2))
 
 
 def _dscale_and_derivative(u, alpha, a, b, w, d):
     """``(tau(u), tau'(u))`` for the Newton solver."""
     _, theta, phi, aw, awa = _angles(u, alpha, a, b, w)
-    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
-    return u - r + d, 1 - (aw * torch.cos(theta + phi)).sum(-1)
+    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-2)
+    return u - r + d, 1 - (aw * torch.cos(theta + phi)).sum(-2)
 
 
 def _alpha_max(eps, num_scales):
@@ -189,12 +195,9 @@ def _constrain(raw, eps):
     ``alpha, d``: ``(..., S, D)``; ``a, b, w``: ``(..., S, D, K)``; ``|alpha| <= 1 - eps^(1/S)``.
     """
     K = (raw.shape[-1] - 2) // 3
-    alpha = _alpha_max(eps, raw.shape[-3]) * torch.tanh(raw[..., 0])
-    a = F.softplus(raw[..., 1:1 + K])
-    b = raw[..., 1 + K:1 + 2 * K]
-    w = torch.softmax(raw[..., 1 + 2 * K:1 + 3 * K], dim=-1)
-    d = raw[..., -1]
-    return alpha, a, b, w, d
+    alpha, a, b, w, d = raw.split([1, K, K, K, 1], dim=-1)  # one split: one backward node
+    alpha = _alpha_max(eps, raw.shape[-3]) * torch.tanh(alpha.squeeze(-1))
+    return alpha, F.softplus(a), b, torch.softmax(w, dim=-1), d.squeeze(-1)
 
 
 def _scale(params, s):
@@ -204,21 +207,106 @@ def _scale(params, s):
 
 
 def _block_terms(params):
-    """The point-independent terms of :func:`_angles` for all scales at once, split per scale:
-    ``[(a, 2 b, alpha w, alpha w / a, d), ...]`` (the same operations, so the same rounding)."""
+    """The point-independent terms of :func:`_angles` for all scales at once, stacked over scales:
+    ``(a, 2 b, alpha w, alpha w / a, d)`` (the same operations, so the same rounding)."""
     alpha, a, b, w, d = params
     a = a.clamp_min(torch.finfo(a.dtype).tiny ** 0.5)
     aw = alpha.unsqueeze(-1) * w
-    return list(zip(a.unbind(-3), (2 * b).unbind(-3), aw.unbind(-3), (aw / a).unbind(-3), d.unbind(-2)))
+    return a, 2 * b, aw, aw / a, d
 
 
 def _dscale_fast(u, a, two_b, aw, awa, d):
-    """``(tau(u), log tau'(u))`` from :func:`_block_terms` (the single-pass hot path)."""
-    theta = a * u.unsqueeze(-1)
-    phi = theta + two_b
-    r = (awa * torch.sin(theta) * torch.cos(phi)).sum(-1)
-    c = (aw * torch.cos(theta + phi)).sum(-1)
+    """``(tau(u), log tau'(u))`` of one D-scale from its :func:`_block_terms` (any batch shapes; laid
+    out ``(..., K, D)`` as in :func:`_angles`)."""
+    theta = _kd(a) * u.unsqueeze(-2)
+    phi = theta + _kd(two_b)
+    r = (_kd(awa) * torch.sin(theta) * torch.cos(phi)).sum(-2)
+    c = (_kd(aw) * torch.cos(theta + phi)).sum(-2)
     return u - r + d, torch.log1p(-c)
+
+
+def _dscale_chain(u, params):
+    """``(tau_S(... tau_1(u)), sum of the log-slopes over scales and coordinates)``: a block's D-scales.
+
+    With parameters shared by the whole batch (an unconditional block, or one context) this is one
+    :class:`_DScaleChain` call (the single-pass hot path); with per-point parameters (a batch of
+    contexts) the D-scales run one by one through autograd (:func:`_dscale_fast`).
+    """
+    a, two_b, aw, awa, d = _block_terms(params)
+    if a.dim() == 3 and u.dim() >= 1:
+        flat = u.reshape(-1, u.shape[-1])
+        need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, a, two_b, aw, awa, d))
+        v, lad = _DScaleChain.apply(need_grad, flat, a, two_b, aw, awa, d)
+        return v.reshape(u.shape), lad.reshape(u.shape[:-1])
+    lad = 0.0
+    for s in range(a.shape[-3]):
+        u, log_slope = _dscale_fast(u, a[..., s, :, :], two_b[..., s, :, :], aw[..., s, :, :], awa[..., s, :, :],
+                                    d[..., s, :])
+        lad = lad + log_slope
+    return u, lad.sum(-1)
+
+
+class _DScaleChain(torch.autograd.Function):
+    r"""A block's S D-scales on a batch ``u`` (``(M, D)``) with shared terms (``(S, D, K)``, ``d``:
+    ``(S, D)``): ``(tau_S o ... o tau_1 (u), sum_{s, i} log tau_s'(u_s)_i)``, with a closed-form backward.
+
+    The same map as :func:`_dscale_fast` applied scale by scale (the same angles, computed by the same
+    operations), laid out as ``(D, K, M)`` so that each sum over the ``K`` sinusoids and each
+    parameter gradient's sum over the batch is one batched matrix product. With
+    ``theta = a u``, ``phi = theta + 2b``, ``psi = theta + phi`` and ``P = sin(theta) cos(phi)``:
+    ``tau = u - sum_k awa P + d`` and ``c = sum_k aw cos(psi)``, ``log tau' = log1p(-c)``; the
+    backward uses ``d tau / du = 1 - c``, ``d c / du = -2 sum_k a aw sin(psi)``,
+    ``dP / da = u cos(psi)`` and ``dP / d(2b) = -sin(theta) sin(phi)`` (no difference of nearby
+    values: accurate for small ``a u``). ``gradcheck`` in float64: ``tests/test_sinusoidal.py``.
+    """
+
+    @staticmethod
+    def forward(ctx, need_grad, u, a, two_b, aw, awa, d):
+        v = u.t().contiguous()  # (D, M)
+        a4, b4 = a.unsqueeze(-1), two_b.unsqueeze(-1)  # (S, D, K, 1)
+        aw4, awa4 = aw.unsqueeze(-2), awa.unsqueeze(-2)  # (S, D, 1, K)
+        lad, saved = None, []
+        for s in range(a.shape[0]):
+            theta = a4[s] * v.unsqueeze(-2)  # (D, K, M)
+            phi = theta + b4[s]
+            sin_theta = torch.sin(theta)
+            P = sin_theta * torch.cos(phi)
+            psi = theta + phi
+            cos_psi = torch.cos(psi)
+            r = torch.bmm(awa4[s], P).squeeze(-2)  # sum over k: (D, M)
+            c = torch.bmm(aw4[s], cos_psi).squeeze(-2)
+            if need_grad:
+                saved += [v, P, sin_theta * torch.sin(phi), cos_psi, torch.sin(psi), c]
+            v = v - r + d[s].unsqueeze(-1)
+            log_slope = torch.log1p(-c)
+            lad = log_slope if lad is None else lad + log_slope
+        if need_grad:
+            ctx.save_for_backward(a, aw, awa, *saved)
+        return v.t(), lad.sum(0)
+
+    @staticmethod
+    def backward(ctx, g_v, g_lad):
+        a, aw, awa, *saved = ctx.saved_tensors
+        go = g_v.t().contiguous()  # (D, M): the gradient at the current scale's output
+        gl = g_lad.unsqueeze(0)  # (1, M): d loss / d log tau'(.)_i, every i
+        two_a_aw = (2 * a * aw).unsqueeze(-2)  # (S, D, 1, K)
+        sums_p, sums_q, sums_c, sums_s, sums_d = [], [], [], [], []
+        for s in reversed(range(a.shape[0])):
+            v, P, Q, cos_psi, sin_psi, c = saved[6 * s:6 * s + 6]
+            one_minus_c = 1 - c
+            q = gl / one_minus_c  # minus d loss / d c
+            go3 = go.unsqueeze(1)  # (D, 1, M)
+            # sums over the batch (matrix products with (D, M, K) views): (D, n, K)
+            sums_p.append(torch.bmm(go3, P.transpose(1, 2)))
+            sums_q.append(torch.bmm(go3, Q.transpose(1, 2)))
+            sums_c.append(torch.bmm(torch.stack([go * v, q], 1), cos_psi.transpose(1, 2)))
+            sums_s.append(torch.bmm(torch.stack([q, q * v], 1), sin_psi.transpose(1, 2)))
+            sums_d.append(go.sum(-1))
+            go = torch.addcmul(go * one_minus_c, q, torch.bmm(two_a_aw[s], sin_psi).squeeze(-2))
+        sum_p, sum_q, sum_c, sum_s = (torch.stack(x[::-1]) for x in (sums_p, sums_q, sums_c, sums_s))
+        g_a = 2 * aw * sum_s[..., 1, :] - awa * sum_c[..., 0, :]
+        g_two_b = awa * sum_q[..., 0, :] + aw * sum_s[..., 0, :]
+        return None, go.t(), g_a, g_two_b, -sum_c[..., 1, :], -sum_p[..., 0, :], torch.stack(sums_d[::-1])
 
 
 def _init_raw(num_scales, input_dim, K):
@@ -234,7 +322,7 @@ def _init_raw(num_scales, input_dim, K):
 # the shifts
 # ------------------------------------------------------------------------------------------------
 def _apply(weights, x, ctx=None):
-    """Run a MADE given its effective ``[(W, b), ...]`` (ELU between layers, as LipschitzMADE)."""
+    """Run a MADE given its effective ``[(W, b), ...]`` (ELU between layers)."""
     h = x if ctx is None else torch.cat([x, ctx], dim=-1)
     for i, (W, b) in enumerate(weights):
         if i:
@@ -243,65 +331,78 @@ def _apply(weights, x, ctx=None):
     return h
 
 
-def _spectral_bound(W):
-    """Guaranteed, differentiable upper bounds of ``||W_i||_2`` for a stack ``W`` (``(n, r, c)``)
-    without an SVD: the Schatten-8 norm ``(sum_j sigma_j^8)^(1/8) = ||(W W^T)^2||_F^(1/4)`` (two small
-    batched matmuls), inflated by ``1 + (r + c)^2 eps`` for the rounding of those products. It is
-    exact for rank one and within ``rank^(1/8)`` of ``||W||_2`` (``1.3`` for rank 8, ``1.7`` for 64)."""
-    Wt = W.transpose(-1, -2)
-    G = torch.bmm(W, Wt) if W.shape[-2] <= W.shape[-1] else torch.bmm(Wt, W)
-    H = torch.bmm(G, G)
-    margin = 1 + (W.shape[-2] + W.shape[-1]) ** 2 * torch.finfo(W.dtype).eps
-    return (H * H).sum((-1, -2)).clamp_min(torch.finfo(W.dtype).tiny).pow(0.125) * margin
+class _Schatten8Product(torch.autograd.Function):
+    r"""``prod_j m_j ||W_j||_{S8}`` for stacks ``W_j`` (``(n, r_j, c_j)``), per stack entry (``(n,)``),
+    with its closed-form gradient (see :func:`_lipschitz_bound`).
+
+    ``||W||_{S8} = t^(1/8)`` with ``t = tr(G^4) = ||G^2||_F^2`` and ``G`` the Gram matrix on the smaller
+    side; ``dt / dW = 8 G^3 W`` (``8 W G^3`` for ``G = W^T W``), so the gradient of the product ``B`` is
+    ``B / t_j G_j^3 W_j``: two more small batched products per layer, no graph through the powers.
+    """
+
+    @staticmethod
+    def forward(ctx, *weights):
+        tiny = torch.finfo(weights[0].dtype).tiny
+        grams, traces, bound = [], [], None
+        for W in weights:
+            wide = W.shape[-2] <= W.shape[-1]
+            Wt = W.transpose(-1, -2)
+            G = torch.bmm(W, Wt) if wide else torch.bmm(Wt, W)
+            H = torch.bmm(G, G)
+            t = (H * H).sum((-1, -2))
+            margin = 1 + (W.shape[-2] + W.shape[-1]) ** 2 * torch.finfo(W.dtype).eps
+            f = t.clamp_min(tiny).pow(0.125) * margin
+            bound = f if bound is None else bound * f
+            grams.append((G, H))
+            traces.append(t)
+        ctx.save_for_backward(bound, *weights, *(g for pair in grams for g in pair), *traces)
+        return bound
+
+    @staticmethod
+    def backward(ctx, grad):
+        n = (len(ctx.saved_tensors) - 1) // 4
+        bound, *rest = ctx.saved_tensors
+        weights, grams, traces = rest[:n], rest[n:3 * n], rest[3 * n:]
+        tiny = torch.finfo(bound.dtype).tiny
+        out = []
+        for j, W in enumerate(weights):
+            G, H, t = grams[2 * j], grams[2 * j + 1], traces[j]
+            # a clamped (zero) trace has a zero gradient, as clamp_min's
+            scale = torch.where(t > tiny, grad * bound / t.clamp_min(tiny), 0.0)[:, None, None]
+            G3 = torch.bmm(G, H)
+            out.append(torch.bmm(G3, W) * scale if W.shape[-2] <= W.shape[-1] else torch.bmm(W, G3) * scale)
+        return tuple(out)
 
 
-def _shift_weights(*nets, bounds=False):
-    """Effective ``[(W, b), ...]`` of each :class:`ShiftNet` in ``nets`` (all of the same shapes; ``None``
-    entries give ``None``), with the normalisation folded into the last layer (and, with
-    ``bounds=True``, the guaranteed ``Lip_x`` of each, as floats). Their bounds are
-    computed together (one batched product per layer), once per call of the block, however often
-    the networks are then applied."""
-    live = [n for n in nets if n is not None]
-    if not live:
-        return ([None] * len(nets), [0.0] * len(nets)) if bounds else [None] * len(nets)
-    first = live[0]
-    layers = [[layer.masked_weight() for layer in n.net.layers] for n in live]
-    B = None
-    for j in range(len(layers[0])):
-        W = torch.stack([ws[j] for ws in layers])
-        if j == 0 and first.context_dim:
-            W = W[..., :first.input_dim]
-        B = _spectral_bound(W) if B is None else B * _spectral_bound(W)
-    k = None if first.bound is None else torch.clamp(first.bound / B, max=1.0)
-    out = []
-    for i, (n, ws) in enumerate(zip(live, layers)):
-        pairs = [(W, layer.bias) for W, layer in zip(ws, n.net.layers)]
-        if k is not None:
-            W, b = pairs[-1]
-            pairs[-1] = (W * k[i], b * k[i])
-        out.append(pairs)
-    it = iter(out)
-    weights = [None if n is None else next(it) for n in nets]
-    if not bounds:
-        return weights
-    # the guaranteed Lip_x of each shift as used: min(B, L) (one host sync, numerical direction only)
-    lip = (B if first.bound is None else B.clamp(max=first.bound)).detach().tolist()
-    it = iter(lip)
-    return weights, [0.0 if n is None else next(it) for n in nets]
+def _lipschitz_bound(weights):
+    """Guaranteed, differentiable upper bounds of ``Lip(net_i)`` for stacked MADEs (``weights``: the
+    masked ``(n, r, c)`` weights of each layer, context columns excluded): the product over layers of
+    the Schatten-8 norms ``(sum_j sigma_j^8)^(1/8) = ||(W W^T)^2||_F^(1/4)`` (two small batched
+    products each), each inflated by ``1 + (r + c)^2 eps`` for the rounding of those products (ELU is
+    1-Lipschitz). The Schatten-8 norm is exact for rank one and within ``rank^(1/8)`` of ``||W||_2``
+    (``1.3`` for rank 8, ``1.7`` for 64); no SVD, no host synchronisation."""
+    return _Schatten8Product.apply(*weights)
 
 
-class ShiftNet(torch.nn.Module):
-    """A strictly triangular shift ``s(x) = k * net(x, context)`` with ``Lip_x(s) <= lipschitz``.
+class ShiftNets(torch.nn.Module):
+    """Strictly triangular shifts ``s_i(x) = k_i net_i(x, context)``, ``Lip_x(s_i) <= lipschitz``, of
+    equal sizes, with all their weights and biases in one parameter tensor.
 
-    ``net`` is a :class:`~pyro_flows.nn.LipschitzMADE` (one output per coordinate, ELU, masked
-    layers) used unnormalised; ``k = min(1, lipschitz / B)`` where ``B`` is the product of the
-    layers' guaranteed spectral bounds (Schatten-8 norms of the masked weights, context columns
-    excluded, see :func:`_spectral_bound`), so ``Lip_x(s) <= min(B, lipschitz)`` for every parameter
-    value and context. Normalising the whole network once (not each layer) leaves the network free to distribute its
-    gain over layers. The last layer starts at zero (identity block at initialisation; the bound's
-    derivative is never evaluated at zero: it is clamped away). ``upper=True``
-    reverses input and output order (flipped masks of the first and last layers), so output ``i``
-    depends on ``x_{>i}`` instead of ``x_{<i}``.
+    Each ``net_i`` is a MADE (masks of :func:`~pyro_flows.nn.masked.autoregressive_masks`, one output
+    per coordinate, ELU) used unnormalised; ``k_i = min(1, lipschitz / B_i)`` where ``B_i`` is the
+    product of the layers' guaranteed spectral bounds (Schatten-8 norms of the masked weights,
+    context columns excluded, see :func:`_lipschitz_bound`), so ``Lip_x(s_i) <= min(B_i, lipschitz)``
+    for every parameter value and context. Normalising the whole network once (not each layer) leaves
+    the network free to distribute its gain over layers. ``upper[i]`` reverses input and output
+    order (flipped masks of the first and last layers), so output ``j`` depends on ``x_{>j}``
+    instead of ``x_{<j}``. The last layers start at zero (the identity block at initialisation; the
+    bound's derivative is never evaluated at zero: it is clamped away).
+
+    The parameters live in :attr:`params` (layer by layer: the weights ``(n, out, in)``, then the
+    biases ``(n, out)``, as views, :meth:`layers`): an optimiser updates one tensor, and the
+    nets' masked weights and bounds are computed together (one batched product per layer). The
+    masks are non-persistent buffers (they follow from the sizes). ``nets[i]`` is a
+    :class:`ShiftNet` handle of net ``i``.
 
     Arguments:
         input_dim: D.
@@ -309,47 +410,117 @@ class ShiftNet(torch.nn.Module):
         context_dim: context size (0: none).
         lipschitz: the bound ``L`` (``None``: no normalisation; :meth:`lipschitz` still reports a
             guaranteed bound).
-        upper: strictly upper instead of strictly lower triangular.
+        upper: one flag per net: strictly upper (``True``) or strictly lower triangular.
 
     Example:
         >>> import torch
-        >>> s = ShiftNet(3, [12], lipschitz=0.5)
-        >>> bool(s.lipschitz() <= 0.5)
-        True
+        >>> s = ShiftNets(3, [12], lipschitz=0.5)
+        >>> upper, lower = s.nets
+        >>> bool(upper.lipschitz() <= 0.5), lower(torch.randn(4, 3)).shape
+        (True, torch.Size([4, 3]))
     """
 
-    def __init__(self, input_dim, hidden_dims, context_dim=0, lipschitz=0.5, upper=False):
+    def __init__(self, input_dim, hidden_dims, context_dim=0, lipschitz=0.5, upper=(True, False)):
         super().__init__()
-        self.net = LipschitzMADE(input_dim, hidden_dims, output_multiplier=1, context_dim=context_dim,
-                                 coeff=None)
-        if upper:
-            with torch.no_grad():
-                first, last = self.net.layers[0], self.net.layers[-1]
-                first.mask[:, :input_dim] = first.mask[:, :input_dim].flip(-1).clone()
-                last.mask.copy_(last.mask.flip(0))
-        with torch.no_grad():  # identity block at initialisation
-            self.net.layers[-1].weight.zero_()
-            self.net.layers[-1].bias.zero_()
         self.input_dim, self.context_dim = input_dim, context_dim
         self.bound = None if lipschitz is None else float(lipschitz)
+        self.upper = tuple(bool(u) for u in upper)
+        masks = autoregressive_masks(input_dim, hidden_dims, context_dim, 1)
+        weights, stacked = [[] for _ in masks], [[] for _ in masks]
+        for up in self.upper:  # the initialisation of masked Lipschitz layers, net by net
+            for j, m in enumerate(masks):
+                w = torch.empty(m.shape)
+                torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                w *= (m.shape[1] / m.sum(1, keepdim=True).clamp(min=1)).sqrt()
+                if up and j == 0:
+                    m = torch.cat([m[:, :input_dim].flip(-1), m[:, input_dim:]], -1)
+                elif up and j == len(masks) - 1:
+                    m = m.flip(0)
+                weights[j].append(w if j < len(masks) - 1 else torch.zeros_like(w))
+                stacked[j].append(m)
+        self._shapes = []
+        for j, m in enumerate(stacked):
+            self.register_buffer(f"_mask{j}", torch.stack(m), persistent=False)
+            self._shapes += [(len(self.upper),) + tuple(masks[j].shape), (len(self.upper), masks[j].shape[0])]
+        self._sizes = [math.prod(s) for s in self._shapes]
+        parts = [t for w, m in zip(weights, masks) for t in (torch.stack(w), torch.zeros(len(self.upper), m.shape[0]))]
+        self.params = torch.nn.Parameter(torch.cat([p.reshape(-1) for p in parts]))
+        self.nets = tuple(ShiftNet(self, i) for i in range(len(self.upper)))
+
+    def layers(self):
+        """``[(W, b), ...]`` per layer: unmasked weights ``(n, out, in)`` and biases ``(n, out)``,
+        views of :attr:`params` (write to them under ``torch.no_grad()``)."""
+        flat = self.params.split(self._sizes)
+        views = [t.view(s) for t, s in zip(flat, self._shapes)]
+        return list(zip(views[::2], views[1::2]))
+
+    def zero_output_(self):
+        """Zero every net's last layer (weights and biases): every shift becomes 0."""
+        with torch.no_grad():
+            for t in self.layers()[-1]:
+                t.zero_()
+        return self
+
+    def weights(self, bounds=False):
+        """Effective ``[(W, b), ...]`` of each net (a list over nets), with the normalisation folded
+        into the last layer, computed together; with ``bounds=True`` also the guaranteed ``Lip_x`` of
+        each as used, ``min(B_i, L)``, as floats (one host sync: the numerical direction only)."""
+        layers = [(W * getattr(self, f"_mask{j}"), b) for j, (W, b) in enumerate(self.layers())]
+        first = layers[0][0]
+        B = _lipschitz_bound([first[..., :self.input_dim] if self.context_dim else first]
+                             + [W for W, _ in layers[1:]])
+        if self.bound is not None:
+            k = torch.clamp(self.bound / B, max=1.0)
+            W, b = layers[-1]
+            layers[-1] = (W * k[:, None, None], b * k[:, None])
+        per_net = [list(zip(W.unbind(0), b.unbind(0))) for W, b in layers]  # unbind: one backward node
+        out = [[layer[i] for layer in per_net] for i in range(len(self.upper))]
+        if not bounds:
+            return out
+        lip = (B if self.bound is None else B.clamp(max=self.bound)).detach().tolist()
+        return out, lip
+
+    def lipschitz(self):
+        """Guaranteed bounds of each ``Lip_x(s_i)`` (a ``(n,)`` tensor, no gradient)."""
+        with torch.no_grad():
+            _, lip = self.weights(bounds=True)
+        return torch.tensor(lip, dtype=self.params.dtype)
+
+
+class ShiftNet:
+    """Net ``i`` of a :class:`ShiftNets`: ``s(x, context)``, :meth:`weights`, :meth:`lipschitz` (a
+    handle, not a module: the parameters are the :class:`ShiftNets`')."""
+
+    def __init__(self, nets, index):
+        self._nets, self._index = nets, index
 
     def weights(self):
-        """Effective ``[(W, b), ...]`` (see :func:`_shift_weights`)."""
-        return _shift_weights(self)[0]
+        """Effective ``[(W, b), ...]`` (see :meth:`ShiftNets.weights`)."""
+        return self._nets.weights()[self._index]
 
     def lipschitz(self):
         """A guaranteed bound of ``Lip_x(s)`` (a float, no gradient)."""
-        with torch.no_grad():
-            ws = [layer.masked_weight() for layer in self.net.layers]
-            B = _spectral_bound((ws[0][:, :self.input_dim] if self.context_dim else ws[0]).unsqueeze(0))
-            for W in ws[1:]:
-                B = B * _spectral_bound(W.unsqueeze(0))
-            if self.bound is not None:
-                B = B.clamp(max=self.bound)
-            return float(B)
+        return float(self._nets.lipschitz()[self._index])
 
-    def forward(self, x, context=None):
+    def __call__(self, x, context=None):
         return _apply(self.weights(), x, context)
+
+
+def _pack_old_shift_keys(state_dict, prefix, *args):
+    """Load state dicts saved with the two shifts as separate modules (``upper_nn.net.layers.j.weight``,
+    ``.bias``, ``.mask`` and the same for ``lower_nn``): their weights and biases, packed."""
+    old = prefix + "upper_nn.net.layers.0.weight"
+    if old not in state_dict:
+        return
+    parts, j = [], 0
+    while prefix + f"upper_nn.net.layers.{j}.weight" in state_dict:
+        for kind in ("weight", "bias"):
+            parts.append(torch.stack([state_dict.pop(prefix + f"{n}.net.layers.{j}.{kind}")
+                                      for n in ("upper_nn", "lower_nn")]).reshape(-1))
+        for n in ("upper_nn", "lower_nn"):
+            state_dict.pop(prefix + f"{n}.net.layers.{j}.mask", None)
+        j += 1
+    state_dict[prefix + "shifts.params"] = torch.cat(parts)
 
 
 def _shift_lower_bound(L, D):
@@ -415,9 +586,8 @@ class ConditionedSinusoidal(FlowTransform):
 
     Arguments:
         input_dim: the event size ``D``.
-        upper: the strictly upper-triangular shift ``s_U`` (a :class:`ShiftNet`: called as
-            ``upper(x, context)``, with ``weights()`` and ``lipschitz()``) or ``None``.
-        lower: the strictly lower-triangular shift ``s_L`` (likewise) or ``None``.
+        shifts: the strictly upper- and lower-triangular shifts ``s_U``, ``s_L``: a
+            :class:`ShiftNets` of two nets (``upper=(True, False)``), or ``None`` (no shifts).
         scales: ``context -> (alpha, a, b, w, d)``, the constrained D-scale parameters stacked over
             scales (``(..., S, D)`` and ``(..., S, D, K)``), called with the context as given, so
             they broadcast against the input batch.
@@ -444,19 +614,18 @@ class ConditionedSinusoidal(FlowTransform):
         >>> from pyro_flows.transforms.sinusoidal import ConditionedSinusoidal
         >>> p = (torch.full((1, 2), 0.5), torch.ones(1, 2, 3), torch.zeros(1, 2, 3),
         ...      torch.full((1, 2, 3), 1 / 3), torch.zeros(1, 2))
-        >>> t = ConditionedSinusoidal(2, None, None, lambda ctx: p)
+        >>> t = ConditionedSinusoidal(2, None, lambda ctx: p)
         >>> x = torch.randn(4, 2)
         >>> bool((t.inv(t(x)) - x).abs().max() < 1e-4)
         True
     """
 
-    def __init__(self, input_dim, upper, lower, scales, context=None, *, single_pass="log_prob",
+    def __init__(self, input_dim, shifts, scales, context=None, *, single_pass="log_prob",
                  atol=None, rtol=None, max_iter=100, on_fail="warn", cache_size=1):
         super().__init__(input_dim, cache_size=cache_size, context=context)
         if on_fail not in ("warn", "raise"):
             raise ValueError(f"on_fail must be 'warn' or 'raise', got {on_fail!r}")
-        self._upper_fn = upper
-        self._lower_fn = lower
+        self._shifts = shifts
         self._scales_fn = scales
         self.single_pass = check_single_pass(single_pass)
         self.atol, self.rtol = atol, rtol
@@ -469,17 +638,13 @@ class ConditionedSinusoidal(FlowTransform):
         """``(z, log|det dz/dx|)`` of the LDU block at data ``x`` (``z`` is None if not ``output``)."""
         x, ctx = self._broadcast_context(x)
         params = self._scales_fn(self._context)
-        upper, lower = _shift_weights(self._upper_fn, self._lower_fn if output else None)
+        upper, lower = (None, None) if self._shifts is None else self._shifts.weights()
         return self._ldu_with(x, ctx, params, upper, lower, output)
 
     @staticmethod
     def _ldu_with(x, ctx, params, upper, lower, output=True):
         u = x if upper is None else x + _apply(upper, x, ctx)
-        lad = 0.0
-        for terms in _block_terms(params):
-            u, log_slope = _dscale_fast(u, *terms)
-            lad = lad + log_slope
-        lad = lad.sum(-1)
+        u, lad = _dscale_chain(u, params)
         if not output:
             return None, lad
         z = u if lower is None else u + _apply(lower, u, ctx)
@@ -530,7 +695,9 @@ class ConditionedSinusoidal(FlowTransform):
         D = self.input_dim
         params = self._scales_fn(self._context)
         S = params[0].shape[-2]
-        (upper, lower), (L_U, L_L) = _shift_weights(self._upper_fn, self._lower_fn, bounds=True)
+        (upper, lower), (L_U, L_L) = (None, None), (0.0, 0.0)
+        if self._shifts is not None:
+            (upper, lower), (L_U, L_L) = self._shifts.weights(bounds=True)
         info = {"lower_shift": 0, "dscale_newton": [0] * S, "upper_shift": 0}
 
         def detach(ws):
@@ -680,17 +847,16 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
                  on_fail="warn", cache_size=1):
         hidden_dims = _check_args(input_dim, hidden_dims, num_scales, num_sinusoids, eps, single_pass,
                                   max_iter, shift_lipschitz, on_fail)
-        super().__init__(input_dim, None, None, self._scales, single_pass=single_pass, atol=atol,
+        super().__init__(input_dim, None, self._scales, single_pass=single_pass, atol=atol,
                          rtol=rtol, max_iter=max_iter, on_fail=on_fail, cache_size=cache_size)
         self.eps = float(eps)
         self.num_scales, self.num_sinusoids = int(num_scales), int(num_sinusoids)
         self.raw_scales = torch.nn.Parameter(_init_raw(num_scales, input_dim, num_sinusoids))
         if shift and input_dim > 1:
-            self.upper_nn = ShiftNet(input_dim, hidden_dims, 0, shift_lipschitz, upper=True)
-            self.lower_nn = ShiftNet(input_dim, hidden_dims, 0, shift_lipschitz)
-            # plain references (not a second registration of the submodules)
-            object.__setattr__(self, "_upper_fn", self.upper_nn)
-            object.__setattr__(self, "_lower_fn", self.lower_nn)
+            self.shifts = ShiftNets(input_dim, hidden_dims, 0, shift_lipschitz)
+            self.upper_nn, self.lower_nn = self.shifts.nets  # handles of s_U and s_L
+            object.__setattr__(self, "_shifts", self.shifts)  # a plain reference, not a second registration
+        self._register_load_state_dict_pre_hook(_pack_old_shift_keys)
 
     def _scales(self, ctx):
         return _constrain(self.raw_scales, self.eps)
@@ -715,13 +881,11 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
         with torch.no_grad():
             self.raw_scales[..., 0].zero_()
             self.raw_scales[..., -1].zero_()
-            nets = [getattr(self, n, None) for n in ("upper_nn", "lower_nn")]
-            lasts = [n.net.layers[-1] for n in nets if n is not None]
+            if getattr(self, "shifts", None) is not None:
+                self.shifts.zero_output_()
             if getattr(self, "scale_nn", None) is not None:
-                lasts.append(self.scale_nn.layers[-1])
-            for last in lasts:
-                last.weight.zero_()
-                last.bias.zero_()
+                self.scale_nn.layers[-1].weight.zero_()
+                self.scale_nn.layers[-1].bias.zero_()
         return self
 
 
@@ -773,8 +937,9 @@ class ConditionalSinusoidal(ConditionalFlowModule):
             self.scale_nn.layers[-1].bias.zero_()
         self.shift = bool(shift) and input_dim > 1
         if self.shift:
-            self.upper_nn = ShiftNet(input_dim, hidden_dims, context_dim, shift_lipschitz, upper=True)
-            self.lower_nn = ShiftNet(input_dim, hidden_dims, context_dim, shift_lipschitz)
+            self.shifts = ShiftNets(input_dim, hidden_dims, context_dim, shift_lipschitz)
+            self.upper_nn, self.lower_nn = self.shifts.nets  # handles of s_U and s_L
+        self._register_load_state_dict_pre_hook(_pack_old_shift_keys)
 
     init_identity_ = Sinusoidal.init_identity_
 
@@ -783,9 +948,8 @@ class ConditionalSinusoidal(ConditionalFlowModule):
         return _constrain(self.raw_scales + _CONTEXT_RANGE * torch.tanh(h / _CONTEXT_RANGE), self.eps)
 
     def _condition(self, context):
-        upper, lower = (self.upper_nn, self.lower_nn) if self.shift else (None, None)
-        return ConditionedSinusoidal(self.input_dim, upper, lower, self._scales, context=context,
-                                     **self.options)
+        return ConditionedSinusoidal(self.input_dim, self.shifts if self.shift else None, self._scales,
+                                     context=context, **self.options)
 
 
 def sinusoidal(input_dim, hidden_dims=None, **kwargs):
