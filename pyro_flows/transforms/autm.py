@@ -207,6 +207,184 @@ def autm_coefficients(raw: torch.Tensor, g: str, num_steps: int, tail_bound: flo
     return alpha, beta, gamma
 
 
+def _stage(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, c: torch.Tensor):
+    """One evaluation of the tamed nonlinearity for the fused chain: ``(u, pn, a, b, aux)``.
+
+    ``u = p n'(v)`` and ``pn = p n(v)``, rounded exactly as :func:`_scaled_nonlinearity` rounds them
+    (the map does not depend on the grad mode); ``a = n(v) / F`` and ``b = n'(v) / F`` (``F`` =
+    ``_DERIV_FACTOR[kind]``, ``ps = F p``) are what the backward needs for ``d/d ps``; ``aux`` is
+    ``clamp(v, -R, R)`` (its interior marks where ``n''`` is not 0) or ``sigmoid(v)``.
+    """
+    if kind == "sigmoid":
+        aux = torch.sigmoid(v)
+        pn, one_minus = ps * aux, c - aux
+        return pn * one_minus, pn, aux, aux * one_minus, aux
+    aux = v.clamp(-tail, tail)
+    b = aux * aux if kind == "cubic" else aux
+    u, t = ps * b, torch.addcmul(v, c, aux)
+    return u, u * t, b * t, b, aux
+
+
+def _stage_slope_adjoint(kind: str, gu: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, tail: float):
+    """``gu * (du/dv) / ps_d`` of one stage (``ps_d`` = :func:`_ps_deriv`): ``u = ps b(v)`` and
+    ``b' = 2 vc [|v| < R]`` (cubic), ``[|v| < R]`` (quadratic), ``b (1 - 2 s)`` (sigmoid)."""
+    if kind == "sigmoid":
+        return gu * torch.addcmul(b, b, aux, value=-2.0)
+    return torch.ops.aten.hardtanh_backward(gu * aux if kind == "cubic" else gu, aux, -tail, tail)
+
+
+def _ps_deriv(kind: str, ps: torch.Tensor) -> torch.Tensor:
+    return 2.0 * ps if kind == "cubic" else ps
+
+
+def _heun_chain(x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail, save=False):
+    """The K Strang/Heun steps: ``(y, sum_k log(1 + (1 + u1)(1 + u2)), saved)``.
+
+    ``saved`` (with ``save=True``) lists, per step, what :class:`_HeunChain`'s backward needs.
+    """
+    one, half, c = (x.new_full((), value) for value in (1.0, 0.5, _NL_CONST[kind]))
+    v = torch.addcmul(s_half, e_half, x)
+    logs, prod, saved = None, None, []
+    for k in range(num_steps):
+        if save:
+            u1, pn1, a1, b1, x1 = _stage(kind, v, ps, tail, c)
+            u2, pn2, a2, b2, x2 = _stage(kind, v + pn1, ps, tail, c)
+            o1, o2 = u1 + one, u2 + one
+        else:
+            o1, pn1 = _scaled_nonlinearity(kind, v, ps, tail, c)
+            o2, pn2 = _scaled_nonlinearity(kind, v + pn1, ps, tail, c)
+            o1, o2 = o1 + one, o2 + one
+        z = torch.addcmul(v, half, pn1 + pn2)
+        factor = torch.addcmul(one, o1, o2)  # in [1.25, 3.25]: a log every 8 steps is safe
+        if save:
+            saved.append((u1, a1, b1, x1, u2, a2, b2, x2, o1, o2, factor, z))
+        prod = factor if prod is None else prod * factor
+        if k % 8 == 7 or k == num_steps - 1:
+            logs, prod = (torch.log(prod) if logs is None else logs + torch.log(prod)), None
+        v = torch.addcmul(s_full, e_full, z) if k < num_steps - 1 else torch.addcmul(s_half, e_half, z)
+    return v, logs, saved
+
+
+def _chain_adjoint(gy, glog, x, e_half, e_full, ps, saved, kind, num_steps, tail):
+    """Reverse sweep of :func:`_heun_chain`: the adjoints of ``(x, e_half, s_half, e_full, s_full, ps)``
+    (broadcast shape) given those of ``y`` and of the summed log-factors."""
+    ps_d = _ps_deriv(kind, ps)
+    he_half, he_full = 0.5 * e_half, 0.5 * e_full
+    gv, ge_half, gs_half, ge_full, gs_full, gps = gy, None, None, None, None, None
+    for k in reversed(range(num_steps)):
+        u1, a1, b1, x1, u2, a2, b2, x2, o1, o2, factor, z = saved[12 * k: 12 * k + 12]
+        # v_{k+1} = s + e z (s, e: the half step after the last Heun step, else the full one)
+        last = k == num_steps - 1
+        e, he = (e_half, he_half) if last else (e_full, he_full)
+        if last:
+            ge_half, gs_half = gv * z, gv
+        else:
+            ge_full = gv * z if ge_full is None else torch.addcmul(ge_full, gv, z)
+            gs_full = gv if gs_full is None else gs_full + gv
+        # z = v + (pn1 + pn2) / 2 with pn2 = pn(w), w = v + pn1; the log-factor log(1 + o1 o2), o = 1 + u
+        r = glog / factor
+        gu1, gu2, gpn = r * o2, r * o1, gv * he
+        gw = torch.addcmul(ps_d * _stage_slope_adjoint(kind, gu2, b2, x2, tail), gpn, u2)
+        gpn1 = gpn + gw
+        gnext = torch.addcmul(torch.addcmul(gw, gv, e), gpn1, u1)
+        gv = torch.addcmul(gnext, ps_d, _stage_slope_adjoint(kind, gu1, b1, x1, tail))
+        # u = ps b and pn = ps a at both stages
+        step_ps = torch.addcmul(torch.addcmul(torch.addcmul(gpn * a2, gu2, b2), gpn1, a1), gu1, b1)
+        gps = step_ps if gps is None else gps + step_ps
+    # v_0 = s_half + e_half x
+    gx = gv * e_half
+    ge_half = torch.addcmul(ge_half, gv, x)
+    gs_half = gs_half + gv
+    if ge_full is None:  # a single step
+        ge_full, gs_full = torch.zeros_like(gx), torch.zeros_like(gx)
+    return gx, ge_half, gs_half, ge_full, gs_full, gps
+
+
+def _sum_to(grad, shape):
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
+
+
+class _HeunChain(torch.autograd.Function):
+    """:func:`_heun_chain` as one autograd node with a closed-form backward (:func:`_chain_adjoint`).
+
+    First derivatives only: nothing in the package differentiates a gradient of the map again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail):
+        y, logs, saved = _heun_chain(x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail, save=True)
+        ctx.meta = (kind, num_steps, tail, [t.shape for t in (x, e_half, s_half, e_full, s_full, ps)])
+        ctx.save_for_backward(x, e_half, e_full, ps, *(t for step in saved for t in step))
+        return y, logs
+
+    @staticmethod
+    def backward(ctx, gy, glog):
+        kind, num_steps, tail, shapes = ctx.meta
+        x, e_half, e_full, ps, *saved = ctx.saved_tensors
+        grads = _chain_adjoint(gy, glog, x, e_half, e_full, ps, saved, kind, num_steps, tail)
+        return (*(_sum_to(g, shape) for g, shape in zip(grads, shapes)), None, None, None)
+
+
+def _linear_flows(alpha, beta, num_steps):
+    """``(e_half, s_half, e_full, s_full, phi1(z))``: the half and full steps' exact linear flows
+    ``v -> e v + s`` (``z = alpha h / 2``)."""
+    h = 1.0 / num_steps
+    z = 0.5 * h * alpha
+    e_half, f1 = torch.exp(z), _phi1(z)
+    s_half = 0.5 * h * beta * f1
+    # phi1(2z) = phi1(z) (e^z + 1) / 2, so the full step's shift needs no second phi1
+    return e_half, s_half, e_half * e_half, s_half * (e_half + 1.0), f1
+
+
+def _phi1_deriv(z, e, f1):
+    """``phi1'(z) = (e^z - phi1(z)) / z`` (``e = e^z``, ``f1 = phi1(z)``), by its Taylor series near 0."""
+    small = z.abs() < 1e-2
+    zs = torch.where(small, torch.ones_like(z), z)
+    taylor = 0.5 + z * (1.0 / 3 + z * (0.125 + z * (1.0 / 30 + z / 144)))
+    return torch.where(small, taylor, (e - f1) / zs)
+
+
+class _AUTMLayerMap(torch.autograd.Function):
+    """``autm_map(x, *autm_coefficients(raw, ...))`` as one autograd node: the same arithmetic forward
+    (so the same values as the two public functions) and a closed-form backward through the K steps
+    (:func:`_chain_adjoint`), the linear flows and the ``tanh`` bounds. First derivatives only."""
+
+    @staticmethod
+    def forward(ctx, x, raw, g, num_steps, tail, log_scale_bound, nonlinear_bound):
+        alpha, beta, gamma = autm_coefficients(raw, g, num_steps, tail, log_scale_bound, nonlinear_bound)
+        e_half, s_half, e_full, s_full, f1 = _linear_flows(alpha, beta, num_steps)
+        ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
+        y, logs, saved = _heun_chain(x, e_half, s_half, e_full, s_full, ps, g, num_steps, tail, save=True)
+        logd = (alpha - num_steps * math.log(2.0)) + logs
+        ctx.meta = (g, num_steps, tail, log_scale_bound, nonlinear_bound, x.shape, raw.shape)
+        ctx.save_for_backward(x, alpha, beta, gamma, e_half, s_half, e_full, ps, f1,
+                              *(t for step in saved for t in step))
+        return y, logd
+
+    @staticmethod
+    def backward(ctx, gy, glogd):
+        g, num_steps, tail, A, B, x_shape, raw_shape = ctx.meta
+        x, alpha, beta, gamma, e_half, s_half, e_full, ps, f1, *saved = ctx.saved_tensors
+        gx, ge_half, gs_half, ge_full, gs_full, gps = _chain_adjoint(
+            gy, glogd, x, e_half, e_full, ps, saved, g, num_steps, tail)
+        h = 1.0 / num_steps
+        # e_full = e_half^2, s_full = s_half (e_half + 1); e_half = exp(z), s_half = h/2 beta phi1(z)
+        ge_half = torch.addcmul(torch.addcmul(ge_half, ge_full, e_half, value=2.0), gs_full, s_half)
+        gs_half = torch.addcmul(gs_half, gs_full, e_half + 1.0)
+        z = 0.5 * h * alpha
+        gz = torch.addcmul(ge_half * e_half, gs_half * beta, _phi1_deriv(z, e_half, f1), value=0.5 * h)
+        # alpha = A tanh(a / A): d alpha / d a = 1 - (alpha / A)^2; gamma likewise with c_max and M
+        galpha = torch.add(glogd, gz, alpha=0.5 * h)
+        ga = torch.addcmul(galpha, galpha * alpha, alpha, value=-1.0 / (A * A))
+        gb = gs_half * f1 * (0.5 * h)
+        c_max, M = _step_kappa(num_steps, B) * num_steps, _slope_bound(g, tail)
+        gg = gps * (h * _DERIV_FACTOR[g] / M)  # d gamma / d c = (1 - tanh(c / c_max)^2) / M
+        gc = torch.addcmul(gg, gg * gamma, gamma, value=-(M / c_max) ** 2)
+        lead = raw_shape[:-2] + raw_shape[-1:]
+        graw = torch.stack([_sum_to(t, lead) for t in (ga, gb, gc)], dim=-2)
+        return _sum_to(gx, x_shape), graw, None, None, None, None, None
+
+
 def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 3.0):
     """The discrete AUTM map and its exact elementwise log-derivative.
 
@@ -219,29 +397,30 @@ def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 
         ``(y, log_dy_dx)``, both shaped like the broadcast of the inputs.
 
     The Heun step's derivative ``1 + (u1 + u2 + u1 u2) / 2`` (``u = p n'`` at the two stages) is
-    ``(1 + (1 + u1)(1 + u2)) / 2``; the factors are multiplied and the log taken once.
+    ``(1 + (1 + u1)(1 + u2)) / 2``; the factors are multiplied and the log taken once every 8 steps.
+    With gradients the K steps run as one autograd node with a hand-written backward (see ``docs/autm.md``).
+
+    Example:
+        >>> x = torch.linspace(-2, 2, 5)
+        >>> raw = torch.tensor([[0.5], [0.1], [1.0]]).expand(3, 5)
+        >>> y, logd = autm_map(x, *autm_coefficients(raw, "cubic", 8), "cubic", 8)
+        >>> bool((y.diff() > 0).all()), logd.shape
+        (True, torch.Size([5]))
     """
     if g == "linear":  # the composition of exact linear flows is the time-1 flow
         y = torch.addcmul(beta * _phi1(alpha), torch.exp(alpha), x)
         return y, alpha.expand_as(y)
-    h = 1.0 / num_steps
-    one, half, c = (x.new_full((), value) for value in (1.0, 0.5, _NL_CONST[g]))
-    e_half, s_half = torch.exp(0.5 * h * alpha), 0.5 * h * beta * _phi1(0.5 * h * alpha)
-    # phi1(2z) = phi1(z) (e^z + 1) / 2, so the full step's shift needs no second phi1
-    e_full, s_full = e_half * e_half, s_half * (e_half + one)
-    ps = (h * _DERIV_FACTOR[g]) * gamma
-    v = torch.addcmul(s_half, e_half, x)
-    logd, prod = alpha - num_steps * math.log(2.0), None
-    for k in range(num_steps):
-        u1, pn1 = _scaled_nonlinearity(g, v, ps, tail_bound, c)
-        u2, pn2 = _scaled_nonlinearity(g, v + pn1, ps, tail_bound, c)
-        v = torch.addcmul(v, half, pn1 + pn2)
-        factor = torch.addcmul(one, u1 + one, u2 + one)  # in [1.25, 3.25]: a log every 8 steps is safe
-        prod = factor if prod is None else prod * factor
-        if k % 8 == 7 or k == num_steps - 1:
-            logd, prod = logd + torch.log(prod), None
-        v = torch.addcmul(s_full, e_full, v) if k < num_steps - 1 else torch.addcmul(s_half, e_half, v)
-    return v, logd.expand_as(v)
+    if g not in _DERIV_FACTOR:
+        raise ValueError(f"g must be one of {INTEGRANDS}, got {g!r}")
+    e_half, s_half, e_full, s_full, _ = _linear_flows(alpha, beta, num_steps)
+    ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
+    args = (x, e_half, s_half, e_full, s_full, ps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        y, logs = _HeunChain.apply(*args, g, num_steps, float(tail_bound))
+    else:
+        y, logs, _ = _heun_chain(*args, g, num_steps, float(tail_bound))
+    logd = (alpha - num_steps * math.log(2.0)) + logs
+    return y, logd.expand_as(y)
 
 
 def autm_reverse_integration(y, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 3.0):
@@ -391,7 +570,7 @@ class _AUTMBase(FlowTransform):
         return self
 
     # -- the elementwise maths ----------------------------------------------------------------
-    def _coefficients(self, raw):
+    def _check_raw(self, raw):
         P = _num_params(self.g)
         if not isinstance(raw, torch.Tensor) or raw.dim() < 2 or raw.shape[-2] != P:
             got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
@@ -400,11 +579,21 @@ class _AUTMBase(FlowTransform):
                 f"for g={self.g!r} (output_multiplier={P} for a MADE, [{P} * n] outputs for a dense "
                 f"net), got {got}"
             )
-        return autm_coefficients(raw, self.g, self.num_steps, self.tail_bound,
+        return raw
+
+    def _coefficients(self, raw):
+        return autm_coefficients(self._check_raw(raw), self.g, self.num_steps, self.tail_bound,
                                  self.log_scale_bound, self.nonlinear_bound)
 
     def _map(self, x, coeffs):
         return autm_map(x, *coeffs, self.g, self.num_steps, self.tail_bound)
+
+    def _map_raw(self, x, raw):
+        """``_map(x, _coefficients(raw))``; with gradients, one autograd node (:class:`_AUTMLayerMap`)."""
+        if self.g == "linear" or not (torch.is_grad_enabled() and (x.requires_grad or raw.requires_grad)):
+            return self._map(x, self._coefficients(raw))
+        return _AUTMLayerMap.apply(x, self._check_raw(raw), self.g, self.num_steps, self.tail_bound,
+                                   self.log_scale_bound, self.nonlinear_bound)
 
     def _solve(self, target, coeffs, init=None):
         """Elementwise root of ``q(u; coeffs) = target`` (no graph), in a guaranteed bracket."""
@@ -535,7 +724,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
     def _explicit(self, u):
         u, ctx = self._broadcast_context(u)
         raw = self.arn(u, ctx)
-        v, logd = self._map(u, self._coefficients(raw))
+        v, logd = self._map_raw(u, raw)
         return v, logd.sum(-1)
 
     def _numerical(self, v):
@@ -573,11 +762,11 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         # held fixed has the value u (plus a Newton correction of the order of the residual) and
         # exactly the first derivatives of the inverse: du/dv = J^{-1}, du/dtheta = -J^{-1} dE/dtheta
         raw = self.arn(u, ctx, weights=weights)
-        y, _ = self._map(u, self._coefficients(raw))
+        y, _ = self._map_raw(u, raw)
         corr = torch.linalg.solve_triangular(jac, (y - v).unsqueeze(-1), upper=False).squeeze(-1)
         u = u - corr
         raw = self.arn(u, ctx, weights=weights)
-        _, logd = self._map(u, self._coefficients(raw))
+        _, logd = self._map_raw(u, raw)
         return u, logd.sum(-1)
 
     def _jacobian(self, u, logd, weights, ctx):
@@ -593,7 +782,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         ctx = None if ctx is None else ctx.detach()
         with torch.enable_grad():
             raw = self.arn(u, ctx, weights=fixed).detach().requires_grad_(True)
-            y, _ = self._map(u, self._coefficients(raw))
+            y, _ = self._map_raw(u, raw)
             (sens,) = torch.autograd.grad(y.sum(), raw)  # (..., P, D)
         with torch.no_grad():
             batch, D = u.shape[:-1], self.input_dim
@@ -799,7 +988,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
 
     def _explicit(self, u):
         u1, raw = self._raw(u[..., : self.split_dim])
-        v2, logd = self._map(u[..., self.split_dim:], self._coefficients(raw))
+        v2, logd = self._map_raw(u[..., self.split_dim:], raw)
         return torch.cat([u1, v2], -1), logd.sum(-1)
 
     def _numerical(self, v):
