@@ -289,8 +289,8 @@ def _chain_adjoint(gy, glog, x, e_half, e_full, ps, saved, kind, num_steps, tail
         gnext = torch.addcmul(torch.addcmul(gw, gv, e), gpn1, u1)
         gv = torch.addcmul(gnext, ps_d, _stage_slope_adjoint(kind, gu1, b1, x1, tail))
         # u = ps b and pn = ps a at both stages
-        step_ps = torch.addcmul(torch.addcmul(torch.addcmul(gpn * a2, gu2, b2), gpn1, a1), gu1, b1)
-        gps = step_ps if gps is None else gps + step_ps
+        gps = gpn * a2 if gps is None else torch.addcmul(gps, gpn, a2)
+        gps = torch.addcmul(torch.addcmul(torch.addcmul(gps, gu2, b2), gpn1, a1), gu1, b1)
     # v_0 = s_half + e_half x
     gx = gv * e_half
     ge_half = torch.addcmul(ge_half, gv, x)
