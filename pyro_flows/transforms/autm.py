@@ -9,10 +9,13 @@ plus "linear" (:math:`c = 0`). Long derivations and measurements: ``docs/autm.md
 
 **The map is the discrete map we compute.** (DESIGN.md, "AUTM": the continuous map is not a bijection of
 :math:`\mathbb{R}` for polynomial :math:`g`, and a quadrature of the log-derivative is not the log-det of
-the computed map.) With :math:`K` = ``num_steps``, :math:`h = 1/K`, Strang splitting composes exact
-flows :math:`L_\tau(v) = e^{\alpha\tau}v + \beta\tau\varphi_1(\alpha\tau)` of the linear part with
-:math:`K` Heun steps :math:`N(v) = v + \tfrac{p}{2}(\tilde n(v) + \tilde n(v + p\tilde n(v)))`,
-:math:`p = h\gamma`, of the nonlinear part, where :math:`\tilde n` is :math:`n` continued beyond
+the computed map.) With :math:`K` = ``num_steps``, :math:`h = 1/K`, a symmetric (Strang) splitting
+composes the exact flows of the scaling, :math:`S(v) = e^{\alpha h/2}v`, and of the shift,
+:math:`T_\tau(v) = v + \beta\tau`, with :math:`K` Heun steps
+:math:`N(v) = v + \tfrac{p}{2}(\tilde n(v) + \tilde n(v + p\tilde n(v)))`, :math:`p = h\gamma`, of the
+nonlinear part, in the palindromic order
+:math:`q = T_{h/2} S N S T_h S N \cdots N S T_{h/2}` (so the linear steps cost one multiply-add each and
+no :math:`\varphi_1`), where :math:`\tilde n` is :math:`n` continued beyond
 :math:`|v| > R` (``tail_bound``) by its tangent lines, so :math:`|\tilde n'| \le M` (:math:`M = 2R`,
 :math:`3R^2`, :math:`1/4`). The log-det is the exact sum over the steps of the computed map's
 log-derivatives (checked against autograd). As :math:`K \to \infty` the map converges at second order to
@@ -228,24 +231,21 @@ def _stage(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, c: torch.T
 
 
 def _stage_slope_adjoint(kind: str, gu: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, tail: float):
-    """``gu * (du/dv) / ps_d`` of one stage (``ps_d`` = :func:`_ps_deriv`): ``u = ps b(v)`` and
+    """``gu * (du/dv) / ps_d`` of one stage (``ps_d = 2 ps`` for "cubic", else ``ps``): ``u = ps b(v)`` and
     ``b' = 2 vc [|v| < R]`` (cubic), ``[|v| < R]`` (quadratic), ``b (1 - 2 s)`` (sigmoid)."""
     if kind == "sigmoid":
         return gu * torch.addcmul(b, b, aux, value=-2.0)
     return torch.ops.aten.hardtanh_backward(gu * aux if kind == "cubic" else gu, aux, -tail, tail)
 
 
-def _ps_deriv(kind: str, ps: torch.Tensor) -> torch.Tensor:
-    return 2.0 * ps if kind == "cubic" else ps
+def _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps, tail, save=False):
+    """The K steps: ``(y, sum_k log(1 + (1 + u1)(1 + u2)), saved, half)``.
 
-
-def _heun_chain(x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail, save=False):
-    """The K Strang/Heun steps: ``(y, sum_k log(1 + (1 + u1)(1 + u2)), saved)``.
-
-    ``saved`` (with ``save=True``) lists, per step, what :class:`_HeunChain`'s backward needs.
+    ``saved`` (with ``save=True``) lists, per step, what :func:`_chain_adjoint` needs; ``half`` is the
+    0-d constant 1/2 in ``x``'s dtype and device.
     """
     one, half, c = (x.new_full((), value) for value in (1.0, 0.5, _NL_CONST[kind]))
-    v = torch.addcmul(s_half, e_half, x)
+    v = torch.addcmul(s_first, e_half, x)
     logs, prod, saved = None, None, []
     for k in range(num_steps):
         if save:
@@ -263,27 +263,28 @@ def _heun_chain(x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail, sa
         prod = factor if prod is None else prod * factor
         if k % 8 == 7 or k == num_steps - 1:
             logs, prod = (torch.log(prod) if logs is None else logs + torch.log(prod)), None
-        v = torch.addcmul(s_full, e_full, z) if k < num_steps - 1 else torch.addcmul(s_half, e_half, z)
-    return v, logs, saved
+        v = torch.addcmul(s_full, e_full, z) if k < num_steps - 1 else torch.addcmul(s_last, e_half, z)
+    return v, logs, saved, half
 
 
-def _chain_adjoint(gy, glog, x, e_half, e_full, ps, saved, kind, num_steps, tail):
-    """Reverse sweep of :func:`_heun_chain`: the adjoints of ``(x, e_half, s_half, e_full, s_full, ps)``
-    (broadcast shape) given those of ``y`` and of the summed log-factors."""
-    ps_d = _ps_deriv(kind, ps)
-    he_half, he_full = 0.5 * e_half, 0.5 * e_full
-    gv, ge_half, gs_half, ge_full, gs_full, gps = gy, None, None, None, None, None
+def _chain_adjoint(gy, glog, x, e_half, e_full, ps, half, saved, kind, num_steps, tail):
+    """Reverse sweep of :func:`_heun_chain`: the adjoints of
+    ``(x, e_half, s_first, e_full, s_full, s_last, ps)`` (broadcast shape) given those of ``y`` and of
+    the summed log-factors."""
+    ps_d = ps + ps if kind == "cubic" else ps  # u = ps b(v): b' = 2 vc (cubic), 1, b (1 - 2 s)
+    he_half, he_full = e_half * half, e_full * half
+    gv, ge_half, gs_last, ge_full, gs_full, gps = gy, None, None, None, None, None
     for k in reversed(range(num_steps)):
         u1, a1, b1, x1, u2, a2, b2, x2, o1, o2, factor, z = saved[12 * k: 12 * k + 12]
-        # v_{k+1} = s + e z (s, e: the half step after the last Heun step, else the full one)
+        # the state after the step is s + e z (the last step: s_last + e_half z)
         last = k == num_steps - 1
         e, he = (e_half, he_half) if last else (e_full, he_full)
         if last:
-            ge_half, gs_half = gv * z, gv
+            ge_half, gs_last = gv * z, gv
         else:
             ge_full = gv * z if ge_full is None else torch.addcmul(ge_full, gv, z)
             gs_full = gv if gs_full is None else gs_full + gv
-        # z = v + (pn1 + pn2) / 2 with pn2 = pn(w), w = v + pn1; the log-factor log(1 + o1 o2), o = 1 + u
+        # z = v + (pn1 + pn2) / 2 with pn2 = pn(w), w = v + pn1 (dpn/dv = u); log-factor log(1 + o1 o2)
         r = glog / factor
         gu1, gu2, gpn = r * o2, r * o1, gv * he
         gw = torch.addcmul(ps_d * _stage_slope_adjoint(kind, gu2, b2, x2, tail), gpn, u2)
@@ -293,13 +294,12 @@ def _chain_adjoint(gy, glog, x, e_half, e_full, ps, saved, kind, num_steps, tail
         # u = ps b and pn = ps a at both stages
         gps = gpn * a2 if gps is None else torch.addcmul(gps, gpn, a2)
         gps = torch.addcmul(torch.addcmul(torch.addcmul(gps, gu2, b2), gpn1, a1), gu1, b1)
-    # v_0 = s_half + e_half x
+    # v_0 = s_first + e_half x
     gx = gv * e_half
     ge_half = torch.addcmul(ge_half, gv, x)
-    gs_half = gs_half + gv
     if ge_full is None:  # a single step
         ge_full, gs_full = torch.zeros_like(gx), torch.zeros_like(gx)
-    return gx, ge_half, gs_half, ge_full, gs_full, gps
+    return gx, ge_half, gv, ge_full, gs_full, gs_last, gps
 
 
 def _sum_to(grad, shape):
@@ -313,37 +313,33 @@ class _HeunChain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail):
-        y, logs, saved = _heun_chain(x, e_half, s_half, e_full, s_full, ps, kind, num_steps, tail, save=True)
-        ctx.meta = (kind, num_steps, tail, [t.shape for t in (x, e_half, s_half, e_full, s_full, ps)])
-        ctx.save_for_backward(x, e_half, e_full, ps, *(t for step in saved for t in step))
+    def forward(ctx, x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps, tail):
+        inputs = (x, e_half, s_first, e_full, s_full, s_last, ps)
+        y, logs, saved, half = _heun_chain(*inputs, kind, num_steps, tail, save=True)
+        ctx.meta = (kind, num_steps, tail, [t.shape for t in inputs])
+        ctx.save_for_backward(x, e_half, e_full, ps, half, *(t for step in saved for t in step))
         return y, logs
 
     @staticmethod
     def backward(ctx, gy, glog):
         kind, num_steps, tail, shapes = ctx.meta
-        x, e_half, e_full, ps, *saved = ctx.saved_tensors
-        grads = _chain_adjoint(gy, glog, x, e_half, e_full, ps, saved, kind, num_steps, tail)
+        x, e_half, e_full, ps, half, *saved = ctx.saved_tensors
+        grads = _chain_adjoint(gy, glog, x, e_half, e_full, ps, half, saved, kind, num_steps, tail)
         return (*(_sum_to(g, shape) for g, shape in zip(grads, shapes)), None, None, None)
 
 
 def _linear_flows(alpha, beta, num_steps):
-    """``(e_half, s_half, e_full, s_full, phi1(z))``: the half and full steps' exact linear flows
-    ``v -> e v + s`` (``z = alpha h / 2``)."""
+    """``(e_half, s_first, e_full, s_full, s_last)``: the scalings and shifts between the Heun steps.
+
+    With ``S(v) = e^{alpha h / 2} v`` and ``T_tau(v) = v + beta tau`` (the exact flows of ``v' = alpha v``
+    and ``v' = beta``): ``S T_{h/2}`` before the first Heun step, ``S T_h S`` between two, ``T_{h/2} S``
+    after the last, i.e. ``v -> e v + s`` with ``(e_half, s_first)``, ``(e_full, s_full)``,
+    ``(e_half, s_last)``.
+    """
     h = 1.0 / num_steps
-    z = 0.5 * h * alpha
-    e_half, f1 = torch.exp(z), _phi1(z)
-    s_half = 0.5 * h * beta * f1
-    # phi1(2z) = phi1(z) (e^z + 1) / 2, so the full step's shift needs no second phi1
-    return e_half, s_half, e_half * e_half, s_half * (e_half + 1.0), f1
-
-
-def _phi1_deriv(z, e, f1):
-    """``phi1'(z) = (e^z - phi1(z)) / z`` (``e = e^z``, ``f1 = phi1(z)``), by its Taylor series near 0."""
-    small = z.abs() < 1e-2
-    zs = torch.where(small, torch.ones_like(z), z)
-    taylor = 0.5 + z * (1.0 / 3 + z * (0.125 + z * (1.0 / 30 + z / 144)))
-    return torch.where(small, taylor, (e - f1) / zs)
+    e_half, s_last = torch.exp((0.5 * h) * alpha), (0.5 * h) * beta
+    s_first = s_last * e_half
+    return e_half, s_first, e_half * e_half, s_first + s_first, s_last
 
 
 class _AUTMLayerMap(torch.autograd.Function):
@@ -354,36 +350,36 @@ class _AUTMLayerMap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, raw, g, num_steps, tail, log_scale_bound, nonlinear_bound):
         alpha, beta, gamma = autm_coefficients(raw, g, num_steps, tail, log_scale_bound, nonlinear_bound)
-        e_half, s_half, e_full, s_full, f1 = _linear_flows(alpha, beta, num_steps)
+        e_half, s_first, e_full, s_full, s_last = _linear_flows(alpha, beta, num_steps)
         ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
-        y, logs, saved = _heun_chain(x, e_half, s_half, e_full, s_full, ps, g, num_steps, tail, save=True)
+        y, logs, saved, half = _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, g, num_steps, tail,
+                                           save=True)
         logd = (alpha - num_steps * math.log(2.0)) + logs
         ctx.meta = (g, num_steps, tail, log_scale_bound, nonlinear_bound, x.shape, raw.shape)
-        ctx.save_for_backward(x, alpha, beta, gamma, e_half, s_half, e_full, ps, f1,
+        ctx.save_for_backward(x, alpha, gamma, e_half, s_last, e_full, ps, half,
                               *(t for step in saved for t in step))
         return y, logd
 
     @staticmethod
     def backward(ctx, gy, glogd):
         g, num_steps, tail, A, B, x_shape, raw_shape = ctx.meta
-        x, alpha, beta, gamma, e_half, s_half, e_full, ps, f1, *saved = ctx.saved_tensors
-        gx, ge_half, gs_half, ge_full, gs_full, gps = _chain_adjoint(
-            gy, glogd, x, e_half, e_full, ps, saved, g, num_steps, tail)
+        x, alpha, gamma, e_half, s_last, e_full, ps, half, *saved = ctx.saved_tensors
+        gx, ge_half, gs_first, ge_full, gs_full, gs_last, gps = _chain_adjoint(
+            gy, glogd, x, e_half, e_full, ps, half, saved, g, num_steps, tail)
         h = 1.0 / num_steps
-        # e_full = e_half^2, s_full = s_half (e_half + 1); e_half = exp(z), s_half = h/2 beta phi1(z)
-        ge_half = torch.addcmul(torch.addcmul(ge_half, ge_full, e_half, value=2.0), gs_full, s_half)
-        gs_half = torch.addcmul(gs_half, gs_full, e_half + 1.0)
-        z = 0.5 * h * alpha
-        gz = torch.addcmul(ge_half * e_half, gs_half * beta, _phi1_deriv(z, e_half, f1), value=0.5 * h)
-        # alpha = A tanh(a / A): d alpha / d a = 1 - (alpha / A)^2; gamma likewise with c_max and M
-        galpha = torch.add(glogd, gz, alpha=0.5 * h)
+        # s_full = 2 s_first, e_full = e_half^2, s_first = s_last e_half; e_half = exp(alpha h / 2)
+        gs_first = torch.add(gs_first, gs_full, alpha=2.0)
+        ge_half = torch.addcmul(torch.addcmul(ge_half, ge_full, e_half, value=2.0), gs_first, s_last)
+        gs_last = torch.addcmul(gs_last, gs_first, e_half)
+        # alpha = A tanh(a / A): d alpha / d a = 1 - (alpha / A)^2 (and alpha enters the log-det directly);
+        # s_last = beta h / 2; gamma = c_max tanh(c / c_max) / M: d gamma / d c = (1 - (gamma M / c_max)^2) / M
+        galpha = torch.addcmul(glogd, ge_half, e_half, value=0.5 * h)
         ga = torch.addcmul(galpha, galpha * alpha, alpha, value=-1.0 / (A * A))
-        gb = gs_half * f1 * (0.5 * h)
         c_max, M = _step_kappa(num_steps, B) * num_steps, _slope_bound(g, tail)
-        gg = gps * (h * _DERIV_FACTOR[g] / M)  # d gamma / d c = (1 - tanh(c / c_max)^2) / M
+        gg = gps * (h * _DERIV_FACTOR[g] / M)
         gc = torch.addcmul(gg, gg * gamma, gamma, value=-(M / c_max) ** 2)
         lead = raw_shape[:-2] + raw_shape[-1:]
-        graw = torch.stack([_sum_to(t, lead) for t in (ga, gb, gc)], dim=-2)
+        graw = torch.stack([_sum_to(ga, lead), _sum_to(gs_last * (0.5 * h), lead), _sum_to(gc, lead)], dim=-2)
         return _sum_to(gx, x_shape), graw, None, None, None, None, None
 
 
@@ -405,22 +401,21 @@ def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 
     Example:
         >>> x = torch.linspace(-2, 2, 5)
         >>> raw = torch.tensor([[0.5], [0.1], [1.0]]).expand(3, 5)
-        >>> y, logd = autm_map(x, *autm_coefficients(raw, "cubic", 8), "cubic", 8)
+        >>> y, logd = autm_map(x, *autm_coefficients(raw, "cubic", 4), "cubic", 4)
         >>> bool((y.diff() > 0).all()), logd.shape
         (True, torch.Size([5]))
     """
-    if g == "linear":  # the composition of exact linear flows is the time-1 flow
+    if g == "linear":  # the time-1 flow of v' = alpha v + beta, exactly
         y = torch.addcmul(beta * _phi1(alpha), torch.exp(alpha), x)
         return y, alpha.expand_as(y)
     if g not in _DERIV_FACTOR:
         raise ValueError(f"g must be one of {INTEGRANDS}, got {g!r}")
-    e_half, s_half, e_full, s_full, _ = _linear_flows(alpha, beta, num_steps)
     ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
-    args = (x, e_half, s_half, e_full, s_full, ps)
+    args = (x, *_linear_flows(alpha, beta, num_steps), ps)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):
         y, logs = _HeunChain.apply(*args, g, num_steps, float(tail_bound))
     else:
-        y, logs, _ = _heun_chain(*args, g, num_steps, float(tail_bound))
+        y, logs, _, _ = _heun_chain(*args, g, num_steps, float(tail_bound))
     logd = (alpha - num_steps * math.log(2.0)) + logs
     return y, logd.expand_as(y)
 
@@ -428,23 +423,21 @@ def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 
 def autm_reverse_integration(y, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 3.0):
     """The paper's explicit inverse: integrate backwards from ``v(1) = y`` with the same steps.
 
-    The linear flows are undone exactly and each Heun step ``N`` by the reversed Heun step
+    The scalings and shifts are undone exactly and each Heun step ``N`` by the reversed Heun step
     ``w - p/2 (n(w) + n(w - p n(w)))``, so this is an approximate inverse of :func:`autm_map` (exact for
     ``"linear"``), used as the starting point of the bracketed solve.
     """
     if g == "linear":
         return (y - beta * _phi1(alpha)) * torch.exp(-alpha)
-    h = 1.0 / num_steps
-    e_half, s_half = torch.exp(-0.5 * h * alpha), 0.5 * h * beta * _phi1(0.5 * h * alpha)
-    e_full, s_full = torch.exp(-h * alpha), h * beta * _phi1(h * alpha)
-    ps = (h * _DERIV_FACTOR[g]) * gamma
+    e_half, s_first, e_full, s_full, s_last = _linear_flows(alpha, beta, num_steps)
+    ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
     c = y.new_full((), _NL_CONST[g])
-    w = (y - s_half) * e_half
+    w = (y - s_last) / e_half
     for k in range(num_steps):
         pn1 = _scaled_nonlinearity(g, w, ps, tail_bound, c)[1]
         pn2 = _scaled_nonlinearity(g, w - pn1, ps, tail_bound, c)[1]
         w = w - 0.5 * (pn1 + pn2)
-        w = (w - s_full) * e_full if k < num_steps - 1 else (w - s_half) * e_half
+        w = (w - s_full) / e_full if k < num_steps - 1 else (w - s_first) / e_half
     return w
 
 
