@@ -212,35 +212,36 @@ def autm_coefficients(raw: torch.Tensor, g: str, num_steps: int, tail_bound: flo
     return alpha, beta, gamma
 
 
-def _stage(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, c: torch.Tensor):
-    """One evaluation of the tamed nonlinearity for the fused chain: ``(u, pn, a, b, aux)``.
+def _stage(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, one: torch.Tensor, c: torch.Tensor):
+    """One stage of a Heun step for the fused chain: ``(o, pn, a, b, aux)``.
 
-    ``u = p n'(v)`` and ``pn = p n(v)``, rounded exactly as :func:`_scaled_nonlinearity` rounds them
-    (the map does not depend on the grad mode); ``a = n(v) / F`` and ``b = n'(v) / F`` (``F`` =
-    ``_DERIV_FACTOR[kind]``, ``ps = F p``) are what the backward needs for ``d/d ps``; ``aux`` is
-    ``clamp(v, -R, R)`` (its interior marks where ``n''`` is not 0) or ``sigmoid(v)``.
+    ``o = 1 + p n'(v)`` and ``pn = p n(v)``; ``a = n(v) / F`` and ``b = n'(v) / F`` (``F`` =
+    ``_DERIV_FACTOR[kind]``, ``ps = F p``, so ``pn = ps a`` and ``o = 1 + ps b``: what the backward needs
+    for ``d/d ps``); ``aux`` is ``clamp(v, -R, R)`` (its interior marks where ``n''`` is not 0) or
+    ``sigmoid(v)``.
     """
     if kind == "sigmoid":
         aux = torch.sigmoid(v)
-        pn, one_minus = ps * aux, c - aux
-        return pn * one_minus, pn, aux, aux * one_minus, aux
+        b = aux * (c - aux)
+        return torch.addcmul(one, ps, b), ps * aux, aux, b, aux
     aux = v.clamp(-tail, tail)
     b = aux * aux if kind == "cubic" else aux
-    u, t = ps * b, torch.addcmul(v, c, aux)
-    return u, u * t, b * t, b, aux
+    a = b * torch.addcmul(v, c, aux)
+    return torch.addcmul(one, ps, b), ps * a, a, b, aux
 
 
-def _stage_slope_adjoint(kind: str, gu: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, tail: float):
-    """``gu * (du/dv) / ps_d`` of one stage (``ps_d = 2 ps`` for "cubic", else ``ps``): ``u = ps b(v)`` and
-    ``b' = 2 vc [|v| < R]`` (cubic), ``[|v| < R]`` (quadratic), ``b (1 - 2 s)`` (sigmoid)."""
+def _stage_slope_adjoint(kind: str, g: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, tail: float):
+    """``T(g)`` of one stage with ``ps' T(g) = g (d o / d v) / 2`` (``o = 1 + ps b``): ``ps' = ps`` for
+    "cubic" (``b' = 2 vc [|v| < R]``), ``ps / 2`` otherwise (``b' = [|v| < R]``, ``b (1 - 2 s)``)."""
     if kind == "sigmoid":
-        return gu * torch.addcmul(b, b, aux, value=-2.0)
-    return torch.ops.aten.hardtanh_backward(gu * aux if kind == "cubic" else gu, aux, -tail, tail)
+        return g * torch.addcmul(b, b, aux, value=-2.0)
+    return torch.ops.aten.hardtanh_backward(g * aux if kind == "cubic" else g, aux, -tail, tail)
 
 
 def _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps, tail, save=False):
-    """The K steps: ``(y, sum_k log(1 + (1 + u1)(1 + u2)), saved, half)``.
+    """The K steps: ``(y, sum_k log((1 + o1 o2) / 2), saved, half)`` with ``o = 1 + p n'`` at the stages.
 
+    The same operations with and without ``save`` (the map does not depend on the grad mode).
     ``saved`` (with ``save=True``) lists, per step, what :func:`_chain_adjoint` needs; ``half`` is the
     0-d constant 1/2 in ``x``'s dtype and device.
     """
@@ -248,18 +249,12 @@ def _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps,
     v = torch.addcmul(s_first, e_half, x)
     logs, prod, saved = None, None, []
     for k in range(num_steps):
-        if save:
-            u1, pn1, a1, b1, x1 = _stage(kind, v, ps, tail, c)
-            u2, pn2, a2, b2, x2 = _stage(kind, v + pn1, ps, tail, c)
-            o1, o2 = u1 + one, u2 + one
-        else:
-            o1, pn1 = _scaled_nonlinearity(kind, v, ps, tail, c)
-            o2, pn2 = _scaled_nonlinearity(kind, v + pn1, ps, tail, c)
-            o1, o2 = o1 + one, o2 + one
+        o1, pn1, a1, b1, x1 = _stage(kind, v, ps, tail, one, c)
+        o2, pn2, a2, b2, x2 = _stage(kind, v + pn1, ps, tail, one, c)
         z = torch.addcmul(v, half, pn1 + pn2)
-        factor = torch.addcmul(one, o1, o2)  # in [1.25, 3.25]: a log every 8 steps is safe
+        factor = torch.addcmul(half, o1, o2, value=0.5)  # N' in [0.375, 1.625]: a log every 8 steps is safe
         if save:
-            saved.append((u1, a1, b1, x1, u2, a2, b2, x2, o1, o2, factor, z))
+            saved.append((o1, a1, b1, x1, o2, a2, b2, x2, factor, z))
         prod = factor if prod is None else prod * factor
         if k % 8 == 7 or k == num_steps - 1:
             logs, prod = (torch.log(prod) if logs is None else logs + torch.log(prod)), None
@@ -270,30 +265,33 @@ def _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps,
 def _chain_adjoint(gy, glog, x, e_half, e_full, ps, half, saved, kind, num_steps, tail):
     """Reverse sweep of :func:`_heun_chain`: the adjoints of
     ``(x, e_half, s_first, e_full, s_full, s_last, ps)`` (broadcast shape) given those of ``y`` and of
-    the summed log-factors."""
-    ps_d = ps + ps if kind == "cubic" else ps  # u = ps b(v): b' = 2 vc (cubic), 1, b (1 - 2 s)
+    the summed log-factors.
+
+    Per step (``pn = p n``, ``o = 1 + p n'`` at ``v`` and at ``w = v + pn1``; ``z = v + (pn1 + pn2) / 2``;
+    next state ``s + e z``; log-factor ``log((1 + o1 o2) / 2)``, ``dpn/dv = o - 1``): with ``gpn = e gv / 2``
+    the adjoint of ``pn2`` and ``r = glog / factor``, the adjoint of ``pn1`` is
+    ``gpn1 = gpn o2 + ps' T(r o1)`` and that of ``v`` is ``gpn + gpn1 o1 + ps' T(r o2)``, with
+    ``ps' T(g) = g (do/dv) / 2`` (:func:`_stage_slope_adjoint`).
+    """
+    ps_s = ps if kind == "cubic" else ps * half  # ps' above: b' carries a factor 2 for "cubic"
     he_half, he_full = e_half * half, e_full * half
     gv, ge_half, gs_last, ge_full, gs_full, gps = gy, None, None, None, None, None
     for k in reversed(range(num_steps)):
-        u1, a1, b1, x1, u2, a2, b2, x2, o1, o2, factor, z = saved[12 * k: 12 * k + 12]
-        # the state after the step is s + e z (the last step: s_last + e_half z)
+        o1, a1, b1, x1, o2, a2, b2, x2, factor, z = saved[10 * k: 10 * k + 10]
         last = k == num_steps - 1
-        e, he = (e_half, he_half) if last else (e_full, he_full)
         if last:
             ge_half, gs_last = gv * z, gv
         else:
             ge_full = gv * z if ge_full is None else torch.addcmul(ge_full, gv, z)
             gs_full = gv if gs_full is None else gs_full + gv
-        # z = v + (pn1 + pn2) / 2 with pn2 = pn(w), w = v + pn1 (dpn/dv = u); log-factor log(1 + o1 o2)
+        gpn = gv * (he_half if last else he_full)
         r = glog / factor
-        gu1, gu2, gpn = r * o2, r * o1, gv * he
-        gw = torch.addcmul(ps_d * _stage_slope_adjoint(kind, gu2, b2, x2, tail), gpn, u2)
-        gpn1 = gpn + gw
-        gnext = torch.addcmul(torch.addcmul(gw, gv, e), gpn1, u1)
-        gv = torch.addcmul(gnext, ps_d, _stage_slope_adjoint(kind, gu1, b1, x1, tail))
-        # u = ps b and pn = ps a at both stages
+        g1, g2 = r * o2, r * o1  # twice the adjoints of o1, o2
+        gpn1 = torch.addcmul(ps_s * _stage_slope_adjoint(kind, g2, b2, x2, tail), gpn, o2)
+        gv = torch.addcmul(torch.addcmul(gpn, gpn1, o1), ps_s, _stage_slope_adjoint(kind, g1, b1, x1, tail))
+        # pn = ps a and o = 1 + ps b at both stages
         gps = gpn * a2 if gps is None else torch.addcmul(gps, gpn, a2)
-        gps = torch.addcmul(torch.addcmul(torch.addcmul(gps, gu2, b2), gpn1, a1), gu1, b1)
+        gps = torch.addcmul(torch.addcmul(torch.addcmul(gps, g2, b2, value=0.5), gpn1, a1), g1, b1, value=0.5)
     # v_0 = s_first + e_half x
     gx = gv * e_half
     ge_half = torch.addcmul(ge_half, gv, x)
@@ -354,7 +352,7 @@ class _AUTMLayerMap(torch.autograd.Function):
         ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
         y, logs, saved, half = _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, g, num_steps, tail,
                                            save=True)
-        logd = (alpha - num_steps * math.log(2.0)) + logs
+        logd = alpha + logs
         ctx.meta = (g, num_steps, tail, log_scale_bound, nonlinear_bound, x.shape, raw.shape)
         ctx.save_for_backward(x, alpha, gamma, e_half, s_last, e_full, ps, half,
                               *(t for step in saved for t in step))
@@ -416,7 +414,7 @@ def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 
         y, logs = _HeunChain.apply(*args, g, num_steps, float(tail_bound))
     else:
         y, logs, _, _ = _heun_chain(*args, g, num_steps, float(tail_bound))
-    logd = (alpha - num_steps * math.log(2.0)) + logs
+    logd = alpha + logs
     return y, logd.expand_as(y)
 
 
