@@ -610,8 +610,10 @@ class _AUTMBase(FlowTransform):
         slack = (fn(init)[0] - target).abs() + 64 * eps * (1 + target.abs())
         width = slack * torch.exp(-log_m) * (1 + 1e-6)
         lower, upper = init - width, init + width
-        # rounding in the evaluated map could in principle push the root out: verify, else search
-        if not bool((torch.isfinite(width) & (fn(lower)[0] <= target) & (fn(upper)[0] >= target)).all()):
+        # rounding in the evaluated map could in principle push the root out: verify (both ends in one
+        # evaluation), else search
+        y_ends = fn(torch.stack([lower, upper]))[0]
+        if not bool((torch.isfinite(width) & (y_ends[0] <= target) & (y_ends[1] >= target)).all()):
             lower = upper = None
         tol = 64 * eps  # near rounding: a loose stop would be amplified by the layers that follow
         x, info = monotone_root(fn, target, init=init, lower=lower, upper=upper, atol=tol, rtol=tol,
