@@ -4,6 +4,8 @@
   checks of the conformance harness, plain and conditional, autoregressive and coupling;
 * the scalar step map is strictly increasing, finite and has the exact log-derivative for extreme raw
   parameters (+-10, and +-1e4);
+* the hand-written backward of the fused elementwise node matches finite differences (``gradcheck``,
+  float64, tight tolerances), and the map's values do not depend on the grad mode;
 * the discrete map converges to the paper's continuous-time map (a fine RK4 reference) as the number of
   steps grows, at second order, where that map exists;
 * the inverse's bracketed solve needs a bounded number of iterations, and its starting point (the
