@@ -127,30 +127,7 @@ _DERIV_FACTOR = {"cubic": 3.0, "quadratic": 2.0, "sigmoid": 1.0}
 # ----------------------------------------------------------------------------------------------
 # the scalar map
 # ----------------------------------------------------------------------------------------------
-def _scaled_nonlinearity(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, c: torch.Tensor):
-    """``(p n'(v), p n(v))`` of the tamed nonlinearity, with ``ps = p * _DERIV_FACTOR[kind]``.
-
-    Written with few elementwise operations: for "cubic" ``n = vc^2 (3 v - 2 vc)`` (``v^3`` inside
-    ``[-R, R]``, tangent lines outside, ``vc = clamp(v, -R, R)``) and ``n' = 3 vc^2``; for "quadratic"
-    ``n = vc (2 v - vc)`` and ``n' = 2 vc``; for "sigmoid" ``n = s``, ``n' = s (1 - s)``. ``c`` is a
-    0-d tensor (``-2/3``, ``-1/2``, or ``1`` for "sigmoid"): tensor constants, not Python numbers,
-    keep scalar conversions out of the forward and backward passes.
-    """
-    if kind == "sigmoid":
-        s = torch.sigmoid(v)
-        pn = ps * s
-        return pn * (c - s), pn
-    vc = v.clamp(-tail, tail)
-    if kind == "cubic":
-        u = ps * (vc * vc)
-        return u, u * torch.addcmul(v, c, vc)
-    if kind == "quadratic":
-        u = ps * vc
-        return u, u * torch.addcmul(v, c, vc)
-    raise ValueError(f"g must be one of {INTEGRANDS}, got {kind!r}")
-
-
-#: the constant ``c`` of :func:`_scaled_nonlinearity`
+#: the constant ``c`` of :func:`_stage`
 _NL_CONST = {"cubic": -2.0 / 3.0, "quadratic": -0.5, "sigmoid": 1.0}
 
 
@@ -213,12 +190,16 @@ def autm_coefficients(raw: torch.Tensor, g: str, num_steps: int, tail_bound: flo
 
 
 def _stage(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, one: torch.Tensor, c: torch.Tensor):
-    """One stage of a Heun step for the fused chain: ``(o, pn, a, b, aux)``.
+    """One evaluation of the tamed nonlinearity (a stage of a Heun step): ``(o, pn, a, b, aux)``.
 
     ``o = 1 + p n'(v)`` and ``pn = p n(v)``; ``a = n(v) / F`` and ``b = n'(v) / F`` (``F`` =
     ``_DERIV_FACTOR[kind]``, ``ps = F p``, so ``pn = ps a`` and ``o = 1 + ps b``: what the backward needs
     for ``d/d ps``); ``aux`` is ``clamp(v, -R, R)`` (its interior marks where ``n''`` is not 0) or
-    ``sigmoid(v)``.
+    ``sigmoid(v)``. Written with few elementwise operations: for "cubic" ``n = vc^2 (3 v - 2 vc)``
+    (``v^3`` inside ``[-R, R]``, tangent lines outside, ``vc = clamp(v, -R, R)``) and ``n' = 3 vc^2``;
+    for "quadratic" ``n = vc (2 v - vc)`` and ``n' = 2 vc``; for "sigmoid" ``n = s``,
+    ``n' = s (1 - s)``. ``one`` and ``c`` (``-2/3``, ``-1/2``, or ``1`` for "sigmoid") are 0-d
+    tensors: tensor constants, not Python numbers, keep scalar conversions out of the hot loop.
     """
     if kind == "sigmoid":
         aux = torch.sigmoid(v)
@@ -429,11 +410,11 @@ def autm_reverse_integration(y, alpha, beta, gamma, g: str, num_steps: int, tail
         return (y - beta * _phi1(alpha)) * torch.exp(-alpha)
     e_half, s_first, e_full, s_full, s_last = _linear_flows(alpha, beta, num_steps)
     ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
-    c = y.new_full((), _NL_CONST[g])
+    one, c = y.new_full((), 1.0), y.new_full((), _NL_CONST[g])
     w = (y - s_last) / e_half
     for k in range(num_steps):
-        pn1 = _scaled_nonlinearity(g, w, ps, tail_bound, c)[1]
-        pn2 = _scaled_nonlinearity(g, w - pn1, ps, tail_bound, c)[1]
+        pn1 = _stage(g, w, ps, tail_bound, one, c)[1]
+        pn2 = _stage(g, w - pn1, ps, tail_bound, one, c)[1]
         w = w - 0.5 * (pn1 + pn2)
         w = (w - s_full) / e_full if k < num_steps - 1 else (w - s_first) / e_half
     return w
