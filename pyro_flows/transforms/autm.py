@@ -9,10 +9,13 @@ plus "linear" (:math:`c = 0`). Long derivations and measurements: ``docs/autm.md
 
 **The map is the discrete map we compute.** (DESIGN.md, "AUTM": the continuous map is not a bijection of
 :math:`\mathbb{R}` for polynomial :math:`g`, and a quadrature of the log-derivative is not the log-det of
-the computed map.) With :math:`K` = ``num_steps``, :math:`h = 1/K`, Strang splitting composes exact
-flows :math:`L_\tau(v) = e^{\alpha\tau}v + \beta\tau\varphi_1(\alpha\tau)` of the linear part with
-:math:`K` Heun steps :math:`N(v) = v + \tfrac{p}{2}(\tilde n(v) + \tilde n(v + p\tilde n(v)))`,
-:math:`p = h\gamma`, of the nonlinear part, where :math:`\tilde n` is :math:`n` continued beyond
+the computed map.) With :math:`K` = ``num_steps``, :math:`h = 1/K`, a symmetric (Strang) splitting
+composes the exact flows of the scaling, :math:`S(v) = e^{\alpha h/2}v`, and of the shift,
+:math:`T_\tau(v) = v + \beta\tau`, with :math:`K` Heun steps
+:math:`N(v) = v + \tfrac{p}{2}(\tilde n(v) + \tilde n(v + p\tilde n(v)))`, :math:`p = h\gamma`, of the
+nonlinear part, in the palindromic order
+:math:`q = T_{h/2} S N S T_h S N \cdots N S T_{h/2}` (so the linear steps cost one multiply-add each and
+no :math:`\varphi_1`), where :math:`\tilde n` is :math:`n` continued beyond
 :math:`|v| > R` (``tail_bound``) by its tangent lines, so :math:`|\tilde n'| \le M` (:math:`M = 2R`,
 :math:`3R^2`, :math:`1/4`). The log-det is the exact sum over the steps of the computed map's
 log-derivatives (checked against autograd). As :math:`K \to \infty` the map converges at second order to
@@ -29,8 +32,10 @@ and coordinate, for any ``num_steps``:
 
 .. math::  |\log q'| \;\le\; A + K\,|\log(1-\kappa-\kappa^2/2)| \;\le\; A + 1.97\,B
 
-(at the defaults :math:`K = 8`, :math:`B = 2`: 5.64 autoregressive, 7.64 coupling; at most
-:math:`A + 3.93` for any :math:`K`; :func:`log_slope_bound` computes it).
+(at the defaults :math:`K = 4`, :math:`B = 2`: 6.92 autoregressive, 8.92 coupling; 5.64 and 7.64 at
+:math:`K = 8`; at most :math:`A + 3.93` for any :math:`K`; :func:`log_slope_bound` computes it). :math:`K = 4
+= 2B` is the fewest steps that keep the whole budget :math:`B` (below, :math:`c_{\max} = K/2 < B`); it
+trains as well as :math:`K = 8` per second of CPU and costs half the elementwise work (``docs/autm.md``).
 
 The *total* nonlinear budget :math:`B` is split over the steps, so the bound does not grow with
 ``num_steps`` (it shrinks towards :math:`A + B` as :math:`K` grows). The autoregressive layer's
@@ -122,30 +127,7 @@ _DERIV_FACTOR = {"cubic": 3.0, "quadratic": 2.0, "sigmoid": 1.0}
 # ----------------------------------------------------------------------------------------------
 # the scalar map
 # ----------------------------------------------------------------------------------------------
-def _scaled_nonlinearity(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, c: torch.Tensor):
-    """``(p n'(v), p n(v))`` of the tamed nonlinearity, with ``ps = p * _DERIV_FACTOR[kind]``.
-
-    Written with few elementwise operations: for "cubic" ``n = vc^2 (3 v - 2 vc)`` (``v^3`` inside
-    ``[-R, R]``, tangent lines outside, ``vc = clamp(v, -R, R)``) and ``n' = 3 vc^2``; for "quadratic"
-    ``n = vc (2 v - vc)`` and ``n' = 2 vc``; for "sigmoid" ``n = s``, ``n' = s (1 - s)``. ``c`` is a
-    0-d tensor (``-2/3``, ``-1/2``, or ``1`` for "sigmoid"): tensor constants, not Python numbers,
-    keep scalar conversions out of the forward and backward passes.
-    """
-    if kind == "sigmoid":
-        s = torch.sigmoid(v)
-        pn = ps * s
-        return pn * (c - s), pn
-    vc = v.clamp(-tail, tail)
-    if kind == "cubic":
-        u = ps * (vc * vc)
-        return u, u * torch.addcmul(v, c, vc)
-    if kind == "quadratic":
-        u = ps * vc
-        return u, u * torch.addcmul(v, c, vc)
-    raise ValueError(f"g must be one of {INTEGRANDS}, got {kind!r}")
-
-
-#: the constant ``c`` of :func:`_scaled_nonlinearity`
+#: the constant ``c`` of :func:`_stage`
 _NL_CONST = {"cubic": -2.0 / 3.0, "quadratic": -0.5, "sigmoid": 1.0}
 
 
@@ -167,7 +149,7 @@ def _step_kappa(num_steps: int, nonlinear_bound: float) -> float:
     return min(nonlinear_bound / num_steps, 0.5)
 
 
-def log_slope_bound(num_steps: int = 8, log_scale_bound: float = 5.0, nonlinear_bound: float = 2.0,
+def log_slope_bound(num_steps: int = 4, log_scale_bound: float = 5.0, nonlinear_bound: float = 2.0,
                     g: str = "cubic") -> float:
     """The guaranteed bound on ``|log q'|`` of one layer, per coordinate, for any parameter values.
 
@@ -175,8 +157,8 @@ def log_slope_bound(num_steps: int = 8, log_scale_bound: float = 5.0, nonlinear_
     at most ``A + 1.97 B`` whatever ``num_steps``.
 
     Example:
-        >>> round(log_slope_bound(), 3), round(log_slope_bound(num_steps=64), 3)
-        (7.642, 7.064)
+        >>> round(log_slope_bound(), 3), round(log_slope_bound(num_steps=8), 3)
+        (8.923, 7.642)
     """
     if g == "linear":
         return float(log_scale_bound)
@@ -207,6 +189,179 @@ def autm_coefficients(raw: torch.Tensor, g: str, num_steps: int, tail_bound: flo
     return alpha, beta, gamma
 
 
+def _stage(kind: str, v: torch.Tensor, ps: torch.Tensor, tail: float, one: torch.Tensor, c: torch.Tensor):
+    """One evaluation of the tamed nonlinearity (a stage of a Heun step): ``(o, pn, a, b, aux)``.
+
+    ``o = 1 + p n'(v)`` and ``pn = p n(v)``; ``a = n(v) / F`` and ``b = n'(v) / F`` (``F`` =
+    ``_DERIV_FACTOR[kind]``, ``ps = F p``, so ``pn = ps a`` and ``o = 1 + ps b``: what the backward needs
+    for ``d/d ps``); ``aux`` is ``clamp(v, -R, R)`` (its interior marks where ``n''`` is not 0) or
+    ``sigmoid(v)``. Written with few elementwise operations: for "cubic" ``n = vc^2 (3 v - 2 vc)``
+    (``v^3`` inside ``[-R, R]``, tangent lines outside, ``vc = clamp(v, -R, R)``) and ``n' = 3 vc^2``;
+    for "quadratic" ``n = vc (2 v - vc)`` and ``n' = 2 vc``; for "sigmoid" ``n = s``,
+    ``n' = s (1 - s)``. ``one`` and ``c`` (``-2/3``, ``-1/2``, or ``1`` for "sigmoid") are 0-d
+    tensors: tensor constants, not Python numbers, keep scalar conversions out of the hot loop.
+    """
+    if kind == "sigmoid":
+        aux = torch.sigmoid(v)
+        b = aux * (c - aux)
+        return torch.addcmul(one, ps, b), ps * aux, aux, b, aux
+    aux = v.clamp(-tail, tail)
+    b = aux * aux if kind == "cubic" else aux
+    a = b * torch.addcmul(v, c, aux)
+    return torch.addcmul(one, ps, b), ps * a, a, b, aux
+
+
+def _stage_slope_adjoint(kind: str, g: torch.Tensor, b: torch.Tensor, aux: torch.Tensor, tail: float):
+    """``T(g)`` of one stage with ``ps' T(g) = g (d o / d v) / 2`` (``o = 1 + ps b``): ``ps' = ps`` for
+    "cubic" (``b' = 2 vc [|v| < R]``), ``ps / 2`` otherwise (``b' = [|v| < R]``, ``b (1 - 2 s)``)."""
+    if kind == "sigmoid":
+        return g * torch.addcmul(b, b, aux, value=-2.0)
+    return torch.ops.aten.hardtanh_backward(g * aux if kind == "cubic" else g, aux, -tail, tail)
+
+
+def _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps, tail, save=False):
+    """The K steps: ``(y, sum_k log((1 + o1 o2) / 2), saved, half)`` with ``o = 1 + p n'`` at the stages.
+
+    The same operations with and without ``save`` (the map does not depend on the grad mode).
+    ``saved`` (with ``save=True``) lists, per step, what :func:`_chain_adjoint` needs; ``half`` is the
+    0-d constant 1/2 in ``x``'s dtype and device.
+    """
+    one, half, c = (x.new_full((), value) for value in (1.0, 0.5, _NL_CONST[kind]))
+    v = torch.addcmul(s_first, e_half, x)
+    logs, prod, saved = None, None, []
+    for k in range(num_steps):
+        o1, pn1, a1, b1, x1 = _stage(kind, v, ps, tail, one, c)
+        o2, pn2, a2, b2, x2 = _stage(kind, v + pn1, ps, tail, one, c)
+        z = torch.addcmul(v, half, pn1 + pn2)
+        factor = torch.addcmul(half, o1, o2, value=0.5)  # N' in [0.375, 1.625]: a log every 8 steps is safe
+        if save:
+            saved.append((o1, a1, b1, x1, o2, a2, b2, x2, factor, z))
+        prod = factor if prod is None else prod * factor
+        if k % 8 == 7 or k == num_steps - 1:
+            logs, prod = (torch.log(prod) if logs is None else logs + torch.log(prod)), None
+        v = torch.addcmul(s_full, e_full, z) if k < num_steps - 1 else torch.addcmul(s_last, e_half, z)
+    return v, logs, saved, half
+
+
+def _chain_adjoint(gy, glog, x, e_half, e_full, ps, half, saved, kind, num_steps, tail):
+    """Reverse sweep of :func:`_heun_chain`: the adjoints of
+    ``(x, e_half, s_first, e_full, s_full, s_last, ps)`` (broadcast shape) given those of ``y`` and of
+    the summed log-factors.
+
+    Per step (``pn = p n``, ``o = 1 + p n'`` at ``v`` and at ``w = v + pn1``; ``z = v + (pn1 + pn2) / 2``;
+    next state ``s + e z``; log-factor ``log((1 + o1 o2) / 2)``, ``dpn/dv = o - 1``): with ``gpn = e gv / 2``
+    the adjoint of ``pn2`` and ``r = glog / factor``, the adjoint of ``pn1`` is
+    ``gpn1 = gpn o2 + ps' T(r o1)`` and that of ``v`` is ``gpn + gpn1 o1 + ps' T(r o2)``, with
+    ``ps' T(g) = g (do/dv) / 2`` (:func:`_stage_slope_adjoint`).
+    """
+    ps_s = ps if kind == "cubic" else ps * half  # ps' above: b' carries a factor 2 for "cubic"
+    he_half, he_full = e_half * half, e_full * half
+    gv, ge_half, gs_last, ge_full, gs_full, gps = gy, None, None, None, None, None
+    for k in reversed(range(num_steps)):
+        o1, a1, b1, x1, o2, a2, b2, x2, factor, z = saved[10 * k: 10 * k + 10]
+        last = k == num_steps - 1
+        if last:
+            ge_half, gs_last = gv * z, gv
+        else:
+            ge_full = gv * z if ge_full is None else torch.addcmul(ge_full, gv, z)
+            gs_full = gv if gs_full is None else gs_full + gv
+        gpn = gv * (he_half if last else he_full)
+        r = glog / factor
+        g1, g2 = r * o2, r * o1  # twice the adjoints of o1, o2
+        gpn1 = torch.addcmul(ps_s * _stage_slope_adjoint(kind, g2, b2, x2, tail), gpn, o2)
+        gv = torch.addcmul(torch.addcmul(gpn, gpn1, o1), ps_s, _stage_slope_adjoint(kind, g1, b1, x1, tail))
+        # pn = ps a and o = 1 + ps b at both stages
+        gps = gpn * a2 if gps is None else torch.addcmul(gps, gpn, a2)
+        gps = torch.addcmul(torch.addcmul(torch.addcmul(gps, g2, b2, value=0.5), gpn1, a1), g1, b1, value=0.5)
+    # v_0 = s_first + e_half x
+    gx = gv * e_half
+    ge_half = torch.addcmul(ge_half, gv, x)
+    if ge_full is None:  # a single step
+        ge_full, gs_full = torch.zeros_like(gx), torch.zeros_like(gx)
+    return gx, ge_half, gv, ge_full, gs_full, gs_last, gps
+
+
+def _sum_to(grad, shape):
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
+
+
+class _HeunChain(torch.autograd.Function):
+    """:func:`_heun_chain` as one autograd node with a closed-form backward (:func:`_chain_adjoint`).
+
+    First derivatives only: nothing in the package differentiates a gradient of the map again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, e_half, s_first, e_full, s_full, s_last, ps, kind, num_steps, tail):
+        inputs = (x, e_half, s_first, e_full, s_full, s_last, ps)
+        y, logs, saved, half = _heun_chain(*inputs, kind, num_steps, tail, save=True)
+        ctx.meta = (kind, num_steps, tail, [t.shape for t in inputs])
+        ctx.save_for_backward(x, e_half, e_full, ps, half, *(t for step in saved for t in step))
+        return y, logs
+
+    @staticmethod
+    def backward(ctx, gy, glog):
+        kind, num_steps, tail, shapes = ctx.meta
+        x, e_half, e_full, ps, half, *saved = ctx.saved_tensors
+        grads = _chain_adjoint(gy, glog, x, e_half, e_full, ps, half, saved, kind, num_steps, tail)
+        return (*(_sum_to(g, shape) for g, shape in zip(grads, shapes)), None, None, None)
+
+
+def _linear_flows(alpha, beta, num_steps):
+    """``(e_half, s_first, e_full, s_full, s_last)``: the scalings and shifts between the Heun steps.
+
+    With ``S(v) = e^{alpha h / 2} v`` and ``T_tau(v) = v + beta tau`` (the exact flows of ``v' = alpha v``
+    and ``v' = beta``): ``S T_{h/2}`` before the first Heun step, ``S T_h S`` between two, ``T_{h/2} S``
+    after the last, i.e. ``v -> e v + s`` with ``(e_half, s_first)``, ``(e_full, s_full)``,
+    ``(e_half, s_last)``.
+    """
+    h = 1.0 / num_steps
+    e_half, s_last = torch.exp((0.5 * h) * alpha), (0.5 * h) * beta
+    s_first = s_last * e_half
+    return e_half, s_first, e_half * e_half, s_first + s_first, s_last
+
+
+class _AUTMLayerMap(torch.autograd.Function):
+    """``autm_map(x, *autm_coefficients(raw, ...))`` as one autograd node: the same arithmetic forward
+    (so the same values as the two public functions) and a closed-form backward through the K steps
+    (:func:`_chain_adjoint`), the linear flows and the ``tanh`` bounds. First derivatives only."""
+
+    @staticmethod
+    def forward(ctx, x, raw, g, num_steps, tail, log_scale_bound, nonlinear_bound):
+        alpha, beta, gamma = autm_coefficients(raw, g, num_steps, tail, log_scale_bound, nonlinear_bound)
+        e_half, s_first, e_full, s_full, s_last = _linear_flows(alpha, beta, num_steps)
+        ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
+        y, logs, saved, half = _heun_chain(x, e_half, s_first, e_full, s_full, s_last, ps, g, num_steps, tail,
+                                           save=True)
+        logd = alpha + logs
+        ctx.meta = (g, num_steps, tail, log_scale_bound, nonlinear_bound, x.shape, raw.shape)
+        ctx.save_for_backward(x, alpha, gamma, e_half, s_last, e_full, ps, half,
+                              *(t for step in saved for t in step))
+        return y, logd
+
+    @staticmethod
+    def backward(ctx, gy, glogd):
+        g, num_steps, tail, A, B, x_shape, raw_shape = ctx.meta
+        x, alpha, gamma, e_half, s_last, e_full, ps, half, *saved = ctx.saved_tensors
+        gx, ge_half, gs_first, ge_full, gs_full, gs_last, gps = _chain_adjoint(
+            gy, glogd, x, e_half, e_full, ps, half, saved, g, num_steps, tail)
+        h = 1.0 / num_steps
+        # s_full = 2 s_first, e_full = e_half^2, s_first = s_last e_half; e_half = exp(alpha h / 2)
+        gs_first = torch.add(gs_first, gs_full, alpha=2.0)
+        ge_half = torch.addcmul(torch.addcmul(ge_half, ge_full, e_half, value=2.0), gs_first, s_last)
+        gs_last = torch.addcmul(gs_last, gs_first, e_half)
+        # alpha = A tanh(a / A): d alpha / d a = 1 - (alpha / A)^2 (and alpha enters the log-det directly);
+        # s_last = beta h / 2; gamma = c_max tanh(c / c_max) / M: d gamma / d c = (1 - (gamma M / c_max)^2) / M
+        galpha = torch.addcmul(glogd, ge_half, e_half, value=0.5 * h)
+        ga = torch.addcmul(galpha, galpha * alpha, alpha, value=-1.0 / (A * A))
+        c_max, M = _step_kappa(num_steps, B) * num_steps, _slope_bound(g, tail)
+        gg = gps * (h * _DERIV_FACTOR[g] / M)
+        gc = torch.addcmul(gg, gg * gamma, gamma, value=-(M / c_max) ** 2)
+        lead = raw_shape[:-2] + raw_shape[-1:]
+        graw = torch.stack([_sum_to(ga, lead), _sum_to(gs_last * (0.5 * h), lead), _sum_to(gc, lead)], dim=-2)
+        return _sum_to(gx, x_shape), graw, None, None, None, None, None
+
+
 def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 3.0):
     """The discrete AUTM map and its exact elementwise log-derivative.
 
@@ -219,51 +374,49 @@ def autm_map(x, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 
         ``(y, log_dy_dx)``, both shaped like the broadcast of the inputs.
 
     The Heun step's derivative ``1 + (u1 + u2 + u1 u2) / 2`` (``u = p n'`` at the two stages) is
-    ``(1 + (1 + u1)(1 + u2)) / 2``; the factors are multiplied and the log taken once.
+    ``(1 + (1 + u1)(1 + u2)) / 2``; the factors are multiplied and the log taken once every 8 steps.
+    With gradients the K steps run as one autograd node with a hand-written backward (see ``docs/autm.md``).
+
+    Example:
+        >>> x = torch.linspace(-2, 2, 5)
+        >>> raw = torch.tensor([[0.5], [0.1], [1.0]]).expand(3, 5)
+        >>> y, logd = autm_map(x, *autm_coefficients(raw, "cubic", 4), "cubic", 4)
+        >>> bool((y.diff() > 0).all()), logd.shape
+        (True, torch.Size([5]))
     """
-    if g == "linear":  # the composition of exact linear flows is the time-1 flow
+    if g == "linear":  # the time-1 flow of v' = alpha v + beta, exactly
         y = torch.addcmul(beta * _phi1(alpha), torch.exp(alpha), x)
         return y, alpha.expand_as(y)
-    h = 1.0 / num_steps
-    one, half, c = (x.new_full((), value) for value in (1.0, 0.5, _NL_CONST[g]))
-    e_half, s_half = torch.exp(0.5 * h * alpha), 0.5 * h * beta * _phi1(0.5 * h * alpha)
-    # phi1(2z) = phi1(z) (e^z + 1) / 2, so the full step's shift needs no second phi1
-    e_full, s_full = e_half * e_half, s_half * (e_half + one)
-    ps = (h * _DERIV_FACTOR[g]) * gamma
-    v = torch.addcmul(s_half, e_half, x)
-    logd, prod = alpha - num_steps * math.log(2.0), None
-    for k in range(num_steps):
-        u1, pn1 = _scaled_nonlinearity(g, v, ps, tail_bound, c)
-        u2, pn2 = _scaled_nonlinearity(g, v + pn1, ps, tail_bound, c)
-        v = torch.addcmul(v, half, pn1 + pn2)
-        factor = torch.addcmul(one, u1 + one, u2 + one)  # in [1.25, 3.25]: a log every 8 steps is safe
-        prod = factor if prod is None else prod * factor
-        if k % 8 == 7 or k == num_steps - 1:
-            logd, prod = logd + torch.log(prod), None
-        v = torch.addcmul(s_full, e_full, v) if k < num_steps - 1 else torch.addcmul(s_half, e_half, v)
-    return v, logd.expand_as(v)
+    if g not in _DERIV_FACTOR:
+        raise ValueError(f"g must be one of {INTEGRANDS}, got {g!r}")
+    ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
+    args = (x, *_linear_flows(alpha, beta, num_steps), ps)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        y, logs = _HeunChain.apply(*args, g, num_steps, float(tail_bound))
+    else:
+        y, logs, _, _ = _heun_chain(*args, g, num_steps, float(tail_bound))
+    logd = alpha + logs
+    return y, logd.expand_as(y)
 
 
 def autm_reverse_integration(y, alpha, beta, gamma, g: str, num_steps: int, tail_bound: float = 3.0):
     """The paper's explicit inverse: integrate backwards from ``v(1) = y`` with the same steps.
 
-    The linear flows are undone exactly and each Heun step ``N`` by the reversed Heun step
+    The scalings and shifts are undone exactly and each Heun step ``N`` by the reversed Heun step
     ``w - p/2 (n(w) + n(w - p n(w)))``, so this is an approximate inverse of :func:`autm_map` (exact for
     ``"linear"``), used as the starting point of the bracketed solve.
     """
     if g == "linear":
         return (y - beta * _phi1(alpha)) * torch.exp(-alpha)
-    h = 1.0 / num_steps
-    e_half, s_half = torch.exp(-0.5 * h * alpha), 0.5 * h * beta * _phi1(0.5 * h * alpha)
-    e_full, s_full = torch.exp(-h * alpha), h * beta * _phi1(h * alpha)
-    ps = (h * _DERIV_FACTOR[g]) * gamma
-    c = y.new_full((), _NL_CONST[g])
-    w = (y - s_half) * e_half
+    e_half, s_first, e_full, s_full, s_last = _linear_flows(alpha, beta, num_steps)
+    ps = ((1.0 / num_steps) * _DERIV_FACTOR[g]) * gamma
+    one, c = y.new_full((), 1.0), y.new_full((), _NL_CONST[g])
+    w = (y - s_last) / e_half
     for k in range(num_steps):
-        pn1 = _scaled_nonlinearity(g, w, ps, tail_bound, c)[1]
-        pn2 = _scaled_nonlinearity(g, w - pn1, ps, tail_bound, c)[1]
+        pn1 = _stage(g, w, ps, tail_bound, one, c)[1]
+        pn2 = _stage(g, w - pn1, ps, tail_bound, one, c)[1]
         w = w - 0.5 * (pn1 + pn2)
-        w = (w - s_full) * e_full if k < num_steps - 1 else (w - s_half) * e_half
+        w = (w - s_full) / e_full if k < num_steps - 1 else (w - s_first) / e_half
     return w
 
 
@@ -391,7 +544,7 @@ class _AUTMBase(FlowTransform):
         return self
 
     # -- the elementwise maths ----------------------------------------------------------------
-    def _coefficients(self, raw):
+    def _check_raw(self, raw):
         P = _num_params(self.g)
         if not isinstance(raw, torch.Tensor) or raw.dim() < 2 or raw.shape[-2] != P:
             got = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
@@ -400,11 +553,21 @@ class _AUTMBase(FlowTransform):
                 f"for g={self.g!r} (output_multiplier={P} for a MADE, [{P} * n] outputs for a dense "
                 f"net), got {got}"
             )
-        return autm_coefficients(raw, self.g, self.num_steps, self.tail_bound,
+        return raw
+
+    def _coefficients(self, raw):
+        return autm_coefficients(self._check_raw(raw), self.g, self.num_steps, self.tail_bound,
                                  self.log_scale_bound, self.nonlinear_bound)
 
     def _map(self, x, coeffs):
         return autm_map(x, *coeffs, self.g, self.num_steps, self.tail_bound)
+
+    def _map_raw(self, x, raw):
+        """``_map(x, _coefficients(raw))``; with gradients, one autograd node (:class:`_AUTMLayerMap`)."""
+        if self.g == "linear" or not (torch.is_grad_enabled() and (x.requires_grad or raw.requires_grad)):
+            return self._map(x, self._coefficients(raw))
+        return _AUTMLayerMap.apply(x, self._check_raw(raw), self.g, self.num_steps, self.tail_bound,
+                                   self.log_scale_bound, self.nonlinear_bound)
 
     def _solve(self, target, coeffs, init=None):
         """Elementwise root of ``q(u; coeffs) = target`` (no graph), in a guaranteed bracket."""
@@ -428,8 +591,10 @@ class _AUTMBase(FlowTransform):
         slack = (fn(init)[0] - target).abs() + 64 * eps * (1 + target.abs())
         width = slack * torch.exp(-log_m) * (1 + 1e-6)
         lower, upper = init - width, init + width
-        # rounding in the evaluated map could in principle push the root out: verify, else search
-        if not bool((torch.isfinite(width) & (fn(lower)[0] <= target) & (fn(upper)[0] >= target)).all()):
+        # rounding in the evaluated map could in principle push the root out: verify (both ends in one
+        # evaluation), else search
+        y_ends = fn(torch.stack([lower, upper]))[0]
+        if not bool((torch.isfinite(width) & (y_ends[0] <= target) & (y_ends[1] >= target)).all()):
             lower = upper = None
         tol = 64 * eps  # near rounding: a loose stop would be amplified by the layers that follow
         x, info = monotone_root(fn, target, init=init, lower=lower, upper=upper, atol=tol, rtol=tol,
@@ -525,7 +690,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         True
     """
 
-    def __init__(self, input_dim, autoregressive_nn, g="cubic", num_steps=8, tail_bound=3.0,
+    def __init__(self, input_dim, autoregressive_nn, g="cubic", num_steps=4, tail_bound=3.0,
                  log_scale_bound=3.0, nonlinear_bound=2.0, single_pass="log_prob", context=None,
                  cache_size=1):
         super().__init__(input_dim, g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
@@ -535,7 +700,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
     def _explicit(self, u):
         u, ctx = self._broadcast_context(u)
         raw = self.arn(u, ctx)
-        v, logd = self._map(u, self._coefficients(raw))
+        v, logd = self._map_raw(u, raw)
         return v, logd.sum(-1)
 
     def _numerical(self, v):
@@ -573,11 +738,11 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         # held fixed has the value u (plus a Newton correction of the order of the residual) and
         # exactly the first derivatives of the inverse: du/dv = J^{-1}, du/dtheta = -J^{-1} dE/dtheta
         raw = self.arn(u, ctx, weights=weights)
-        y, _ = self._map(u, self._coefficients(raw))
+        y, _ = self._map_raw(u, raw)
         corr = torch.linalg.solve_triangular(jac, (y - v).unsqueeze(-1), upper=False).squeeze(-1)
         u = u - corr
         raw = self.arn(u, ctx, weights=weights)
-        _, logd = self._map(u, self._coefficients(raw))
+        _, logd = self._map_raw(u, raw)
         return u, logd.sum(-1)
 
     def _jacobian(self, u, logd, weights, ctx):
@@ -593,7 +758,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         ctx = None if ctx is None else ctx.detach()
         with torch.enable_grad():
             raw = self.arn(u, ctx, weights=fixed).detach().requires_grad_(True)
-            y, _ = self._map(u, self._coefficients(raw))
+            y, _ = self._map_raw(u, raw)
             (sens,) = torch.autograd.grad(y.sum(), raw)  # (..., P, D)
         with torch.no_grad():
             batch, D = u.shape[:-1], self.input_dim
@@ -627,7 +792,7 @@ class AUTMAutoregressive(ConditionedAUTMAutoregressive, TransformModule):
         (torch.Size([4]), torch.Size([3, 2]))
     """
 
-    def __init__(self, input_dim, autoregressive_nn, g="cubic", num_steps=8, tail_bound=3.0,
+    def __init__(self, input_dim, autoregressive_nn, g="cubic", num_steps=4, tail_bound=3.0,
                  log_scale_bound=3.0, nonlinear_bound=2.0, single_pass="log_prob", cache_size=1):
         super().__init__(input_dim, autoregressive_nn, g=g, num_steps=num_steps, tail_bound=tail_bound,
                          log_scale_bound=log_scale_bound, nonlinear_bound=nonlinear_bound,
@@ -652,7 +817,7 @@ class ConditionalAUTMAutoregressive(ConditionalFlowModule):
         torch.Size([4, 3])
     """
 
-    def __init__(self, input_dim, context_dim, autoregressive_nn, g="cubic", num_steps=8,
+    def __init__(self, input_dim, context_dim, autoregressive_nn, g="cubic", num_steps=4,
                  tail_bound=3.0, log_scale_bound=3.0, nonlinear_bound=2.0, single_pass="log_prob",
                  cache_size=1):
         super().__init__(input_dim, context_dim)
@@ -693,7 +858,7 @@ def _made(input_dim, context_dim, hidden_dims, g, lipschitz):
     return net
 
 
-def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=8, tail_bound=3.0,
+def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=4, tail_bound=3.0,
                         log_scale_bound=3.0, nonlinear_bound=2.0, lipschitz=2.0, single_pass="log_prob",
                         cache_size=1):
     """An :class:`AUTMAutoregressive` layer with a Lipschitz MADE conditioner (identity order).
@@ -707,7 +872,7 @@ def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=8, tai
             :class:`ConditionedAUTMAutoregressive`.
 
     Example:
-        >>> t = autm_autoregressive(4, g="cubic", num_steps=8)
+        >>> t = autm_autoregressive(4, g="cubic", num_steps=4)
         >>> t(torch.randn(2, 4)).shape
         torch.Size([2, 4])
     """
@@ -719,7 +884,7 @@ def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=8, tai
                               single_pass=single_pass, cache_size=cache_size)
 
 
-def conditional_autm_autoregressive(input_dim, context_dim, hidden_dims=None, g="cubic", num_steps=8,
+def conditional_autm_autoregressive(input_dim, context_dim, hidden_dims=None, g="cubic", num_steps=4,
                                     tail_bound=3.0, log_scale_bound=3.0, nonlinear_bound=2.0,
                                     lipschitz=2.0, single_pass="log_prob", cache_size=1):
     """A :class:`ConditionalAUTMAutoregressive` layer with a conditional Lipschitz MADE conditioner.
@@ -776,7 +941,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
         True
     """
 
-    def __init__(self, input_dim, split_dim, hypernet, g="cubic", num_steps=8, tail_bound=3.0,
+    def __init__(self, input_dim, split_dim, hypernet, g="cubic", num_steps=4, tail_bound=3.0,
                  log_scale_bound=5.0, nonlinear_bound=2.0, single_pass="log_prob", context=None,
                  cache_size=1):
         super().__init__(input_dim, g, num_steps, tail_bound, log_scale_bound, nonlinear_bound,
@@ -799,7 +964,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
 
     def _explicit(self, u):
         u1, raw = self._raw(u[..., : self.split_dim])
-        v2, logd = self._map(u[..., self.split_dim:], self._coefficients(raw))
+        v2, logd = self._map_raw(u[..., self.split_dim:], raw)
         return torch.cat([u1, v2], -1), logd.sum(-1)
 
     def _numerical(self, v):
@@ -842,7 +1007,7 @@ class AUTMCoupling(ConditionedAUTMCoupling, TransformModule):
         torch.Size([3])
     """
 
-    def __init__(self, input_dim, split_dim, hypernet, g="cubic", num_steps=8, tail_bound=3.0,
+    def __init__(self, input_dim, split_dim, hypernet, g="cubic", num_steps=4, tail_bound=3.0,
                  log_scale_bound=5.0, nonlinear_bound=2.0, single_pass="log_prob", cache_size=1):
         super().__init__(input_dim, split_dim, hypernet, g=g, num_steps=num_steps, tail_bound=tail_bound,
                          log_scale_bound=log_scale_bound, nonlinear_bound=nonlinear_bound,
@@ -867,7 +1032,7 @@ class ConditionalAUTMCoupling(ConditionalFlowModule):
         torch.Size([5, 4])
     """
 
-    def __init__(self, input_dim, context_dim, split_dim, hypernet, g="cubic", num_steps=8,
+    def __init__(self, input_dim, context_dim, split_dim, hypernet, g="cubic", num_steps=4,
                  tail_bound=3.0, log_scale_bound=5.0, nonlinear_bound=2.0, single_pass="log_prob",
                  cache_size=1):
         super().__init__(input_dim, context_dim)
@@ -910,7 +1075,7 @@ def _coupling_parts(input_dim, split_dim, hidden_dims, g):
     return input_dim, split_dim, hidden_dims, [_num_params(g) * (input_dim - split_dim)]
 
 
-def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_steps=8, tail_bound=3.0,
+def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_steps=4, tail_bound=3.0,
                   log_scale_bound=5.0, nonlinear_bound=2.0, lipschitz=2.0, single_pass="log_prob",
                   cache_size=1):
     """An :class:`AUTMCoupling` layer with a Lipschitz dense conditioner on the first ``split_dim`` coordinates.
@@ -937,7 +1102,7 @@ def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_st
 
 
 def conditional_autm_coupling(input_dim, context_dim, split_dim=None, hidden_dims=None, g="cubic",
-                              num_steps=8, tail_bound=3.0, log_scale_bound=5.0, nonlinear_bound=2.0,
+                              num_steps=4, tail_bound=3.0, log_scale_bound=5.0, nonlinear_bound=2.0,
                               lipschitz=2.0, single_pass="log_prob", cache_size=1):
     """A :class:`ConditionalAUTMCoupling` layer with a Lipschitz dense conditioner (context appended).
 
