@@ -283,3 +283,22 @@ def test_lipschitz_network_bound_cache_follows_data_updates():
         b2 = net.bounds()
     assert torch.equal(b2[1], net.bounds()[1].detach()) and not torch.equal(b1[1], b2[1])
     assert torch.equal(b1[[0, 2]], b2[[0, 2]])
+
+
+def test_packing_views_and_old_keys():
+    from pyro_flows.nn.packed import Packing, pack_old_keys
+
+    p = Packing([(2, 3), (3,), (2, 1, 2)])
+    a, b, c = torch.randn(2, 3), torch.randn(3), torch.randn(2, 1, 2)
+    flat = p.pack([a, b, c])
+    views = p.unpack(flat)
+    assert all(torch.equal(v, t) and v._base is flat for v, t in zip(views, (a, b, c)))
+    with pytest.raises(ValueError, match="shapes"):
+        p.pack([a, b])
+    sd = {"x.u0": a, "x.l0": a + 1, "x.b": b, "x.m": b, "y": b}
+    pack_old_keys(sd, "x.", [("u0", "l0"), "b"], "packed", drop=["m"])
+    assert sorted(sd) == ["x.packed", "y"]
+    assert torch.equal(sd["x.packed"], torch.cat([torch.stack([a, a + 1]).reshape(-1), b]))
+    sd = {"x.b": b}
+    pack_old_keys(sd, "x.", ["a", "b"], "packed")  # not all old keys there: left alone
+    assert list(sd) == ["x.b"]
