@@ -285,43 +285,6 @@ def test_lipschitz_network_bound_cache_follows_data_updates():
     assert torch.equal(b1[[0, 2]], b2[[0, 2]])
 
 
-@pytest.mark.parametrize("kind", ["made", "dense"])
-def test_lipschitz_networks_pack_their_layers(kind):
-    # one parameter; the same initial values for the same seed as LipschitzLinear layers; the layers'
-    # weights and biases are views of it; state dicts with one parameter per layer still load
-    from pyro_flows.nn import LipschitzDenseNN, LipschitzMADE
-    from pyro_flows.nn.lipschitz import LipschitzLinear
-    from pyro_flows.nn.masked import autoregressive_masks
-
-    def build():
-        if kind == "made":
-            return LipschitzMADE(3, [12, 12], output_multiplier=2, context_dim=2, coeff=0.9)
-        return LipschitzDenseNN(3, [12, 12], 4, context_dim=2, coeff=0.9)
-
-    torch.manual_seed(0)
-    net = build()
-    torch.manual_seed(0)
-    if kind == "made":
-        masks = autoregressive_masks(3, [12, 12], 2, 2)
-        ref = [LipschitzLinear(m.shape[1], m.shape[0], mask=m, coeff=0.9) for m in masks]
-    else:
-        ref = [LipschitzLinear(a, b, coeff=0.9) for a, b in [(5, 12), (12, 12), (12, 4)]]
-    assert [name for name, _ in net.named_parameters()] == ["packed"]
-    for layer, r in zip(net.layers, ref):
-        assert torch.equal(layer.weight, r.weight) and torch.equal(layer.bias, r.bias)
-        assert layer.weight._base is net.packed
-    old = {f"layers.{i}.{k}": getattr(r, k).detach().clone() for i, r in enumerate(ref) for k in ("weight", "bias")}
-    if kind == "made":
-        old.update({f"layers.{i}.mask": r.mask for i, r in enumerate(ref)})
-    with torch.no_grad():
-        net.packed.zero_()
-    net.load_state_dict(old)  # strict
-    for layer, r in zip(net.layers, ref):
-        assert torch.equal(layer.weight, r.weight) and torch.equal(layer.bias, r.bias)
-    with pytest.raises(RuntimeError, match="packed"):
-        build().load_state_dict({k: v for k, v in old.items() if k != "layers.1.bias"})
-
-
 def test_packing_views_and_old_keys():
     from pyro_flows.nn.packed import Packing, pack_old_keys
 

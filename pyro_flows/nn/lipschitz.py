@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packed import Packing, register_old_keys
-
 __all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "matrix_norm_bound", "power_norm_product",
            "spectral_norm_bounds", "spectral_norm_product"]
 
@@ -366,113 +364,55 @@ class LipschitzLinear(nn.Module):
                 f"masked={self.mask is not None}, coeff={self.coeff}, bound={self.bound!r}")
 
 
-class _PackedLinear(nn.Module):
-    """Layer ``i`` of a :class:`_LipschitzStack`: a module (its hooks run when the network calls it)
-    with no parameter of its own; ``weight`` and ``bias`` are views of the network's ``packed``
-    parameter (write to them under ``torch.no_grad()``), ``mask`` its buffer (or ``None``)."""
-
-    def __init__(self, net, index, layer):
-        super().__init__()
-        self.__dict__["_net"] = net  # a plain reference: not a submodule (no cycle in the module tree)
-        self.index = index
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.coeff, self.bound, self.mask_columns = layer.coeff, layer.bound, layer.mask_columns
-        if layer.mask is None:
-            self.mask = None
-        else:
-            self.register_buffer("mask", layer.mask)
-
-    @property
-    def weight(self):
-        return self._net._views()[2 * self.index]
-
-    @property
-    def bias(self):
-        return self._net._views()[2 * self.index + 1]
-
-    def masked_weight(self):
-        return self.weight if self.mask is None else self.weight * self.mask
-
-    def effective_weight(self):
-        """``W * mask``, rescaled to Lipschitz ``coeff`` (see the network's ``effective_weights``)."""
-        return self._net.effective_weights()[self.index]
-
-    def lipschitz(self) -> torch.Tensor:
-        """A guaranteed bound of the layer's Lipschitz constant in its first ``mask_columns`` inputs."""
-        sigma = self._net.bounds()[self.index]
-        return sigma if self.coeff is None else torch.clamp(sigma, max=self.coeff) * (1 + MARGIN)
-
-    def forward(self, x, weight=None, bias=None):
-        """``F.linear(x, weight, bias)``, the layer's effective weight and bias where not given."""
-        return F.linear(x, self.effective_weight() if weight is None else weight,
-                        self.bias if bias is None else bias)
-
-    def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"masked={self.mask is not None}, coeff={self.coeff}, bound={self.bound!r}")
-
-
 class _LipschitzStack(nn.Module):
-    """Lipschitz linear layers (``self.layers``, handles of :class:`LipschitzLinear`'s maths) with ELU
-    (1-Lipschitz) in between; ``Lip_x`` is the product of the layers' bounds. The context, if any, is
-    appended to the input and not counted.
+    """``LipschitzLinear`` layers (``self.layers``) with ELU (1-Lipschitz) in between; ``Lip_x`` is the
+    product of the layers' bounds. The context, if any, is appended to the input and not counted.
 
-    All weights and biases live in ONE parameter, ``packed`` (:class:`~pyro_flows.nn.packed.Packing`:
-    an optimiser updates one tensor); ``layers[i].weight`` and ``.bias`` are views of it, and state
-    dicts saved with one parameter per layer (``layers.i.weight``, ``layers.i.bias``) still load.
     All layers' bounds come from ONE computation (:meth:`bounds`: one :func:`spectral_norm_bounds`
     call, one ``eigh`` per Gram size), in every code path (forward, :meth:`effective_weights`,
     :meth:`lipschitz`, with or without gradients): a batched ``eigh`` may round differently from a
     single one, and the map must be one function of the parameters. Without a graph to build, the
-    bounds are cached until the parameter changes (the rules of :class:`LipschitzLinear`'s cache).
+    bounds are cached until a weight changes (the rules of :class:`LipschitzLinear`'s cache).
     """
 
-    def _pack(self, layers):
-        """Take the (initialised) :class:`LipschitzLinear` ``layers``' values into ``packed``."""
-        self._packing = Packing([s for layer in layers for s in (layer.weight.shape, layer.bias.shape)])
-        self.packed = nn.Parameter(self._packing.pack([t.detach() for layer in layers
-                                                        for t in (layer.weight, layer.bias)]))
-        self.layers = nn.ModuleList(_PackedLinear(self, i, layer) for i, layer in enumerate(layers))
-        register_old_keys(self, [f"layers.{i}.{k}" for i in range(len(layers)) for k in ("weight", "bias")],
-                          "packed")
+    def _bound_params(self):
+        return [layer.weight for layer in self.layers]
 
-    def _views(self):
-        return self._packing.unpack(self.packed)
-
-    def _masked_weights(self, views=None):
-        views = self._views() if views is None else views
-        return [w if layer.mask is None else w * layer.mask for w, layer in zip(views[::2], self.layers)]
+    def _masked_weights(self):
+        return [layer.masked_weight() for layer in self.layers]
 
     def bounds(self, masked=None) -> torch.Tensor:
         """``(n_layers,)`` guaranteed bounds of the layers' masked weights (first layer: over its
         ``mask_columns``), computed together; ``masked``: the masked weights if the caller has them."""
-        p = self.packed
-        need_graph = torch.is_grad_enabled() and p.requires_grad
-        key = (p._version, p.data_ptr(), p.dtype, p.device)
+        params = self._bound_params()
+        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         cache = self.__dict__.get("_bounds_cache")
         # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
-        # ClippedAdam) do not bump it, so the cache also keeps a copy of the parameter and compares it
-        if not need_graph and cache is not None and cache[0] == key and torch.equal(cache[2], p.detach()):
+        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weights and compares them
+        if (not need_graph and cache is not None and cache[0] == key
+                and all(torch.equal(c, p.detach()) for c, p in zip(cache[2], params))):
             return cache[1]
         masked = self._masked_weights() if masked is None else masked
         cols = [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
                 for layer, w in zip(self.layers, masked)]
-        if all(layer.bound == "spectral" for layer in self.layers):
+        kinds = {layer.bound for layer in self.layers}
+        if kinds == {"spectral"}:
             sigma = spectral_norm_bounds(cols)
         else:
             sigma = torch.stack([matrix_norm_bound(w, layer.bound) for layer, w in zip(self.layers, cols)])
         if not need_graph:
             sigma = sigma.detach()
-            self.__dict__["_bounds_cache"] = (key, sigma, p.detach().clone())
+            self.__dict__["_bounds_cache"] = (key, sigma, [p.detach().clone() for p in params])
         return sigma
 
     def _coeffs(self):
         coeffs = {layer.coeff for layer in self.layers}
         return coeffs.pop() if len(coeffs) == 1 else [layer.coeff for layer in self.layers]
 
-    def effective_weights(self, views=None):
+    def effective_weights(self):
         """The layers' effective (masked, Lipschitz-rescaled) weights, to compute once and reuse."""
-        masked = self._masked_weights(views)
+        masked = self._masked_weights()
         sigma = self.bounds(masked)
         coeff = self._coeffs()
         if coeff is None:
@@ -488,14 +428,14 @@ class _LipschitzStack(nn.Module):
         # weights computed together; with them, the same maths on the precomputed weights (reused
         # across solver passes)
         h = x if context is None else torch.cat([x, context], dim=-1)
-        views = self._views()
-        biases = views[1::2]
         if weights is None:
-            for i, (layer, w, b) in enumerate(zip(self.layers, self.effective_weights(views), biases)):
-                h = layer(F.elu(h) if i else h, weight=w, bias=b)
+            for i, (layer, w) in enumerate(zip(self.layers, self.effective_weights())):
+                h = layer(F.elu(h) if i else h, weight=w)
             return h
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            h = F.linear(F.elu(h) if i else h, w, b)
+        for i, layer in enumerate(self.layers):
+            if i:
+                h = F.elu(h)
+            h = F.linear(h, weights[i], layer.bias)
         return h
 
     def lipschitz(self) -> torch.Tensor:
@@ -549,9 +489,10 @@ class LipschitzMADE(_LipschitzStack):
         if len(coeffs) != len(masks):
             raise ValueError(f"coeff: expected {len(masks)} values (one per layer), got {len(coeffs)}")
         self.input_dim, self.output_multiplier, self.context_dim = input_dim, output_multiplier, context_dim
-        # LipschitzLinear layers for their initialisation (masked fan-in scaling), then packed
-        self._pack([LipschitzLinear(m.shape[1], m.shape[0], mask=m, coeff=c, mask_columns=input_dim if i == 0 else None)
-                    for i, (m, c) in enumerate(zip(masks, coeffs))])
+        self.layers = nn.ModuleList()
+        for i, (m, c) in enumerate(zip(masks, coeffs)):
+            self.layers.append(LipschitzLinear(m.shape[1], m.shape[0], mask=m, coeff=c,
+                                               mask_columns=input_dim if i == 0 else None))
 
     def forward(self, x, context=None, weights=None):
         """``weights``: precomputed :meth:`effective_weights` (``None``: computed now)."""
@@ -584,8 +525,9 @@ class LipschitzDenseNN(_LipschitzStack):
         super().__init__()
         sizes = [input_dim + context_dim] + list(hidden_dims) + [output_dim]
         self.context_dim = context_dim
-        self._pack([LipschitzLinear(a, b, coeff=coeff, mask_columns=input_dim if i == 0 else None)
-                    for i, (a, b) in enumerate(itertools.pairwise(sizes))])
+        self.layers = nn.ModuleList(
+            LipschitzLinear(a, b, coeff=coeff, mask_columns=input_dim if i == 0 else None)
+            for i, (a, b) in enumerate(itertools.pairwise(sizes)))
 
     def forward(self, x, context=None, weights=None):
         """``weights``: precomputed :meth:`effective_weights` (``None``: computed now)."""
