@@ -237,3 +237,68 @@ def test_spectral_norm_bounds_do_not_depend_on_grad_mode():
         with torch.no_grad():
             without = spectral_norm_bounds(ws)
         assert torch.equal(with_grad.detach(), without)
+
+
+def _lipschitz_nets():
+    from pyro_flows.nn import LipschitzDenseNN, LipschitzMADE
+
+    torch.manual_seed(0)
+    nets = [LipschitzMADE(8, [64, 64], output_multiplier=3, context_dim=2, coeff=0.9),
+            LipschitzMADE(4, [32, 32], output_multiplier=2, context_dim=2, coeff=[0.9, 1.0, 0.8]),
+            LipschitzDenseNN(4, [64, 64], 6, context_dim=2, coeff=0.9)]
+    with torch.no_grad():
+        for net in nets:
+            for layer in net.layers:
+                layer.weight.mul_(5)  # every bound active (coeff / bound < 1)
+    return nets
+
+
+def test_lipschitz_networks_are_one_map_whatever_the_grad_mode():
+    # forward, precomputed weights (the numerical inverse), effective_weights and lipschitz: one
+    # batched bound computation, bit for bit the same with and without gradients, cached or not
+    from pyro_flows.nn.lipschitz import spectral_norm_bounds
+
+    for net in _lipschitz_nets():
+        x, c = torch.randn(5, net.layers[0].mask_columns), torch.randn(5, 2)
+        y, weights, lip = net(x, c), net.effective_weights(), net.lipschitz()
+        masked = [layer.masked_weight() for layer in net.layers]
+        cols = [masked[0][:, : net.layers[0].mask_columns]] + masked[1:]
+        assert torch.equal(net.bounds().detach(), spectral_norm_bounds(cols).detach())
+        for _ in range(2):  # computed, then cached
+            with torch.no_grad():
+                assert torch.equal(net(x, c), y.detach())
+                assert all(torch.equal(a, b.detach()) for a, b in zip(net.effective_weights(), weights))
+                assert torch.equal(net.lipschitz(), lip.detach())
+                assert torch.equal(net(x, c, weights=[w.detach() for w in weights]), y.detach())
+        coeffs = [layer.coeff for layer in net.layers]
+        assert lip <= torch.tensor(coeffs).prod() * (1 + 1e-5)
+
+
+def test_lipschitz_network_bound_cache_follows_data_updates():
+    net = _lipschitz_nets()[0]
+    with torch.no_grad():
+        b1 = net.bounds()
+        assert net.bounds() is b1
+        net.layers[1].weight.data.mul_(2.0)  # as ClippedAdam does: no version bump
+        b2 = net.bounds()
+    assert torch.equal(b2[1], net.bounds()[1].detach()) and not torch.equal(b1[1], b2[1])
+    assert torch.equal(b1[[0, 2]], b2[[0, 2]])
+
+
+def test_packing_views_and_old_keys():
+    from pyro_flows.nn.packed import Packing, pack_old_keys
+
+    p = Packing([(2, 3), (3,), (2, 1, 2)])
+    a, b, c = torch.randn(2, 3), torch.randn(3), torch.randn(2, 1, 2)
+    flat = p.pack([a, b, c])
+    views = p.unpack(flat)
+    assert all(torch.equal(v, t) and v._base is flat for v, t in zip(views, (a, b, c)))
+    with pytest.raises(ValueError, match="shapes"):
+        p.pack([a, b])
+    sd = {"x.u0": a, "x.l0": a + 1, "x.b": b, "x.m": b, "y": b}
+    pack_old_keys(sd, "x.", [("u0", "l0"), "b"], "packed", drop=["m"])
+    assert sorted(sd) == ["x.packed", "y"]
+    assert torch.equal(sd["x.packed"], torch.cat([torch.stack([a, a + 1]).reshape(-1), b]))
+    sd = {"x.b": b}
+    pack_old_keys(sd, "x.", ["a", "b"], "packed")  # not all old keys there: left alone
+    assert list(sd) == ["x.b"]

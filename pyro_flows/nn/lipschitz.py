@@ -350,8 +350,9 @@ class LipschitzLinear(nn.Module):
             return sigma
         return torch.clamp(sigma, max=self.coeff) * (1 + MARGIN)
 
-    def forward(self, x):
-        return F.linear(x, self.effective_weight(), self.bias)
+    def forward(self, x, weight=None):
+        """``weight``: a precomputed :meth:`effective_weight` (``None``: computed now)."""
+        return F.linear(x, self.effective_weight() if weight is None else weight, self.bias)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -365,28 +366,93 @@ class LipschitzLinear(nn.Module):
 
 class _LipschitzStack(nn.Module):
     """``LipschitzLinear`` layers (``self.layers``) with ELU (1-Lipschitz) in between; ``Lip_x`` is the
-    product of the layers' bounds. The context, if any, is appended to the input and not counted."""
+    product of the layers' bounds. The context, if any, is appended to the input and not counted.
+
+    All layers' bounds come from ONE computation (:meth:`bounds`: one :func:`spectral_norm_bounds`
+    call, one ``eigh`` per Gram size), in every code path (forward, :meth:`effective_weights`,
+    :meth:`lipschitz`, with or without gradients): a batched ``eigh`` may round differently from a
+    single one, and the map must be one function of the parameters. Without a graph to build, the
+    bounds are cached until a weight changes (the rules of :class:`LipschitzLinear`'s cache).
+    """
+
+    def _bound_params(self):
+        return [layer.weight for layer in self.layers]
+
+    def _masked_weights(self):
+        return [layer.masked_weight() for layer in self.layers]
+
+    def bounds(self, masked=None) -> torch.Tensor:
+        """``(n_layers,)`` guaranteed bounds of the layers' masked weights (first layer: over its
+        ``mask_columns``), computed together; ``masked``: the masked weights if the caller has them."""
+        params = self._bound_params()
+        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        cache = self.__dict__.get("_bounds_cache")
+        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
+        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weights and compares them
+        if (not need_graph and cache is not None and cache[0] == key
+                and all(torch.equal(c, p.detach()) for c, p in zip(cache[2], params))):
+            return cache[1]
+        masked = self._masked_weights() if masked is None else masked
+        cols = [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
+                for layer, w in zip(self.layers, masked)]
+        kinds = {layer.bound for layer in self.layers}
+        if kinds == {"spectral"}:
+            sigma = spectral_norm_bounds(cols)
+        else:
+            sigma = torch.stack([matrix_norm_bound(w, layer.bound) for layer, w in zip(self.layers, cols)])
+        if not need_graph:
+            sigma = sigma.detach()
+            self.__dict__["_bounds_cache"] = (key, sigma, [p.detach().clone() for p in params])
+        return sigma
+
+    def _coeffs(self):
+        coeffs = {layer.coeff for layer in self.layers}
+        return coeffs.pop() if len(coeffs) == 1 else [layer.coeff for layer in self.layers]
 
     def effective_weights(self):
         """The layers' effective (masked, Lipschitz-rescaled) weights, to compute once and reuse."""
-        return [layer.effective_weight() for layer in self.layers]
+        masked = self._masked_weights()
+        sigma = self.bounds(masked)
+        coeff = self._coeffs()
+        if coeff is None:
+            return masked
+        if not isinstance(coeff, list):
+            # coeff / max(sigma, coeff) = min(1, coeff / sigma), finite with a zero gradient at sigma = 0
+            # (a fully masked layer), where coeff / sigma would give inf * 0 = NaN in the backward
+            return [w * s for w, s in zip(masked, (coeff / sigma.clamp(min=coeff)).unbind())]
+        return [w if c is None else w * (c / s.clamp(min=c)) for w, s, c in zip(masked, sigma.unbind(), coeff)]
 
     def _stack(self, x, context=None, weights=None):
-        # without ``weights`` each layer is called as a module (its hooks run); with them, the
-        # same maths on the precomputed weights (reused across solver passes)
+        # without ``weights`` each layer is called as a module (its hooks run) on the effective
+        # weights computed together; with them, the same maths on the precomputed weights (reused
+        # across solver passes)
         h = x if context is None else torch.cat([x, context], dim=-1)
+        if weights is None:
+            for i, (layer, w) in enumerate(zip(self.layers, self.effective_weights())):
+                h = layer(F.elu(h) if i else h, weight=w)
+            return h
         for i, layer in enumerate(self.layers):
             if i:
                 h = F.elu(h)
-            h = layer(h) if weights is None else F.linear(h, weights[i], layer.bias)
+            h = F.linear(h, weights[i], layer.bias)
         return h
 
     def lipschitz(self) -> torch.Tensor:
         """A guaranteed bound of ``Lip_x`` (the product of the layers' bounds; ELU is 1-Lipschitz)."""
-        out = self.layers[0].lipschitz()
-        for layer in self.layers[1:]:
-            out = out * layer.lipschitz()
-        return out
+        sigma = self.bounds()
+        coeff = self._coeffs()
+        if coeff is None:
+            return sigma.prod()
+        if not isinstance(coeff, list):
+            return (sigma.clamp(max=coeff) * (1 + MARGIN)).prod()
+        out = [s if c is None else torch.clamp(s, max=c) * (1 + MARGIN) for s, c in zip(sigma.unbind(), coeff)]
+        return torch.stack(out).prod()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_bounds_cache", None)
+        return state
 
 
 class LipschitzMADE(_LipschitzStack):

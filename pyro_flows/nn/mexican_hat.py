@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import check_dim
+from .packed import Packing
 
 __all__ = ["H_MIN", "MexicanHatNN", "log_scale_range", "mean_of_hats", "mexican_hat", "mexican_hat_biases"]
 
@@ -173,6 +174,7 @@ class MexicanHatNN(nn.Module):
         out, inp = self._shapes[-1]  # read-out: zero weights, hat biases, zero shift bias
         biases = torch.tensor(mexican_hat_biases(float(log_scale_init), num_hats))
         chunks += [torch.zeros(out * inp), biases.repeat_interleave(out_features), torch.zeros(out_features)]
+        self._packing = Packing([s for out, inp in self._shapes for s in ((out, inp), (out,))])
         self.params = nn.Parameter(torch.cat(chunks))
         # row l selects layer l's weight entries of ``params``: the squared Frobenius norms of all
         # layers are one matrix-vector product (non-persistent: a function of the sizes)
@@ -185,9 +187,8 @@ class MexicanHatNN(nn.Module):
 
     def layers(self):
         """The ``(weight, bias)`` of each layer, as views of the one parameter tensor."""
-        sizes = [n for out, inp in self._shapes for n in (out * inp, out)]
-        flat = self.params.split(sizes)
-        return [(flat[2 * i].view(out, inp), flat[2 * i + 1]) for i, (out, inp) in enumerate(self._shapes)]
+        views = self._packing.unpack(self.params)
+        return list(zip(views[::2], views[1::2]))
 
     def forward(self, z, context=None):
         if context is not None:

@@ -59,6 +59,7 @@ from ..validation import broadcast_context, check_dim
 from .activations import get_activation
 from .lipschitz import _BOUNDS, LipschitzLinear, matrix_norm_bound, power_norm_product, spectral_norm_product
 from .masked import quasi_autoregressive_masks
+from .packed import Packing, register_old_keys
 
 __all__ = ["QuasiAutoregressiveNet", "default_quar_hidden_dims"]
 
@@ -152,15 +153,14 @@ class QuasiAutoregressiveNet(nn.Module):
             # a LipschitzLinear only for its initialisation (masked fan-in scaling)
             layer = LipschitzLinear(in_features, sizes[i + 1], mask=m, bound=bound)
             shapes += [tuple(layer.weight.shape), tuple(layer.bias.shape)]
-            init += [layer.weight.detach().reshape(-1), layer.bias.detach()]
+            init += [layer.weight.detach(), layer.bias.detach()]
             self.register_buffer(f"_mask{i}", layer.mask, persistent=False)
         # theta = softplus(raw_theta) >= 0, one per output coordinate; init theta = 0.1
         if self.lipschitz_trick:
             shapes.append((D,))
             init.append(torch.full((D,), math.log(math.expm1(0.1))))
-        self._shapes = shapes
-        self._split = [math.prod(shape) for shape in shapes]
-        self.packed = nn.Parameter(torch.cat(init))
+        self._packing = Packing(shapes)
+        self.packed = nn.Parameter(self._packing.pack(init))
         self.layers = [_Layer(self, i) for i in range(len(masks))]
         self.activations = nn.ModuleList([get_activation(activation, h) for h in self.hidden_dims])
         for act in self.activations:
@@ -176,14 +176,16 @@ class QuasiAutoregressiveNet(nn.Module):
         # layers instead of the dense masked matrix (the dense product is faster for small layers)
         self._blockwise = [i > 0 and sizes[i] * sizes[i + 1] >= self.BLOCKWISE_MIN_SIZE
                            for i in range(len(masks))]
-        self._register_load_state_dict_pre_hook(_pack_old_keys)
+        # state dicts saved with one parameter per weight, bias and ``raw_theta`` still load
+        register_old_keys(self, [f"layers.{i}.{k}" for i in range(len(masks)) for k in ("weight", "bias")]
+                          + (["raw_theta"] if self.lipschitz_trick else []), "packed",
+                          drop=[f"layers.{i}.mask" for i in range(len(masks))])
 
     # -- the parameters: views of ``packed`` ----------------------------------------------------
     def unpack(self, flat):
         """``[W_0, b_0, W_1, b_1, ..., raw_theta]``: views of ``flat``, a tensor shaped like
         :attr:`packed` (the parameter itself, or e.g. its gradient), in one split."""
-        parts = flat.split(self._split)
-        return [t if len(shape) == 1 else t.view(shape) for t, shape in zip(parts, self._shapes)]
+        return self._packing.unpack(flat)
 
     def _views(self):
         return self.unpack(self.packed)
@@ -335,6 +337,10 @@ class QuasiAutoregressiveNet(nn.Module):
                 h, g = a, (ga if i else ga.expand_as(a))
         return h * c, g * c
 
+    def extra_repr(self):
+        return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "
+                f"sigma={self.lipschitz_target}, lipschitz_trick={self.lipschitz_trick}")
+
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_bound_cache", None)
@@ -363,21 +369,3 @@ class _Layer:
     def masked_weight(self):
         return self.weight * self.mask
 
-
-def _pack_old_keys(state_dict, prefix, *args):
-    """Load state dicts saved with one parameter per weight, bias and ``raw_theta``."""
-    if prefix + "layers.0.weight" not in state_dict:
-        return
-    parts, i = [], 0
-    while prefix + f"layers.{i}.weight" in state_dict:
-        parts.append(state_dict.pop(prefix + f"layers.{i}.weight").reshape(-1))
-        parts.append(state_dict.pop(prefix + f"layers.{i}.bias"))
-        state_dict.pop(prefix + f"layers.{i}.mask", None)
-        i += 1
-    if prefix + "raw_theta" in state_dict:
-        parts.append(state_dict.pop(prefix + "raw_theta"))
-    state_dict[prefix + "packed"] = torch.cat(parts)
-
-    def extra_repr(self):
-        return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "
-                f"sigma={self.lipschitz_target}, lipschitz_trick={self.lipschitz_trick}")

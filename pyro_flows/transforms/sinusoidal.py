@@ -96,6 +96,7 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.nn import DenseNN
 
 from ..nn.masked import autoregressive_masks
+from ..nn.packed import Packing, pack_old_keys
 from ..registry import register_flow
 from ..solvers import (
     ConvergenceWarning,
@@ -442,16 +443,15 @@ class ShiftNets(torch.nn.Module):
         for j, m in enumerate(stacked):
             self.register_buffer(f"_mask{j}", torch.stack(m), persistent=False)
             self._shapes += [(len(self.upper),) + tuple(masks[j].shape), (len(self.upper), masks[j].shape[0])]
-        self._sizes = [math.prod(s) for s in self._shapes]
+        self._packing = Packing(self._shapes)
         parts = [t for w, m in zip(weights, masks) for t in (torch.stack(w), torch.zeros(len(self.upper), m.shape[0]))]
-        self.params = torch.nn.Parameter(torch.cat([p.reshape(-1) for p in parts]))
+        self.params = torch.nn.Parameter(self._packing.pack(parts))
         self.nets = tuple(ShiftNet(self, i) for i in range(len(self.upper)))
 
     def layers(self):
         """``[(W, b), ...]`` per layer: unmasked weights ``(n, out, in)`` and biases ``(n, out)``,
         views of :attr:`params` (write to them under ``torch.no_grad()``)."""
-        flat = self.params.split(self._sizes)
-        views = [t.view(s) for t, s in zip(flat, self._shapes)]
+        views = self._packing.unpack(self.params)
         return list(zip(views[::2], views[1::2]))
 
     def zero_output_(self):
@@ -509,18 +509,13 @@ class ShiftNet:
 def _pack_old_shift_keys(state_dict, prefix, *args):
     """Load state dicts saved with the two shifts as separate modules (``upper_nn.net.layers.j.weight``,
     ``.bias``, ``.mask`` and the same for ``lower_nn``): their weights and biases, packed."""
-    old = prefix + "upper_nn.net.layers.0.weight"
-    if old not in state_dict:
-        return
-    parts, j = [], 0
-    while prefix + f"upper_nn.net.layers.{j}.weight" in state_dict:
-        for kind in ("weight", "bias"):
-            parts.append(torch.stack([state_dict.pop(prefix + f"{n}.net.layers.{j}.{kind}")
-                                      for n in ("upper_nn", "lower_nn")]).reshape(-1))
-        for n in ("upper_nn", "lower_nn"):
-            state_dict.pop(prefix + f"{n}.net.layers.{j}.mask", None)
-        j += 1
-    state_dict[prefix + "shifts.params"] = torch.cat(parts)
+    n = 0
+    while prefix + f"upper_nn.net.layers.{n}.weight" in state_dict:
+        n += 1
+    old = [tuple(f"{net}.net.layers.{j}.{kind}" for net in ("upper_nn", "lower_nn"))
+           for j in range(n) for kind in ("weight", "bias")]
+    masks = [f"{net}.net.layers.{j}.mask" for net in ("upper_nn", "lower_nn") for j in range(n)]
+    pack_old_keys(state_dict, prefix, old, "shifts.params", drop=masks)
 
 
 def _shift_lower_bound(L, D):
