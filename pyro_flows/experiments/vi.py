@@ -75,6 +75,9 @@ TIERS = {
 SNAPSHOT_GRID = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 #: The Gaussian guides' (and IAF's) optimiser: Adam with this learning rate, initial scale 0.1.
 BASELINE_LR = 0.02
+#: AutoMultivariateNormal trained with ``AutoFlow.optimizer()`` (the same rate and rate schedule as
+#: AutoFlow's affine part): how much of AutoFlow's gain is the schedule rather than the flow.
+SCHEDULED_MVN = "AutoMultivariateNormal+schedule"
 #: ELBO tolerance of the time-to-target: reached when ``elbo >= target - max(TARGET_TOL, 2 * se)``, ``se`` the
 #: standard error of the difference of the two ELBO estimates.
 TARGET_TOL = 0.1
@@ -116,6 +119,10 @@ def build_guide(kind, model):
 
     if kind in ("AutoNormal", "AutoMultivariateNormal"):
         return getattr(autoguide, kind)(model, init_scale=0.1), pyro.optim.Adam({"lr": BASELINE_LR}), kind
+    if kind == SCHEDULED_MVN:
+        from pyro_flows.infer import AutoFlow
+
+        return autoguide.AutoMultivariateNormal(model, init_scale=0.1), AutoFlow.optimizer(lr=BASELINE_LR), kind
     if kind == "AutoIAFNormal":
         return autoguide.AutoIAFNormal(model), pyro.optim.Adam({"lr": BASELINE_LR}), kind
     if kind == "AutoFlow":
