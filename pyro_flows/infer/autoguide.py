@@ -29,11 +29,12 @@ tells which phase it is in. A guide whose flow is not exactly the identity (``in
 without ``init_identity_``, trained tensors loaded from the param store, or ``affine="base"`` with
 permutations) runs the flow from the first step.
 
-Optimiser. :meth:`AutoFlow.optimizer` is a ``pyro.optim.ClippedAdam`` with separate learning rates for
-the affine part (0.02, ``AutoMultivariateNormal``'s usual rate, unclipped) and the flow's networks
-(smaller, with an elementwise gradient clamp); :meth:`AutoFlow.optim_args` gives the per-parameter
-arguments for another Pyro optimiser. Defaults and the measurements that chose them:
-``docs/autoflow.md``.
+Optimiser. :meth:`AutoFlow.optimizer` is a :func:`~pyro_flows.infer.PlateauAdam` (Pyro's ``ClippedAdam``
+whose rate halves each time a parameter's trajectory is stationary, :mod:`pyro_flows.infer.schedule`: no
+step budget to choose) with separate learning rates for the affine part (0.02, ``AutoMultivariateNormal``'s
+usual rate, unclipped) and the flow's networks (smaller, with an elementwise gradient clamp);
+:meth:`AutoFlow.optim_args` gives the per-parameter arguments for another Pyro optimiser. Defaults and the
+measurements that chose them: ``docs/autoflow.md``.
 
 Choices where the requirements are loose:
 
