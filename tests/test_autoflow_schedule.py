@@ -107,3 +107,18 @@ def test_pyro_optimiser_bad_arguments():
         with pytest.raises(ValueError):
             PlateauAdamOptimizer([x], **bad)
     assert isinstance(PlateauAdam({"lr": 0.01}), pyro.optim.PyroOptim)
+
+
+def test_each_group_has_its_own_test_and_rate():
+    """A stationary group decays while a drifting one keeps its rate; a group added later gets the settings."""
+    still, moving = (torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)) for _ in range(2))
+    opt = PlateauAdamOptimizer([{"params": [still]}, {"params": [moving], "lr": 0.001}], lr=0.05,
+                               clip_norm=math.inf, window=100, check_every=50)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        still.grad = still.detach() + torch.randn(3, generator=g, dtype=still.dtype)
+        moving.grad = -torch.ones_like(moving)
+        opt.step()
+    assert opt.param_groups[0]["decays"] >= 2 and opt.param_groups[1]["lr"] == 0.001
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    assert opt.param_groups[2]["min_lr"] == pytest.approx(0.001) and opt.param_groups[2]["reduce"] == "max"

@@ -77,14 +77,20 @@ class PlateauAdamOptimizer(ClippedAdam):
         if reduce not in _REDUCE:
             raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
         PlateauTest(window, threshold, check_every)  # validates the test's settings
+        self._schedule = dict(factor=factor, min_lr_ratio=min_lr_ratio, window=window, threshold=threshold,
+                              check_every=check_every, reduce=reduce)
+        self._tests = []
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm,
                          lrd=lrd, centered_variance=centered_variance)
-        for group in self.param_groups:
-            group.update(factor=factor, min_lr_ratio=min_lr_ratio, window=window, threshold=threshold,
-                         check_every=check_every, reduce=reduce)
-            group.setdefault("min_lr", group["lr"] * min_lr_ratio)
-            group.setdefault("decays", 0)
-        self._tests = [None] * len(self.param_groups)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key, value in self._schedule.items():
+            group.setdefault(key, value)
+        group.setdefault("min_lr", group["lr"] * group["min_lr_ratio"])
+        group.setdefault("decays", 0)
+        self._tests.append(None)
 
     def _test(self, i):
         if self._tests[i] is None:
