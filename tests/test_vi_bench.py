@@ -58,6 +58,20 @@ def test_headline_verdicts_margin_and_missing_fits():
     assert "on 0 of 4" in lines[1]
 
 
+def test_headline_compares_with_the_scheduled_automultivariatenormal():
+    """The honesty row: AutoMultivariateNormal trained with AutoFlow's optimiser, counted separately."""
+    rows = []
+    for p, (sm, ss) in zip(["a-a", "b-b"], [(0.05, 0.10), (0.10, 0.20)]):
+        rows.append(_row(p, "AutoMultivariateNormal", [_snap(30.0, -1.0, mean=0.30, sd=0.30)]))
+        rows.append(_row(p, "AutoFlow", [_snap(30.0, -1.0, mean=0.10, sd=0.10)]))
+        rows.append(_row(p, vi.SCHEDULED_MVN, [_snap(30.0, -1.0, mean=sm, sd=ss)]))
+    table, lines = vi.headline(rows, {"posteriors": ["a-a", "b-b"], "table_times": [30.0]})
+    assert [r["mvn_sched"] for r in table] == ["0.050 / 0.100", "0.100 / 0.200"]
+    assert "on 2 of 2" in lines[1]  # against plain AutoMultivariateNormal
+    line = next(ln for ln in lines if vi.SCHEDULED_MVN in ln)
+    assert "AutoFlow better on 1, worse on 1, within 0.03 sd on 0 of 2" in line
+
+
 def test_cpu_clock_pauses_evaluation_out():
     clock = measure.CpuClock()
     t0 = clock()

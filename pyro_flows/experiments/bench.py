@@ -482,7 +482,8 @@ def parse_args(argv=None):
         p.error(f"unknown --what {bad[0]!r}; expected one of {WHAT}")
     args.family = _split(args.family) or list(pyro_flows.FLOWS)
     args.guides = _split(args.guides)
-    known = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoFlow") + tuple(pyro_flows.FLOWS)
+    known = ("AutoNormal", "AutoMultivariateNormal", "AutoMultivariateNormal+schedule", "AutoIAFNormal",
+             "AutoFlow") + tuple(pyro_flows.FLOWS)
     bad = [g for g in args.guides if g not in known]
     if bad:
         p.error(f"unknown guide {bad[0]!r}; expected one of {known}")

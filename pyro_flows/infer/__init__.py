@@ -5,7 +5,8 @@ Public names:
 * :class:`AutoFlow` (``AutoFlow(model)``, or ``AutoFlow(model, "<family>", num_layers, **kwargs)``), a
   flow autoguide ``z = loc + L f(eps)`` that starts as ``AutoMultivariateNormal`` (full-rank affine part,
   flow layers at the exact identity, skipped until the affine part has converged) and its optimiser
-  factory ``AutoFlow.optimizer()``; :func:`init_identity`, :class:`PlateauTest`, :func:`make_flow`;
+  factory ``AutoFlow.optimizer()`` (a :func:`PlateauAdam`: Adam whose rate halves each time a parameter is
+  stationary, :mod:`pyro_flows.infer.schedule`); :func:`init_identity`, :class:`PlateauTest`, :func:`make_flow`;
   :func:`clear_transform_cache` (the transform cache and its stale-graph pitfall are documented in
   :mod:`pyro_flows.infer.autoguide`; the guide in ``docs/autoflow.md``).
 * :class:`ConditionalFlow` / :func:`conditional_flow_distribution`: ``q(y | context)`` whose
@@ -28,6 +29,7 @@ Example:
 """
 
 from .autoguide import AutoFlow, PlateauTest, clear_transform_cache, init_identity, make_flow
+from .schedule import PlateauAdam, PlateauAdamOptimizer
 from .conditional import ConditionalFlow, conditional_flow_distribution
 from . import diagnostics as _diagnostics
 from .diagnostics import *  # noqa: F403  (the names in diagnostics.__all__, re-exported below)
@@ -35,6 +37,8 @@ from .diagnostics import *  # noqa: F403  (the names in diagnostics.__all__, re-
 __all__ = [
     "AutoFlow",
     "PlateauTest",
+    "PlateauAdam",
+    "PlateauAdamOptimizer",
     "init_identity",
     "make_flow",
     "clear_transform_cache",

@@ -29,11 +29,12 @@ tells which phase it is in. A guide whose flow is not exactly the identity (``in
 without ``init_identity_``, trained tensors loaded from the param store, or ``affine="base"`` with
 permutations) runs the flow from the first step.
 
-Optimiser. :meth:`AutoFlow.optimizer` is a ``pyro.optim.ClippedAdam`` with separate learning rates for
-the affine part (0.02, ``AutoMultivariateNormal``'s usual rate, unclipped) and the flow's networks
-(smaller, with an elementwise gradient clamp); :meth:`AutoFlow.optim_args` gives the per-parameter
-arguments for another Pyro optimiser. Defaults and the measurements that chose them:
-``docs/autoflow.md``.
+Optimiser. :meth:`AutoFlow.optimizer` is a :func:`~pyro_flows.infer.PlateauAdam` (Pyro's ``ClippedAdam``
+whose rate halves each time a parameter's trajectory is stationary, :mod:`pyro_flows.infer.schedule`: no
+step budget to choose) with separate learning rates for the affine part (0.02, ``AutoMultivariateNormal``'s
+usual rate, unclipped) and the flow's networks (smaller, with an elementwise gradient clamp);
+:meth:`AutoFlow.optim_args` gives the per-parameter arguments for another Pyro optimiser. Defaults and the
+measurements that chose them: ``docs/autoflow.md``.
 
 Choices where the requirements are loose:
 
@@ -318,6 +319,9 @@ class PlateauTest:
         patience: if given, :meth:`update` also returns ``True`` from this many updates on, plateau
             or not (a trajectory that keeps drifting that long is one the affine part alone is slow
             on).
+        reduce: ``"max"`` (default: the largest ratio over the coordinates) or ``"mean"`` (their mean:
+            for tensors with many coordinates, whose largest ratio grows with their number even under
+            pure jitter).
 
     Example:
         >>> import torch
@@ -331,7 +335,7 @@ class PlateauTest:
     """
 
     def __init__(self, window: int = 400, threshold: float = 0.3, check_every: int = 200,
-                 patience: int | None = None):
+                 patience: int | None = None, reduce: str = "max"):
         for name, value in (("window", window), ("check_every", check_every), ("patience", patience)):
             if name == "patience" and value is None:
                 continue
@@ -340,20 +344,39 @@ class PlateauTest:
         self.patience = None if patience is None else int(patience)
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        if reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
         self.window, self.threshold, self.check_every = int(window), float(threshold), int(check_every)
+        self.reduce = reduce
+        self.reset()
+        #: the group statistic (largest or mean displacement / path-length ratio) at the latest check
+        #: (``None`` before the first)
+        self.statistic = None
+
+    def reset(self):
+        """Forget the recorded trajectory (the next :meth:`update` starts a new window)."""
         self.count = 0
         self._last = None
         self._steps = None
-        #: the largest displacement / path-length ratio at the latest check (``None`` before the first)
-        self.statistic = None
+
+    def state_dict(self) -> dict:
+        """The test's state (the recorded window), for saving with an optimiser's state."""
+        return {"count": self.count, "last": self._last, "steps": self._steps, "statistic": self.statistic}
+
+    def load_state_dict(self, state: dict):
+        self.count, self._last, self._steps = int(state["count"]), state["last"], state["steps"]
+        self.statistic = state.get("statistic")
 
     def update(self, *tensors) -> bool:
         """Record the current parameter values; whether the trajectory has plateaued."""
-        x = torch.cat([t.detach().reshape(-1) for t in tensors])
+        if len(tensors) == 1:
+            x = tensors[0].detach().reshape(-1)
+        else:
+            x = torch.cat([t.detach().reshape(-1) for t in tensors])
         if self._last is None or self._last.shape != x.shape:
             self._last, self._steps, self.count = x.clone(), x.new_zeros((self.window, x.numel())), 0
             return False
-        self._steps[self.count % self.window] = x - self._last
+        torch.sub(x, self._last, out=self._steps[self.count % self.window])
         self._last.copy_(x)
         self.count += 1
         if self.patience is not None and self.count >= self.patience:
@@ -363,7 +386,10 @@ class PlateauTest:
         path = self._steps.abs().sum(0)
         moving = path > 0
         ratio = self._steps.sum(0).abs()[moving] / path[moving]
-        self.statistic = float(ratio.max()) if ratio.numel() else 0.0
+        if not ratio.numel():
+            self.statistic = 0.0
+        else:
+            self.statistic = float(ratio.max() if self.reduce == "max" else ratio.mean())
         return self.statistic < self.threshold
 
 
@@ -536,7 +562,8 @@ class AutoFlow(AutoContinuous):
         return AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
 
     @staticmethod
-    def optim_args(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float | None = None, **extra):
+    def optim_args(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float | None = None,
+                   schedule: bool = False, **extra):
         """Per-parameter arguments for a Pyro optimiser: ``lr`` for the affine part (``loc``,
         ``scale``, ``scale_tril``), ``flow_lr`` for the flow's networks.
 
@@ -545,33 +572,50 @@ class AutoFlow(AutoContinuous):
         benchmark one learning rate of 0.02 for everything made some families' maps blow up within
         ~100 steps. ``clip`` (for ``pyro.optim.ClippedAdam``, which clamps every gradient element
         to ``[-clip, clip]``) applies to the flow only; the affine part is not clipped, so that it
-        follows ``Adam(lr)`` exactly as ``AutoMultivariateNormal`` would. ``**extra`` goes to every
-        parameter (e.g. ``lrd``). The default rates are :meth:`optimizer`'s (``DEFAULT_LR``,
-        ``DEFAULT_FLOW_LR``). Use as ``pyro.optim.Adam(AutoFlow.optim_args())``, or take :meth:`optimizer`.
+        follows ``Adam(lr)`` exactly as ``AutoMultivariateNormal`` would. ``schedule=True`` adds
+        :class:`~pyro_flows.infer.schedule.PlateauAdamOptimizer`'s per-parameter statistic (``reduce``:
+        ``"max"`` for ``loc`` and ``scale``, ``"mean"`` for ``scale_tril`` and the flow). ``**extra`` goes
+        to every parameter (e.g. ``lrd``, or ``factor`` / ``min_lr_ratio`` with ``schedule``). The default
+        rates are :meth:`optimizer`'s (``DEFAULT_LR``, ``DEFAULT_FLOW_LR``). Use as
+        ``pyro.optim.Adam(AutoFlow.optim_args())``, or take :meth:`optimizer`. The names are those of
+        ``AutoMultivariateNormal`` too, so the same arguments serve it.
         """
         def args(module_name, param_name):
             if module_name.split(".")[-1] == "transform":
-                return {"lr": flow_lr, **({} if clip is None else {"clip_norm": clip}), **extra}
-            return {"lr": lr, **({} if clip is None else {"clip_norm": math.inf}), **extra}
+                out = {"lr": flow_lr, **({} if clip is None else {"clip_norm": clip})}
+                reduce = "mean"
+            else:
+                out = {"lr": lr, **({} if clip is None else {"clip_norm": math.inf})}
+                reduce = "mean" if param_name.split(".")[-1] == "scale_tril" else "max"
+            return {**out, **({"reduce": reduce} if schedule else {}), **extra}
 
         return args
 
     @staticmethod
     def optimizer(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float = DEFAULT_CLIP,
-                  **extra):
-        """The recommended optimiser: ``pyro.optim.ClippedAdam`` with :meth:`optim_args`.
+                  schedule: bool = True, **extra):
+        """The recommended optimiser: :func:`~pyro_flows.infer.PlateauAdam` (Pyro's ``ClippedAdam`` whose
+        rate halves each time a parameter is stationary, down to 1/100 of its initial rate) with
+        :meth:`optim_args`.
 
         Arguments:
             lr: the affine part's learning rate (default 0.02, as for ``AutoMultivariateNormal``).
             flow_lr: the flow's learning rate.
             clip: elementwise gradient clamp of the flow's parameters (the affine part is not
                 clipped).
-            **extra: more ``ClippedAdam`` arguments for every parameter (e.g. ``lrd``).
+            schedule: ``False`` for a constant-rate ``pyro.optim.ClippedAdam`` instead.
+            **extra: more arguments for every parameter (e.g. ``lrd``; with the schedule ``factor``,
+                ``min_lr_ratio``, ``window``, ``threshold``, ``check_every``).
 
         Example:
             >>> optim = AutoFlow.optimizer()  # pass to SVI(model, guide, optim, Trace_ELBO())
         """
-        return pyro.optim.ClippedAdam(AutoFlow.optim_args(lr, flow_lr, clip=clip, **extra))
+        args = AutoFlow.optim_args(lr, flow_lr, clip=clip, schedule=schedule, **extra)
+        if not schedule:
+            return pyro.optim.ClippedAdam(args)
+        from .schedule import PlateauAdam
+
+        return PlateauAdam(args)
 
     def get_transform(self, *args, **kwargs):
         if not self.flow_on:
