@@ -51,8 +51,9 @@ Example:
     True
     >>> x = torch.zeros(2, 3, dtype=torch.float64)
     >>> mv = lambda u: 0.3 * u
-    >>> est = roulette_series(mv, mv, x, monotone_coefficient, n_exact=40, p=0.5)
-    >>> bool((est - exact).abs().max() < 3.0)  # one Hutchinson sample: noisy but unbiased
+    >>> _ = torch.manual_seed(0)
+    >>> est = torch.stack([roulette_series(mv, mv, x, monotone_coefficient, n_exact=40, p=0.5) for _ in range(500)])
+    >>> bool(((est.mean(0) - exact).abs() < 4 * est.std(0) / 500 ** 0.5).all())  # noisy per draw, unbiased
     True
 """
 
