@@ -144,3 +144,33 @@ def test_bench_vi_parts_then_merge_writes_report(tmp_path, capsys):
     assert "default AutoFlow against AutoMultivariateNormal" in md and "| kilpisjarvi | 3 |" in md
     assert "CPU seconds to reach AutoMultivariateNormal's ELBO" in md and "short tier" in md
     assert (out / "vi_kilpisjarvi.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_orders_parts_by_finish_time_not_file_mtime(tmp_path, monkeypatch):
+    """A later run's row replaces an earlier one's even when a checkout gave the files other mtimes."""
+    import os
+
+    from pyro_flows.experiments import vi
+
+    parts = tmp_path / "vi" / "parts"
+    parts.mkdir(parents=True)
+
+    def write(name, finished, value, mtime):
+        meta = {"header": "Machine: m\nCommand: `x`", "posteriors": ["p"], "table_times": [30.0],
+                "short_seconds": 30.0, "draws": 10, "table_draws": 10, "wall_minutes": 1.0}
+        if finished is not None:
+            meta["finished"] = finished
+        row = {"posterior": "p", "tier": "short", "guide": "qlf", "value": value}
+        path = parts / f"{name}.json"
+        path.write_text(json.dumps({"meta": meta, "rows": [row]}))
+        os.utime(path, (mtime, mtime))
+
+    write("a_new", "2026-11-30T11:00:00Z", "new", mtime=1.0)   # finished last, oldest file
+    write("b_old", "2026-11-29T09:00:00Z", "old", mtime=3.0)
+    write("c_legacy", None, "legacy", mtime=2.0)                # no timestamp: merged first
+    seen = {}
+    monkeypatch.setattr(vi, "write_vi_report", lambda rows, meta, out: seen.update(rows=rows, meta=meta) or [])
+    vi._merge(str(tmp_path / "vi"), "", lambda *a: None)
+    assert [r["value"] for r in seen["rows"]] == ["new"]
+    assert seen["meta"]["header"].endswith("Merged from c_legacy.json (1 wall min), b_old.json (1 wall min), "
+                                           "a_new.json (1 wall min).")

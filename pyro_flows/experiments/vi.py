@@ -633,26 +633,39 @@ def run_vi(args, header, log=print):
                         + _status_text(r) + f" [{(time.perf_counter() - t0) / 60:.1f} min]")
                     if part:  # after every fit, so a stopped run keeps what it has done
                         meta["wall_minutes"] = (time.perf_counter() - t0) / 60
+                        meta["finished"] = _utc_now()
                         reports.write_text(part, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
     finally:
         torch.set_default_dtype(default)
     meta["wall_minutes"] = (time.perf_counter() - t0) / 60
+    meta["finished"] = _utc_now()
     if part:
         reports.write_text(part, json.dumps({"meta": meta, "rows": rows}, indent=1, default=float))
         return rows, [part]
     return rows, write_vi_report(rows, meta, out_dir)
 
 
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _merge(out_dir, header, log):
-    """Rows of every ``vi/parts/*.json`` (a later file's row replaces an earlier one's for the same posterior,
-    tier and guide) and the report written from them."""
-    files = sorted(glob.glob(os.path.join(out_dir, "parts", "*.json")), key=os.path.getmtime)
+    """Rows of every ``vi/parts/*.json`` (a later part's row replaces an earlier one's for the same posterior,
+    tier and guide) and the report written from them.
+
+    Parts are ordered by the time their run finished (``meta["finished"]``, UTC), not by file modification
+    times, which a git checkout resets; parts written before that field existed come first, by name."""
+    files = glob.glob(os.path.join(out_dir, "parts", "*.json"))
     if not files:
         raise FileNotFoundError(f"--merge: no parts in {os.path.join(out_dir, 'parts')}")
-    rows, metas = {}, []
+    loaded = []
     for f in files:
         with open(f) as fh:
-            part = json.load(fh)
+            loaded.append((f, json.load(fh)))
+    loaded.sort(key=lambda fp: (fp[1]["meta"].get("finished", ""), os.path.basename(fp[0])))
+    files = [f for f, _ in loaded]
+    rows, metas = {}, []
+    for f, part in loaded:
         metas.append(part["meta"])
         for r in part["rows"]:
             rows[(r["posterior"], r["tier"], r["guide"])] = r
