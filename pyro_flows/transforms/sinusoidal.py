@@ -484,7 +484,7 @@ class ShiftNets(torch.nn.Module):
         """Guaranteed bounds of each ``Lip_x(s_i)`` (a ``(n,)`` tensor, no gradient)."""
         with torch.no_grad():
             _, lip = self.weights(bounds=True)
-        return torch.tensor(lip, dtype=self.params.dtype)
+        return torch.tensor(lip, dtype=self.params.dtype, device=self.params.device)
 
 
 class ShiftNet:
