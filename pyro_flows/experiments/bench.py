@@ -452,7 +452,8 @@ def parse_args(argv=None):
         action="append",
         metavar="NAME",
         help="vi: guides of the chosen tier(s) instead of the tier's own; repeatable or a comma list of "
-        "AutoNormal, AutoMultivariateNormal, AutoIAFNormal, AutoFlow (the default family) and family names",
+        "AutoNormal, AutoMultivariateNormal, AutoIAFNormal, AutoFlow (the default family), "
+        "'AutoMultivariateNormal+schedule', 'AutoFlow (flow off)' (quote it) and family names",
     )
     p.add_argument("--draws", type=int, default=2000, help="vi: guide draws per snapshot (ELBO, k-hat, errors)")
     p.add_argument(
@@ -482,8 +483,10 @@ def parse_args(argv=None):
         p.error(f"unknown --what {bad[0]!r}; expected one of {WHAT}")
     args.family = _split(args.family) or list(pyro_flows.FLOWS)
     args.guides = _split(args.guides)
-    known = ("AutoNormal", "AutoMultivariateNormal", "AutoMultivariateNormal+schedule", "AutoIAFNormal",
-             "AutoFlow") + tuple(pyro_flows.FLOWS)
+    from .vi import HONESTY_GUIDES
+
+    known = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoFlow") + HONESTY_GUIDES + tuple(
+        pyro_flows.FLOWS)
     bad = [g for g in args.guides if g not in known]
     if bad:
         p.error(f"unknown guide {bad[0]!r}; expected one of {known}")
