@@ -273,3 +273,160 @@ class MonotoneNet(nn.Module):
         if tangent is None:
             return self.value(w, context), None
         return self.apply_linearization(*self.linearize(w, context), tangent)
+
+
+def _folded_step_forward(w, rhs, context, sign, act, n_hidden, params, grad):
+    """The forward of :class:`_FoldedExactStep`; with ``grad`` also what its backward needs."""
+    D = w.shape[-1]
+    batch = w.shape[:-1]
+    wf = w.reshape(-1, D)
+    B = wf.shape[0]
+    cf = None if context is None else context.reshape(B, context.shape[-1])
+    h = wf if cf is None else torch.cat([wf, cf], dim=-1)
+    inputs, ds, d2s, Ts, Us = [], [], [], [], []
+    T = None
+    for i in range(n_hidden):
+        W, b = params[2 * i], params[2 * i + 1]
+        inputs.append(h)
+        v = torch.addmm(b, h, W.t())
+        if grad:
+            h, d, d2 = act.folded_derivatives(v)
+            d2s.append(d2)
+        else:
+            h, d = act.folded_and_derivative(v)
+        ds.append(d)
+        if T is None:  # d(W w)/dw = W[:, :D], the same for every sample
+            T = d.unsqueeze(-2) * W[:, :D].t().contiguous()  # contiguous: T is (B, D, F) in memory
+        else:  # W = [A; -A] (CPila's doubling): one product with A, the sign goes into d
+            n = W.shape[0] // 2
+            U = torch.mm(T.reshape(B * D, -1), W[:n].t()).reshape(B, D, 1, n)
+            dd = torch.stack((d[:, :n], -d[:, n:]), dim=-2).unsqueeze(-3)  # (B, 1, 2, n)
+            Us.append(U)
+            T = (dd * U).reshape(B, D, 2 * n)
+        Ts.append(T)
+    Wo, bo = params[2 * n_hidden], params[2 * n_hidden + 1]
+    rf = rhs.reshape(B, D)
+    shift = rf if bo is None else rf - sign * bo
+    y = torch.addmm(shift, h, Wo.t(), alpha=-sign)
+    JT = torch.mm(T.reshape(B * D, -1), Wo.t()).reshape(B, D, D)  # JT[b, j, i] = dG_i / dw_j
+    eye = torch.eye(D, dtype=w.dtype, device=w.device)
+    LU, piv, _ = torch.linalg.lu_factor_ex(torch.stack([eye - JT, eye + JT]))
+    logdets = LU.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+    y, ladj = y.reshape(rhs.shape), (logdets[0] - logdets[1]).reshape(batch)
+    if not grad:
+        return y, ladj, None, None
+    saved = (LU, piv, h, *inputs, *ds, *d2s, *Ts, *Us, *params)
+    meta = (sign, n_hidden, D, B, batch, None if context is None else context.shape)
+    return y, ladj, saved, meta
+
+
+# -- the fused exact step of a folded (CPila) network: map, log-det and implicit gradients ---------
+class _FoldedExactStep(torch.autograd.Function):
+    """``(rhs - s G(w), log det(I - J) - log det(I + J))`` with ``J = J_G(w)``, for a folded network at
+    the certified solution ``w`` of ``w = 2 rhs - s G(w)``, with a hand-written backward.
+
+    Forward: one pass through the layers gives ``G(w)`` and the tangents ``T_i = dh_i/dw`` (layout
+    ``(B, D, features)``), ``J^T = T_L W_o^T``, and one batched LU of ``[I - J^T; I + J^T]``.
+    Backward (implicit function theorem for ``w* = 2 rhs - s G(w*)``): the log-det's cotangent
+    ``-gl ((I - J)^{-1} + (I + J)^{-1})`` is pulled back through the tangents (weight gradients and
+    the cotangents of the activation derivatives, which ``psi''`` turns into pre-activation
+    cotangents), the value path gives ``a = dL/dw*``, then ``lam = (I + s J)^{-T} a`` and a second
+    value-path sweep with output cotangent ``-s lam``: ``dL/drhs = 2 lam - gy`` and the parameter and
+    context gradients. ``w`` itself gets none (it is a detached solution).
+    """
+
+    @staticmethod
+    def forward(ctx, w, rhs, context, sign, act, n_hidden, *params):
+        y, ladj, saved, meta = _folded_step_forward(w, rhs, context, sign, act, n_hidden, params, True)
+        ctx.save_for_backward(*saved)
+        ctx.meta = meta
+        return y, ladj
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gl):
+        sign, nh, D, B, batch, ctx_shape = ctx.meta
+        saved = list(ctx.saved_tensors)
+        LU, piv, hL = saved[:3]
+        k = 3
+        inputs = saved[k:k + nh]
+        k += nh
+        ds = saved[k:k + nh]
+        k += nh
+        d2s = saved[k:k + nh]
+        k += nh
+        Ts = saved[k:k + nh]
+        k += nh
+        Us = [None] + saved[k:k + nh - 1]
+        k += nh - 1
+        params = saved[k:]
+        Ws = params[0:2 * nh + 2:2]
+        Wo = Ws[-1]
+        gy = gy.reshape(B, D) if gy is not None else hL.new_zeros(B, D)
+        gl = gl.reshape(B) if gl is not None else hL.new_zeros(B)
+        eye = torch.eye(D, dtype=hL.dtype, device=hL.device).expand(2, B, D, D)
+        inv = torch.linalg.lu_solve(LU, piv, eye)  # (I - J^T)^{-1}, (I + J^T)^{-1}
+        gW = [None] * (nh + 1)
+        # -- the log-det through the tangents
+        gJT = (inv[0] + inv[1]).mT * (-gl)[:, None, None]  # cotangent of J^T
+        T = Ts[-1]
+        gT = torch.mm(gJT.reshape(B * D, D), Wo).reshape(T.shape)
+        gW[nh] = torch.mm(gJT.reshape(B * D, D).t(), T.reshape(B * D, -1))
+        vtan = [None] * nh
+        for i in range(nh - 1, 0, -1):
+            W, d, U = Ws[i], ds[i], Us[i]  # U (B, D, 1, n)
+            n = W.shape[0] // 2
+            gT2 = gT.reshape(B, D, 2, n)
+            gd = (gT2 * U).sum(1)  # (B, 2, n): cotangents of d and -d (bottom half)
+            gU = torch.addcmul(gT2[:, :, 0] * d[:, None, :n], gT2[:, :, 1], d[:, None, n:], value=-1)  # (B, D, n)
+            gd = torch.cat((gd[:, 0], -gd[:, 1]), dim=-1)
+            vtan[i] = gd * d2s[i]
+            Tp = Ts[i - 1]
+            gWi = torch.mm(gU.reshape(B * D, n).t(), Tp.reshape(B * D, -1))
+            gW[i] = torch.cat((gWi, gWi.new_zeros(gWi.shape)), dim=0)
+            gT = torch.mm(gU.reshape(B * D, n), W[:n]).reshape(Tp.shape)
+        W1x = Ws[0][:, :D]
+        vtan[0] = (gT * W1x.t().contiguous()).sum(1) * d2s[0]
+        g1 = (gT * ds[0].unsqueeze(-2)).sum(0).t()  # (F, D)
+        gW[0] = g1 if Ws[0].shape[1] == D else torch.cat((g1, g1.new_zeros(g1.shape[0], Ws[0].shape[1] - D)), 1)
+        # -- value path, sweep A: dL/dw* from the log-det (the tangents' pre-activation cotangents)
+        vA = [None] * nh
+        hbar = None
+        for i in range(nh - 1, -1, -1):
+            vA[i] = vtan[i] if hbar is None else torch.addcmul(vtan[i], hbar, ds[i])
+            hbar = torch.mm(vA[i], Ws[i])
+        inbarA = hbar
+        a = gy + inbarA[:, :D]
+        # -- implicit correction: lam = (I + s J)^{-T} a = (I + s J^T)^{-1} a
+        lam = (inv[1 if sign > 0 else 0] @ a.unsqueeze(-1)).squeeze(-1)
+        gG = lam * (-sign)
+        # -- value path, sweep B: output cotangent -s lam; parameter gradients from both sweeps
+        grads = [None] * len(params)
+        grads[2 * nh] = gW[nh] + torch.mm(gG.t(), hL)
+        if params[2 * nh + 1] is not None:
+            grads[2 * nh + 1] = gG.sum(0)
+        hbar = torch.mm(gG, Wo)
+        for i in range(nh - 1, -1, -1):
+            vB = hbar * ds[i]
+            v = vA[i] + vB
+            grads[2 * i] = gW[i] + torch.mm(v.t(), inputs[i])
+            grads[2 * i + 1] = v.sum(0)
+            hbar = torch.mm(vB, Ws[i])
+        grhs = (2 * lam - gy).reshape(batch + (D,))
+        gctx = None
+        if ctx_shape is not None and ctx.needs_input_grad[2]:
+            gctx = (inbarA[:, D:] + hbar[:, D:]).reshape(ctx_shape)
+        return (None, grhs, gctx, None, None, None, *grads)
+
+
+def folded_exact_step(w, rhs, context, prepared, sign):
+    """``(rhs - sign G(w), log det(I - J_G(w)) - log det(I + J_G(w)))`` for a folded network
+    (:meth:`MonotoneNet.prepare` with CPila) at the solution ``w`` of ``w = 2 rhs - sign G(w)``, with
+    exact implicit gradients to ``rhs``, ``context`` and the prepared weights (``w`` is treated as the
+    exact solution; see :class:`_FoldedExactStep`). ``context``: broadcast against ``w`` or ``None``.
+    """
+    _, layers, (Wo, bo), act = prepared
+    params = [t for layer in layers for t in layer] + [Wo, bo]
+    if not torch.is_grad_enabled():
+        return _folded_step_forward(w, rhs, context, float(sign), act, len(layers), params, False)[:2]
+    return _FoldedExactStep.apply(w.detach(), rhs, context, float(sign), act, len(layers), *params)

@@ -53,7 +53,7 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 
 from .. import logdet as _logdet
-from ..nn.monotone_net import MonotoneNet
+from ..nn.monotone_net import MonotoneNet, folded_exact_step
 from ..registry import register_flow
 from ..solvers import ConvergenceWarning, SolverInfo, default_tolerance, fixed_point, refuse_jit_trace
 from ..validation import broadcast_context, check_dim
@@ -197,6 +197,9 @@ class ConditionedMonotone(FlowTransform):
             r0 = rhs.detach()
             c0 = net.output_shift(2 * r0, -sign, p)
             w = self._fixed_point(lambda v: net.value(v, ctx, p, out=(c0, -sign)), 2 * r0, L, atol, rtol, name)
+        if p[0] == "folded" and not self._stochastic():
+            # map, exact log-det and implicit gradients in one hand-written pass (see folded_exact_step)
+            return folded_exact_step(w, rhs, ctx, p, sign)
         if not torch.is_grad_enabled():
             g, J = net.jacobian(w, ctx, p)
             return (w - r0), _logdet.monotone_logdet_exact(J)
