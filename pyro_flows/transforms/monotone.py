@@ -24,11 +24,15 @@ reached first it warns :class:`~pyro_flows.solvers.ConvergenceWarning` with the 
 up to ``D = EXACT_MAX_DIM = 64``; above that, or with ``logdet="stochastic"``, the unbiased
 Russian-roulette/Hutchinson estimator (:func:`pyro_flows.logdet.monotone_logdet_stochastic`).
 
-**Gradients** are implicit and exact: the certified point gets one differentiable contraction step,
-whose gradient is corrected by ``(I + sign J)^{-T}``, a batched linear solve with the ``J`` the exact
-log-det already computed (the stochastic mode, which has no dense ``J``, solves the adjoint fixed
-point ``u = a - sign J^T u`` with ``J^T`` products from the block's linearisation). Derivations,
-design choices and measurements: ``docs/monotone.md``.
+**Gradients** are implicit and exact. With the default (CPila) network, one hand-written pass
+(:func:`~pyro_flows.nn.monotone_net.folded_exact_step`) takes the certified point ``w``, returns one
+more contraction step ``rhs - sign G(w)`` and the exact log-det at ``w``, and its backward applies the
+implicit function theorem directly (the log-det's pull-back through the Jacobian's tangents, then
+``(I + sign J)^{-T}`` from the inverses the log-det's gradient needs anyway). Other networks (dense,
+LipSwish) take one differentiable contraction step whose gradient a hook corrects by
+``(I + sign J)^{-T}``; the stochastic mode, which has no dense ``J``, solves the adjoint fixed point
+``u = a - sign J^T u`` with ``J^T`` products from the block's linearisation. Derivations, design
+choices and measurements: ``docs/monotone.md``.
 
 References:
     Ahn, Kim, Hong, Kim. Invertible Monotone Operators for Normalizing Flows. NeurIPS 2022.
