@@ -497,14 +497,15 @@ def test_implicit_gradients_match_finite_differences(direction):
     assert abs((grads[-1] * e).sum().item() - num_x) < 1e-6 * max(1.0, abs(num_x))
 
 
+@pytest.mark.parametrize("hidden", [[8], [8, 6], [8, 6, 5, 4]])
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
-def test_fused_folded_step_matches_the_autograd_path(direction):
+def test_fused_folded_step_matches_the_autograd_path(direction, hidden):
     """The default (CPila) block maps, takes log-dets and differentiates in one hand-written pass
     (``folded_exact_step``); the generic path (autograd Jacobian, log-det backward, implicit-gradient
     hook) on the same network gives the same values and the same gradients for the parameters, the
-    input and the context (float64, three hidden layers, perturbed parameters)."""
+    input and the context (float64, one to four hidden layers, perturbed parameters)."""
     torch.manual_seed(0)
-    m = perturb(pyro_flows.conditional_monotone(3, 2, hidden_dims=[8, 6, 5], atol=1e-13, rtol=1e-13).double(), 1.0)
+    m = perturb(pyro_flows.conditional_monotone(3, 2, hidden_dims=hidden, atol=1e-13, rtol=1e-13).double(), 1.0)
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     ctx = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     g = torch.Generator().manual_seed(1)

@@ -275,16 +275,30 @@ class MonotoneNet(nn.Module):
         return self.apply_linearization(*self.linearize(w, context), tangent)
 
 
+def _halves(d):
+    """``(d_a, d_b)``: a folded layer's activation derivatives for the rows ``A`` and ``-A``."""
+    n = d.shape[-1] // 2
+    return d[:, :n], d[:, n:]
+
+
 def _folded_step_forward(w, rhs, context, sign, act, n_hidden, params, grad):
-    """The forward of :class:`_FoldedExactStep`; with ``grad`` also what its backward needs."""
+    """The forward of :class:`_FoldedExactStep`; with ``grad`` also what its backward needs.
+
+    Tangents: a folded hidden layer has rows ``[A; -A]``, so its pre-activation tangent is ``[U; -U]``
+    with ``U = A dh/dw`` (``(B, D, n)`` in the layout ``(batch, D, features)``). The first two layers
+    are contracted without a per-sample tangent: ``U_2[b, j, m] = sum_f d_1[b, f] K[f, j, m]`` with
+    ``K[f, j, m] = W_1[f, j] A_2[m, f]`` (one GEMM over the batch), and the output layer as
+    ``J^T = U_L P`` with ``P[b, m, i] = W_o[i, m] d_a[b, m] - W_o[i, n + m] d_b[b, m]`` (one batched
+    product); layers in between propagate ``T = [d_a U, -d_b U]``, ``U' = T A'^T``. One hidden
+    layer: ``J^T = d_1 K_1`` with ``K_1[f, j, i] = W_1[f, j] W_o[i, f]``.
+    """
     D = w.shape[-1]
     batch = w.shape[:-1]
     wf = w.reshape(-1, D)
     B = wf.shape[0]
     cf = None if context is None else context.reshape(B, context.shape[-1])
     h = wf if cf is None else torch.cat([wf, cf], dim=-1)
-    inputs, ds, d2s, Ts, Us = [], [], [], [], []
-    T = None
+    inputs, ds, d2s = [], [], []
     for i in range(n_hidden):
         W, b = params[2 * i], params[2 * i + 1]
         inputs.append(h)
@@ -295,27 +309,38 @@ def _folded_step_forward(w, rhs, context, sign, act, n_hidden, params, grad):
         else:
             h, d = act.folded_and_derivative(v)
         ds.append(d)
-        if T is None:  # d(W w)/dw = W[:, :D], the same for every sample
-            T = d.unsqueeze(-2) * W[:, :D].t().contiguous()  # contiguous: T is (B, D, F) in memory
-        else:  # W = [A; -A] (CPila's doubling): one product with A, the sign goes into d
-            n = W.shape[0] // 2
-            U = torch.mm(T.reshape(B * D, -1), W[:n].t()).reshape(B, D, 1, n)
-            dd = torch.stack((d[:, :n], -d[:, n:]), dim=-2).unsqueeze(-3)  # (B, 1, 2, n)
-            Us.append(U)
-            T = (dd * U).reshape(B, D, 2 * n)
-        Ts.append(T)
     Wo, bo = params[2 * n_hidden], params[2 * n_hidden + 1]
     rf = rhs.reshape(B, D)
-    shift = rf if bo is None else rf - sign * bo
-    y = torch.addmm(shift, h, Wo.t(), alpha=-sign)
-    JT = torch.mm(T.reshape(B * D, -1), Wo.t()).reshape(B, D, D)  # JT[b, j, i] = dG_i / dw_j
+    y = torch.addmm(rf if bo is None else rf - sign * bo, h, Wo.t(), alpha=-sign)
+    W1x = params[0][:, :D]
+    Us, Ts, P = [], [], None
+    if n_hidden == 1:
+        K = W1x.unsqueeze(-1) * Wo.t().unsqueeze(1)  # (F, D, D)
+        JT = torch.mm(ds[0], K.reshape(K.shape[0], -1)).reshape(B, D, D)
+    else:
+        A = params[2][: params[2].shape[0] // 2]
+        K = W1x.unsqueeze(-1) * A.t().unsqueeze(1)  # (F, D, n)
+        U = torch.mm(ds[0], K.reshape(K.shape[0], -1)).reshape(B, D, A.shape[0])
+        Us.append(U)
+        for i in range(1, n_hidden - 1):
+            da, db = _halves(ds[i])
+            T = torch.stack((da, -db), dim=1).unsqueeze(1) * U.unsqueeze(2)  # (B, D, 2, n)
+            T = T.reshape(B, D, -1)
+            Ts.append(T)
+            W = params[2 * (i + 1)]
+            U = torch.mm(T.reshape(B * D, -1), W[: W.shape[0] // 2].t()).reshape(B, D, -1)
+            Us.append(U)
+        da, db = _halves(ds[-1])
+        n = da.shape[-1]
+        P = torch.addcmul(da.unsqueeze(-1) * Wo[:, :n].t(), db.unsqueeze(-1), Wo[:, n:].t(), value=-1)  # (B, n, D)
+        JT = torch.bmm(U, P)  # JT[b, j, i] = dG_i / dw_j
     eye = torch.eye(D, dtype=w.dtype, device=w.device)
     LU, piv, _ = torch.linalg.lu_factor_ex(torch.stack([eye - JT, eye + JT]))
     logdets = LU.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
     y, ladj = y.reshape(rhs.shape), (logdets[0] - logdets[1]).reshape(batch)
     if not grad:
         return y, ladj, None, None
-    saved = (LU, piv, h, *inputs, *ds, *d2s, *Ts, *Us, *params)
+    saved = (LU, piv, h, K, P, *inputs, *ds, *d2s, *Us, *Ts, *params)
     meta = (sign, n_hidden, D, B, batch, None if context is None else context.shape)
     return y, ladj, saved, meta
 
@@ -325,14 +350,15 @@ class _FoldedExactStep(torch.autograd.Function):
     """``(rhs - s G(w), log det(I - J) - log det(I + J))`` with ``J = J_G(w)``, for a folded network at
     the certified solution ``w`` of ``w = 2 rhs - s G(w)``, with a hand-written backward.
 
-    Forward: one pass through the layers gives ``G(w)`` and the tangents ``T_i = dh_i/dw`` (layout
-    ``(B, D, features)``), ``J^T = T_L W_o^T``, and one batched LU of ``[I - J^T; I + J^T]``.
-    Backward (implicit function theorem for ``w* = 2 rhs - s G(w*)``): the log-det's cotangent
-    ``-gl ((I - J)^{-1} + (I + J)^{-1})`` is pulled back through the tangents (weight gradients and
-    the cotangents of the activation derivatives, which ``psi''`` turns into pre-activation
-    cotangents), the value path gives ``a = dL/dw*``, then ``lam = (I + s J)^{-T} a`` and a second
-    value-path sweep with output cotangent ``-s lam``: ``dL/drhs = 2 lam - gy`` and the parameter and
-    context gradients. ``w`` itself gets none (it is a detached solution).
+    Forward: one pass through the layers gives ``G(w)``, the activation derivatives and ``J^T``
+    (contracted as described in :func:`_folded_step_forward`), and one batched LU of
+    ``[I - J^T; I + J^T]``. Backward (implicit function theorem for ``w* = 2 rhs - s G(w*)``): the
+    log-det's cotangent ``-gl ((I - J)^{-1} + (I + J)^{-1})`` is pulled back through the Jacobian's
+    factors (weight gradients and the cotangents of the activation derivatives, which ``psi''``
+    turns into pre-activation cotangents), the value path gives ``a = dL/dw*``, then
+    ``lam = (I + s J)^{-T} a`` and a second value-path sweep with output cotangent ``-s lam``:
+    ``dL/drhs = 2 lam - gy`` and the parameter and context gradients. ``w`` itself gets none (it is a
+    detached solution).
     """
 
     @staticmethod
@@ -347,49 +373,58 @@ class _FoldedExactStep(torch.autograd.Function):
     def backward(ctx, gy, gl):
         sign, nh, D, B, batch, ctx_shape = ctx.meta
         saved = list(ctx.saved_tensors)
-        LU, piv, hL = saved[:3]
-        k = 3
-        inputs = saved[k:k + nh]
-        k += nh
-        ds = saved[k:k + nh]
-        k += nh
-        d2s = saved[k:k + nh]
-        k += nh
-        Ts = saved[k:k + nh]
-        k += nh
-        Us = [None] + saved[k:k + nh - 1]
-        k += nh - 1
-        params = saved[k:]
+        LU, piv, hL, K, P = saved[:5]
+        k = 5
+        inputs, ds, d2s = saved[k:k + nh], saved[k + nh:k + 2 * nh], saved[k + 2 * nh:k + 3 * nh]
+        k += 3 * nh
+        n_u = 0 if nh == 1 else nh - 1
+        Us, Ts = saved[k:k + n_u], saved[k + n_u:k + n_u + max(nh - 2, 0)]
+        params = saved[k + n_u + max(nh - 2, 0):]
         Ws = params[0:2 * nh + 2:2]
         Wo = Ws[-1]
         gy = gy.reshape(B, D) if gy is not None else hL.new_zeros(B, D)
         gl = gl.reshape(B) if gl is not None else hL.new_zeros(B)
         eye = torch.eye(D, dtype=hL.dtype, device=hL.device).expand(2, B, D, D)
         inv = torch.linalg.lu_solve(LU, piv, eye)  # (I - J^T)^{-1}, (I + J^T)^{-1}
-        gW = [None] * (nh + 1)
-        # -- the log-det through the tangents
-        gJT = (inv[0] + inv[1]).mT * (-gl)[:, None, None]  # cotangent of J^T
-        T = Ts[-1]
-        gT = torch.mm(gJT.reshape(B * D, D), Wo).reshape(T.shape)
-        gW[nh] = torch.mm(gJT.reshape(B * D, D).t(), T.reshape(B * D, -1))
+        gW = [torch.zeros_like(W) for W in Ws]  # the log-det's (tangent) part of the weight gradients
         vtan = [None] * nh
-        for i in range(nh - 1, 0, -1):
-            W, d, U = Ws[i], ds[i], Us[i]  # U (B, D, 1, n)
-            n = W.shape[0] // 2
-            gT2 = gT.reshape(B, D, 2, n)
-            gd = (gT2 * U).sum(1)  # (B, 2, n): cotangents of d and -d (bottom half)
-            gU = torch.addcmul(gT2[:, :, 0] * d[:, None, :n], gT2[:, :, 1], d[:, None, n:], value=-1)  # (B, D, n)
-            gd = torch.cat((gd[:, 0], -gd[:, 1]), dim=-1)
-            vtan[i] = gd * d2s[i]
-            Tp = Ts[i - 1]
-            gWi = torch.mm(gU.reshape(B * D, n).t(), Tp.reshape(B * D, -1))
-            gW[i] = torch.cat((gWi, gWi.new_zeros(gWi.shape)), dim=0)
-            gT = torch.mm(gU.reshape(B * D, n), W[:n]).reshape(Tp.shape)
-        W1x = Ws[0][:, :D]
-        vtan[0] = (gT * W1x.t().contiguous()).sum(1) * d2s[0]
-        g1 = (gT * ds[0].unsqueeze(-2)).sum(0).t()  # (F, D)
-        gW[0] = g1 if Ws[0].shape[1] == D else torch.cat((g1, g1.new_zeros(g1.shape[0], Ws[0].shape[1] - D)), 1)
-        # -- value path, sweep A: dL/dw* from the log-det (the tangents' pre-activation cotangents)
+        # -- the log-det through the Jacobian's factors
+        gJT = (inv[0] + inv[1]).mT * (-gl)[:, None, None]  # cotangent of J^T
+        if nh == 1:
+            gK = torch.mm(ds[0].t(), gJT.reshape(B, -1)).reshape(K.shape)  # (F, D, D)
+            vtan[0] = torch.mm(gJT.reshape(B, -1), K.reshape(K.shape[0], -1).t()) * d2s[0]
+            W1x = Ws[0][:, :D]
+            gW[0][:, :D] = (gK * Wo.t().unsqueeze(1)).sum(-1)
+            gW[1] += (gK * W1x.unsqueeze(-1)).sum(1).t()
+        else:
+            U = Us[-1]
+            gU = torch.bmm(gJT, P.mT)  # (B, D, n)
+            gP = torch.bmm(U.mT, gJT)  # (B, n, D)
+            da, db = _halves(ds[-1])
+            n = da.shape[-1]
+            WoaT, WobT = Wo[:, :n].t(), Wo[:, n:].t()
+            vtan[-1] = torch.cat(((gP * WoaT).sum(-1), -(gP * WobT).sum(-1)), dim=-1) * d2s[-1]
+            gW[-1][:, :n] = (gP * da.unsqueeze(-1)).sum(0).t()
+            gW[-1][:, n:] = -(gP * db.unsqueeze(-1)).sum(0).t()
+            for i in range(nh - 2, 0, -1):  # layers between the first two and the last: U_{i+1} = T_i A^T
+                W, T = Ws[i + 1], Ts[i - 1]
+                m = W.shape[0] // 2
+                gW[i + 1][:m] += torch.mm(gU.reshape(B * D, -1).t(), T.reshape(B * D, -1))
+                gT = torch.mm(gU.reshape(B * D, -1), W[:m]).reshape(B, D, 2, -1)
+                U = Us[i - 1]
+                da, db = _halves(ds[i])
+                gd = (gT * U.unsqueeze(2)).sum(1)  # (B, 2, n): cotangents of d_a and -d_b
+                vtan[i] = torch.cat((gd[:, 0], -gd[:, 1]), dim=-1) * d2s[i]
+                gU = torch.addcmul(gT[:, :, 0] * da.unsqueeze(1), gT[:, :, 1], db.unsqueeze(1), value=-1)
+            # the first two layers: U_2 = d_1 K
+            gUr = gU.reshape(B, -1)
+            vtan[0] = torch.mm(gUr, K.reshape(K.shape[0], -1).t()) * d2s[0]
+            gK = torch.mm(ds[0].t(), gUr).reshape(K.shape)  # (F, D, n)
+            W2 = Ws[1]
+            m = W2.shape[0] // 2
+            gW[0][:, :D] = (gK * W2[:m].t().unsqueeze(1)).sum(-1)
+            gW[1][:m] += (gK * Ws[0][:, :D].unsqueeze(-1)).sum(1).t()
+        # -- value path, sweep A: dL/dw* from the log-det (the pre-activation cotangents above)
         vA = [None] * nh
         hbar = None
         for i in range(nh - 1, -1, -1):
@@ -402,14 +437,14 @@ class _FoldedExactStep(torch.autograd.Function):
         gG = lam * (-sign)
         # -- value path, sweep B: output cotangent -s lam; parameter gradients from both sweeps
         grads = [None] * len(params)
-        grads[2 * nh] = gW[nh] + torch.mm(gG.t(), hL)
+        grads[2 * nh] = torch.addmm(gW[nh], gG.t(), hL)
         if params[2 * nh + 1] is not None:
             grads[2 * nh + 1] = gG.sum(0)
         hbar = torch.mm(gG, Wo)
         for i in range(nh - 1, -1, -1):
             vB = hbar * ds[i]
             v = vA[i] + vB
-            grads[2 * i] = gW[i] + torch.mm(v.t(), inputs[i])
+            grads[2 * i] = torch.addmm(gW[i], v.t(), inputs[i])
             grads[2 * i + 1] = v.sum(0)
             hbar = torch.mm(vB, Ws[i])
         grhs = (2 * lam - gy).reshape(batch + (D,))
