@@ -399,13 +399,13 @@ class _FoldedExactStep(torch.autograd.Function):
         else:
             U = Us[-1]
             gU = torch.bmm(gJT, P.mT)  # (B, D, n)
-            gP = torch.bmm(U.mT, gJT)  # (B, n, D)
+            gPt = torch.bmm(gJT.mT, U)  # (B, D, n): gPt[b, i, m] is the cotangent of P[b, m, i]
             da, db = _halves(ds[-1])
             n = da.shape[-1]
-            WoaT, WobT = Wo[:, :n].t(), Wo[:, n:].t()
-            vtan[-1] = torch.cat(((gP * WoaT).sum(-1), -(gP * WobT).sum(-1)), dim=-1) * d2s[-1]
-            gW[-1][:, :n] = (gP * da.unsqueeze(-1)).sum(0).t()
-            gW[-1][:, n:] = -(gP * db.unsqueeze(-1)).sum(0).t()
+            Woa, Wob = Wo[:, :n].contiguous(), Wo[:, n:].contiguous()
+            vtan[-1] = torch.cat(((gPt * Woa).sum(1), -(gPt * Wob).sum(1)), dim=-1) * d2s[-1]
+            gW[-1][:, :n] = (gPt * da.unsqueeze(1)).sum(0)
+            gW[-1][:, n:] = -(gPt * db.unsqueeze(1)).sum(0)
             for i in range(nh - 2, 0, -1):  # layers between the first two and the last: U_{i+1} = T_i A^T
                 W, T = Ws[i + 1], Ts[i - 1]
                 m = W.shape[0] // 2
