@@ -525,6 +525,18 @@ def test_fused_folded_step_matches_the_autograd_path(direction, hidden):
         assert torch.allclose(a, b_, atol=1e-9), (a - b_).abs().max()
 
 
+@pytest.mark.parametrize("hidden", [[8], [8, 8], [8, 6, 5]])
+def test_empty_batch(hidden):
+    """A batch of no samples maps, inverts and differentiates to empty results (no reshape of -1)."""
+    t = pyro_flows.monotone(3, hidden_dims=hidden)
+    x = torch.randn(0, 3, requires_grad=True)
+    y, ladj = t._call_and_ladj(x)
+    assert y.shape == (0, 3) and ladj.shape == (0,)
+    (y.sum() + ladj.sum()).backward()
+    assert x.grad.shape == (0, 3)
+    assert t._inverse_and_ladj(y.detach())[0].shape == (0, 3)
+
+
 def test_log_slope_bound_holds_for_huge_parameters():
     """Per block, the singular values of dF/dx lie in [(1-L)/(1+L), (1+L)/(1-L)] for any parameters."""
     torch.manual_seed(0)

@@ -170,7 +170,7 @@ class MonotoneNet(nn.Module):
             return F.linear(h, Wo, bo)
         c, alpha = out
         flat = h.reshape(-1, h.shape[-1])
-        res = torch.addmm(c.reshape(flat.shape[0], -1), flat, Wo.t(), alpha=alpha)
+        res = torch.addmm(c.reshape(flat.shape[0], Wo.shape[0]), flat, Wo.t(), alpha=alpha)
         return res.reshape(h.shape[:-1] + (Wo.shape[0],))
 
     def jacobian(self, w, context=None, prepared=None):
@@ -325,10 +325,10 @@ def _folded_step_forward(w, rhs, context, sign, act, n_hidden, params, grad):
         for i in range(1, n_hidden - 1):
             da, db = _halves(ds[i])
             T = torch.stack((da, -db), dim=1).unsqueeze(1) * U.unsqueeze(2)  # (B, D, 2, n)
-            T = T.reshape(B, D, -1)
+            T = T.flatten(2)
             Ts.append(T)
             W = params[2 * (i + 1)]
-            U = torch.mm(T.reshape(B * D, -1), W[: W.shape[0] // 2].t()).reshape(B, D, -1)
+            U = torch.mm(T.flatten(0, 1), W[: W.shape[0] // 2].t()).reshape(B, D, W.shape[0] // 2)
             Us.append(U)
         da, db = _halves(ds[-1])
         n = da.shape[-1]
@@ -391,8 +391,8 @@ class _FoldedExactStep(torch.autograd.Function):
         # -- the log-det through the Jacobian's factors
         gJT = (inv[0] + inv[1]).mT * (-gl)[:, None, None]  # cotangent of J^T
         if nh == 1:
-            gK = torch.mm(ds[0].t(), gJT.reshape(B, -1)).reshape(K.shape)  # (F, D, D)
-            vtan[0] = torch.mm(gJT.reshape(B, -1), K.reshape(K.shape[0], -1).t()) * d2s[0]
+            gK = torch.mm(ds[0].t(), gJT.flatten(1)).reshape(K.shape)  # (F, D, D)
+            vtan[0] = torch.mm(gJT.flatten(1), K.flatten(1).t()) * d2s[0]
             W1x = Ws[0][:, :D]
             gW[0][:, :D] = (gK * Wo.t().unsqueeze(1)).sum(-1)
             gW[1] += (gK * W1x.unsqueeze(-1)).sum(1).t()
@@ -409,15 +409,15 @@ class _FoldedExactStep(torch.autograd.Function):
             for i in range(nh - 2, 0, -1):  # layers between the first two and the last: U_{i+1} = T_i A^T
                 W, T = Ws[i + 1], Ts[i - 1]
                 m = W.shape[0] // 2
-                gW[i + 1][:m] += torch.mm(gU.reshape(B * D, -1).t(), T.reshape(B * D, -1))
-                gT = torch.mm(gU.reshape(B * D, -1), W[:m]).reshape(B, D, 2, -1)
+                gW[i + 1][:m] += torch.mm(gU.flatten(0, 1).t(), T.flatten(0, 1))
+                gT = torch.mm(gU.flatten(0, 1), W[:m]).reshape(B, D, 2, W.shape[1] // 2)
                 U = Us[i - 1]
                 da, db = _halves(ds[i])
                 gd = (gT * U.unsqueeze(2)).sum(1)  # (B, 2, n): cotangents of d_a and -d_b
                 vtan[i] = torch.cat((gd[:, 0], -gd[:, 1]), dim=-1) * d2s[i]
                 gU = torch.addcmul(gT[:, :, 0] * da.unsqueeze(1), gT[:, :, 1], db.unsqueeze(1), value=-1)
             # the first two layers: U_2 = d_1 K
-            gUr = gU.reshape(B, -1)
+            gUr = gU.flatten(1)
             vtan[0] = torch.mm(gUr, K.reshape(K.shape[0], -1).t()) * d2s[0]
             gK = torch.mm(ds[0].t(), gUr).reshape(K.shape)  # (F, D, n)
             W2 = Ws[1]
