@@ -154,6 +154,20 @@ class CPila(LipschitzActivation):
         d = torch.addcmul(q, t2, t, value=0.5) * (e * (v >= -TAIL))
         return torch.addcmul(torch.relu(v), t * q, e), d
 
+    @staticmethod
+    def folded_derivatives(v):
+        """``(psi(v), psi'(v), psi''(v))``; ``psi''(v) = e^t t^2 (2 + t/2)`` for ``-TAIL <= v <= 0`` and 0
+        elsewhere (the derivative of the ``psi'`` that :meth:`folded_and_derivative` returns, as
+        autograd would give it; hand-written backward passes use it)."""
+        t = v.clamp(min=-TAIL, max=0)
+        e = torch.exp(t)
+        em = e * (v >= -TAIL)
+        t2 = t * t
+        q = torch.add(1 - t, t2, alpha=0.5)
+        d = torch.addcmul(q, t2, t, value=0.5) * em
+        d2 = torch.addcmul(t2 * 2, t2, t, value=0.5) * em
+        return torch.addcmul(torch.relu(v), t * q, e), d, d2
+
     def extra_repr(self):
         return f"k={self.k}, a1={self.a1:.6g}, a2={self.a2}"
 

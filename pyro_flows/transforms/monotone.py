@@ -24,11 +24,15 @@ reached first it warns :class:`~pyro_flows.solvers.ConvergenceWarning` with the 
 up to ``D = EXACT_MAX_DIM = 64``; above that, or with ``logdet="stochastic"``, the unbiased
 Russian-roulette/Hutchinson estimator (:func:`pyro_flows.logdet.monotone_logdet_stochastic`).
 
-**Gradients** are implicit and exact: the certified point gets one differentiable contraction step,
-whose gradient is corrected by ``(I + sign J)^{-T}``, a batched linear solve with the ``J`` the exact
-log-det already computed (the stochastic mode, which has no dense ``J``, solves the adjoint fixed
-point ``u = a - sign J^T u`` with ``J^T`` products from the block's linearisation). Derivations,
-design choices and measurements: ``docs/monotone.md``.
+**Gradients** are implicit and exact. With the default (CPila) network, one hand-written pass
+(:func:`~pyro_flows.nn.monotone_net.folded_exact_step`) takes the certified point ``w``, returns one
+more contraction step ``rhs - sign G(w)`` and the exact log-det at ``w``, and its backward applies the
+implicit function theorem directly (the log-det's pull-back through the Jacobian's tangents, then
+``(I + sign J)^{-T}`` from the inverses the log-det's gradient needs anyway). Other networks (dense,
+LipSwish) take one differentiable contraction step whose gradient a hook corrects by
+``(I + sign J)^{-T}``; the stochastic mode, which has no dense ``J``, solves the adjoint fixed point
+``u = a - sign J^T u`` with ``J^T`` products from the block's linearisation. Derivations, design
+choices and measurements: ``docs/monotone.md``.
 
 References:
     Ahn, Kim, Hong, Kim. Invertible Monotone Operators for Normalizing Flows. NeurIPS 2022.
@@ -53,7 +57,7 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 
 from .. import logdet as _logdet
-from ..nn.monotone_net import MonotoneNet
+from ..nn.monotone_net import MonotoneNet, folded_exact_step
 from ..registry import register_flow
 from ..solvers import ConvergenceWarning, SolverInfo, default_tolerance, fixed_point, refuse_jit_trace
 from ..validation import broadcast_context, check_dim
@@ -197,6 +201,9 @@ class ConditionedMonotone(FlowTransform):
             r0 = rhs.detach()
             c0 = net.output_shift(2 * r0, -sign, p)
             w = self._fixed_point(lambda v: net.value(v, ctx, p, out=(c0, -sign)), 2 * r0, L, atol, rtol, name)
+        if p[0] == "folded" and not self._stochastic():
+            # map, exact log-det and implicit gradients in one hand-written pass (see folded_exact_step)
+            return folded_exact_step(w, rhs, ctx, p, sign)
         if not torch.is_grad_enabled():
             g, J = net.jacobian(w, ctx, p)
             return (w - r0), _logdet.monotone_logdet_exact(J)
