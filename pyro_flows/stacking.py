@@ -27,6 +27,7 @@ from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 
+from .nn.lipschitz import shared_bounds
 from .registry import PERMUTATIONS, get_flow
 from .solvers import ConvergenceWarning, SolverInfo, refuse_jit_trace
 from .transforms._base import Permute
@@ -134,6 +135,14 @@ class _RoundTrip:
         return solving if any(solving) else None
 
     def __call__(self, x):
+        with shared_bounds(_bound_networks(self.parts)):
+            return self._run(x)
+
+    def log_abs_det_jacobian(self, x, y):
+        with shared_bounds(_bound_networks(self.parts)):
+            return super().log_abs_det_jacobian(x, y)
+
+    def _run(self, x):
         solving = self._solving_parts()
         if solving is None:
             for part in self.parts:
@@ -189,6 +198,16 @@ class _RoundTrip:
                 ConvergenceWarning,
                 stacklevel=3,
             )
+
+
+def _bound_networks(parts) -> list:
+    """The networks whose guaranteed bounds the parts use (each part's ``_bound_networks()``)."""
+    nets = []
+    for part in parts:
+        get = getattr(part._inv if isinstance(part, _InverseTransform) else part, "_bound_networks", None)
+        if get is not None:
+            nets.extend(get())
+    return nets
 
 
 def _answers_from_cache(part, value) -> bool:

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "matrix_norm_bound", "power_norm_product",
-           "spectral_norm_bounds", "spectral_norm_product"]
+__all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "SharedBoundNetwork", "matrix_norm_bound",
+           "power_norm_product", "shared_bounds", "spectral_norm_bounds", "spectral_norm_product",
+           "spectral_norm_segments"]
 
 MARGIN = 1e-6
 _BOUNDS = ("spectral", "power", "frobenius")
@@ -45,12 +46,15 @@ class _SpectralNormBounds(torch.autograd.Function):
 
     Each weight is written ``A_i = W_i^T`` (tall) or ``A_i = W_i`` (wide), so its Gram matrix
     ``A_i A_i^T`` is on the smaller side; weights whose ``A_i`` have equal shapes share one float64
-    conversion, one batched product and one ``eigh``.
+    conversion, one batched product and one ``eigh``. The weights come in *segments* (consecutive
+    runs, ``(start, stop, product)``): a segment returns its bounds, or their product (one entry,
+    formed in float64), so several networks' bounds come from one call.
     """
 
     @staticmethod
-    def forward(ctx, need_grad, members, product, *weights):
+    def forward(ctx, need_grad, members, segments, *weights):
         dtype = weights[0].dtype
+        n = len(weights)
         tall = [w.shape[0] >= w.shape[1] for w in weights]
         directions, sigmas = [], []
         with torch.no_grad():
@@ -67,40 +71,68 @@ class _SpectralNormBounds(torch.autograd.Function):
                     # sigma = x^T A y with y = A^T x / sigma: d sigma / dA = x y^T (0 where A = 0)
                     x = evecs[:, :, -1:]
                     y = torch.bmm(x.transpose(1, 2), a) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)[:, None]
-                    directions.append(x * y)
-            # bounds in group order
+                    directions.append((x * y).to(dtype))
             bounds = (torch.cat(sigmas) if len(sigmas) > 1 else sigmas[0]).squeeze(-1) * (1 + MARGIN)
-            if need_grad:
-                scale = torch.full_like(bounds, 1 + MARGIN)
-                if product and len(weights) > 1:
-                    # d prod / d bound_i = prod_{j != i} bound_j (also where a bound is 0)
-                    k = len(weights)
-                    others = bounds.expand(k, k).clone()
-                    others.fill_diagonal_(1)
-                    scale = scale * others.prod(1)
-                start = 0
-                for j, idx in enumerate(members):
-                    directions[j] = (directions[j] * scale[start : start + len(idx), None, None]).to(dtype)
-                    start += len(idx)
-            out = bounds.prod() if product else bounds
-        ctx.save_for_backward(*directions)
-        ctx.members, ctx.tall, ctx.product = members, tall, product
+            order = [i for idx in members for i in idx]  # the group order of ``bounds``
+            if order != list(range(n)):
+                bounds = bounds.index_select(0, _index(_inverse_order(order), bounds.device))
+            outs, scales = [], []
+            for start, stop, product in segments:
+                b = bounds[start:stop]
+                outs.append(b.prod(0, keepdim=True) if product else b)
+                if need_grad:
+                    if product and stop - start > 1:
+                        # d prod / d bound_i = prod_{j != i} bound_j (also where a bound is 0)
+                        others = b.expand(stop - start, stop - start).clone()
+                        others.fill_diagonal_(1)
+                        scales.append(others.prod(1) * (1 + MARGIN))
+                    else:
+                        scales.append(torch.full_like(b, 1 + MARGIN))
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if need_grad:
+            ctx.save_for_backward((torch.cat(scales) if len(scales) > 1 else scales[0]).to(dtype), *directions)
+        ctx.members, ctx.segments, ctx.tall = members, segments, tall
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
+        scale, *directions = ctx.saved_tensors
         out = [None] * (3 + len(ctx.tall))
-        start = 0
-        for idx, direction in zip(ctx.members, ctx.saved_tensors):
-            if ctx.product:
-                da = grad * direction
+        # the gradient of each weight's bound, in input order
+        per_weight, k = [], 0
+        for start, stop, product in ctx.segments:
+            if product:
+                per_weight.append(grad[k : k + 1].expand(stop - start))
+                k += 1
             else:
-                g = grad if len(idx) == len(ctx.tall) else grad[start : start + len(idx)]
-                da = g[:, None, None] * direction
+                per_weight.append(grad[k : k + stop - start])
+                k += stop - start
+        g = (torch.cat(per_weight) if len(per_weight) > 1 else per_weight[0]) * scale
+        for idx, direction in zip(ctx.members, directions):
+            gi = g if len(idx) == len(ctx.tall) and idx == sorted(idx) else g.index_select(0, _index(idx, g.device))
+            da = gi[:, None, None] * direction
             for j, i in enumerate(idx):
                 out[3 + i] = da[j].T if ctx.tall[i] else da[j]
-            start += len(idx)
         return tuple(out)
+
+
+_INDEX_CACHE = {}
+
+
+def _index(positions, device):
+    """``positions`` as a long tensor on ``device``, built once per device (no copy per call)."""
+    key = (tuple(positions), device)
+    t = _INDEX_CACHE.get(key)
+    if t is None:
+        t = _INDEX_CACHE[key] = torch.tensor(positions, dtype=torch.long, device=device)
+    return t
+
+
+def _inverse_order(order):
+    inv = [0] * len(order)
+    for k, i in enumerate(order):
+        inv[i] = k
+    return inv
 
 
 def _groups(weights):
@@ -112,15 +144,45 @@ def _groups(weights):
     return list(groups.values())
 
 
-def _apply(weights, product):
-    """Bounds in group order (or their product), and the input index of each entry."""
-    weights = list(weights)
+def _check_weights(weights, name):
     if not weights or any(w.dim() != 2 for w in weights):
-        raise ValueError("spectral_norm_bounds expects a non-empty sequence of 2-D tensors")
-    members = _groups(weights)
+        raise ValueError(f"{name} expects a non-empty sequence of 2-D tensors")
+
+
+def spectral_norm_segments(weight_lists, products) -> list:
+    """:func:`spectral_norm_bounds` (``products[k]`` false) or :func:`spectral_norm_product` (true) of
+    each list of 2-D tensors in ``weight_lists``, all from ONE batched computation (one ``eigh`` per
+    Gram size over every list, one autograd node). Each result is the one its list would get alone,
+    to float64 rounding (the same per-matrix arithmetic; a stack of networks uses it to bound all
+    its layers at once).
+
+    Example:
+        >>> b, p = spectral_norm_segments([[torch.eye(3) * 2], [torch.eye(3), torch.ones(2, 3)]], [False, True])
+        >>> [round(float(x), 4) for x in b], round(float(p), 4)
+        ([2.0], 2.4495)
+    """
+    weights, segments, start = [], [], 0
+    for ws, product in zip(weight_lists, products):
+        ws = list(ws)
+        _check_weights(ws, "spectral_norm_segments")
+        weights += ws
+        segments.append((start, start + len(ws), bool(product)))
+        start += len(ws)
+    if not segments or len(segments) != len(weight_lists):
+        raise ValueError("spectral_norm_segments expects one products entry per list of weights")
     need_grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    order = [i for idx in members for i in idx]
-    return _SpectralNormBounds.apply(need_grad, members, product, *weights), order
+    out = _SpectralNormBounds.apply(need_grad, _groups(weights), tuple(segments), *weights)
+    if len(segments) == 1:
+        return [out[0] if segments[0][2] else out]
+    results, k = [], 0
+    for start, stop, product in segments:
+        if product:
+            results.append(out[k])
+            k += 1
+        else:
+            results.append(out[k : k + stop - start])
+            k += stop - start
+    return results
 
 
 def spectral_norm_bounds(weights) -> torch.Tensor:
@@ -135,21 +197,23 @@ def spectral_norm_bounds(weights) -> torch.Tensor:
         >>> [round(float(b), 4) for b in spectral_norm_bounds(w)]
         [2.0, 2.8284]
     """
-    bounds, order = _apply(weights, product=False)
-    if order == sorted(order):
-        return bounds
-    return bounds[sorted(range(len(order)), key=order.__getitem__)]
+    weights = list(weights)
+    _check_weights(weights, "spectral_norm_bounds")
+    return spectral_norm_segments([weights], [False])[0]
 
 
 def spectral_norm_product(weights) -> torch.Tensor:
-    """The product of :func:`spectral_norm_bounds` (a 0-d tensor, one autograd node): a guaranteed
-    bound of the Lipschitz constant of a chain of linear maps with 1-Lipschitz maps between them.
+    """The product of :func:`spectral_norm_bounds` (a 0-d tensor, one autograd node; formed in
+    float64, in input order): a guaranteed bound of the Lipschitz constant of a chain of linear maps
+    with 1-Lipschitz maps between them.
 
     Example:
         >>> round(float(spectral_norm_product([torch.eye(3) * 2, torch.ones(2, 3)])), 4)
         4.899
     """
-    return _apply(weights, product=True)[0]
+    weights = list(weights)
+    _check_weights(weights, "spectral_norm_product")
+    return spectral_norm_segments([weights], [True])[0]
 
 
 class _PowerNormProduct(torch.autograd.Function):
@@ -253,6 +317,150 @@ def power_norm_product(weights, blocks: int = 2) -> torch.Tensor:
     return _PowerNormProduct.apply(int(blocks), need_grad, *weights)
 
 
+# -- cached and shared bounds ------------------------------------------------------------------
+_CACHE = "_bound_cache"
+_SHARED = "_shared_bounds"
+
+
+def _weights_key(params):
+    return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+
+
+def cached_bound(owner, params):
+    """The bound cached on ``owner`` (by :func:`store_bound`) if ``params`` have not changed since,
+    else ``None``. ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
+    ClippedAdam) do not bump it, so the cache also keeps a copy of the parameters and compares them."""
+    cache = owner.__dict__.get(_CACHE)
+    if cache is None or cache[0] != _weights_key(params):
+        return None
+    if all(torch.equal(c, p.detach()) for c, p in zip(cache[2], params)):
+        return cache[1]
+    return None
+
+
+def store_bound(owner, params, value):
+    """Cache ``value`` (detached) on ``owner`` until ``params`` change; returns the detached value."""
+    value = value.detach()
+    owner.__dict__[_CACHE] = (_weights_key(params), value, [p.detach().clone() for p in params])
+    return value
+
+
+class SharedBoundNetwork:
+    """Mixin of networks whose guaranteed bound comes from their layers' spectral norms, so that a
+    stack of layers can compute every network's bound in ONE batched call (:func:`shared_bounds`).
+
+    A subclass defines ``_bound_params()`` (the parameters the bound depends on),
+    ``_spectral_terms()`` (``(weights, product)``: the 2-D tensors to bound and whether the network
+    uses their product, or ``None`` when its bound is not the spectral one), ``_finish_bound(raw)``
+    (the network's value from :func:`spectral_norm_segments`' entry) and calls :meth:`_bound` with
+    its own computation. Without a graph to build, the value is cached until a parameter changes
+    (:func:`cached_bound`); inside :func:`shared_bounds` it comes from the stack's batched call.
+    """
+
+    def _bound(self, compute):
+        params = self._bound_params()
+        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        shared = self.__dict__.get(_SHARED)
+        if shared is not None:
+            value = shared.value(self, need_graph)
+            if value is not None:
+                return value
+        if not need_graph:
+            value = cached_bound(self, params)
+            if value is not None:
+                return value
+        value = compute()
+        return value if need_graph else store_bound(self, params, value)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop(_CACHE, None)
+        state.pop(_SHARED, None)
+        return state
+
+
+class _SharedPass:
+    """The bounds of several networks, computed together on the first request (with a graph on the
+    first request that needs one)."""
+
+    def __init__(self, networks):
+        self.networks = networks
+        self.plain = self.graph = None
+
+    def _compute(self, graph):
+        values, todo, lists, products = {}, [], [], []
+        for net in self.networks:
+            terms = net._spectral_terms()
+            params = net._bound_params()
+            need = graph and any(p.requires_grad for p in params)
+            cached = None if need or terms is None else cached_bound(net, params)
+            if cached is not None:
+                values[id(net)] = cached
+            elif terms is not None:
+                todo.append((net, params, need))
+                lists.append(terms[0])
+                products.append(terms[1])
+        first = lists[0][0] if lists else None
+        # (a single network, or mixed dtypes or devices: each network computes its own)
+        if len(todo) > 1 and all(w.dtype == first.dtype and w.device == first.device for ws in lists for w in ws):
+            with torch.set_grad_enabled(graph):
+                raws = spectral_norm_segments(lists, products)
+                for (net, params, need), raw in zip(todo, raws):
+                    value = net._finish_bound(raw)
+                    values[id(net)] = value if need else store_bound(net, params, value)
+        return values
+
+    def value(self, net, need_graph):
+        """``net``'s bound from the batched call (``None``: compute it alone)."""
+        if need_graph:
+            if self.graph is None:
+                self.graph = self._compute(True)
+            value = self.graph.get(id(net))
+            return value if value is not None and value.requires_grad else None
+        value = None if self.graph is None else self.graph.get(id(net))
+        if value is None:
+            if self.plain is None:
+                self.plain = self._compute(False)
+            value = self.plain.get(id(net))
+        return None if value is None else value.detach()
+
+
+class shared_bounds:  # noqa: N801 (a context manager, used like a function)
+    """Within the block, the spectral bounds of ``networks`` (:class:`SharedBoundNetwork`\\ s; others
+    are ignored) come from ONE :func:`spectral_norm_segments` call, made when the first of them needs
+    its bound; each network reads its entry, the value it would compute alone (to float64 rounding)
+    with the same gradients. Networks already in an enclosing block keep that block's values; the
+    values are dropped on exit (cached, as usual, where no graph was built).
+
+    Example:
+        >>> nets = [LipschitzDenseNN(2, [8], 2) for _ in range(3)]
+        >>> with shared_bounds(nets):
+        ...     b = [net.bounds() for net in nets]  # one batched eigh per Gram size for all three
+        >>> torch.allclose(b[0], nets[0].bounds(), rtol=1e-6)
+        True
+    """
+
+    def __init__(self, networks):
+        mine, seen = [], set()
+        for net in networks:
+            if isinstance(net, SharedBoundNetwork) and id(net) not in seen and _SHARED not in net.__dict__:
+                seen.add(id(net))
+                mine.append(net)
+        self.networks = mine if len(mine) > 1 else []
+
+    def __enter__(self):
+        if self.networks:
+            shared = _SharedPass(self.networks)
+            for net in self.networks:
+                net.__dict__[_SHARED] = shared
+        return self
+
+    def __exit__(self, *exc):
+        for net in self.networks:
+            net.__dict__.pop(_SHARED, None)
+        return False
+
+
 def matrix_norm_bound(weight: torch.Tensor, bound: str = "spectral") -> torch.Tensor:
     """A guaranteed upper bound of the spectral norm of ``weight`` (differentiable, a 0-d tensor)."""
     if bound not in _BOUNDS:
@@ -313,24 +521,18 @@ class LipschitzLinear(nn.Module):
             fan = self.mask.sum(1, keepdim=True).clamp(min=1)
             with torch.no_grad():
                 self.weight.mul_((in_features / fan).sqrt())
-        self._cache = None
 
     def masked_weight(self):
         return self.weight if self.mask is None else self.weight * self.mask
 
     def _raw_bound(self, w):
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device)
         need_graph = torch.is_grad_enabled() and self.weight.requires_grad
-        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
-        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weight and compares it.
-        if (not need_graph and self._cache is not None and self._cache[0] == key
-                and torch.equal(self._cache[2], self.weight.detach())):
-            return self._cache[1]
-        value = matrix_norm_bound(w[:, : self.mask_columns], self.bound)
         if not need_graph:
-            value = value.detach()
-            self._cache = (key, value, self.weight.detach().clone())
-        return value
+            cached = cached_bound(self, [self.weight])
+            if cached is not None:
+                return cached
+        value = matrix_norm_bound(w[:, : self.mask_columns], self.bound)
+        return value if need_graph else store_bound(self, [self.weight], value)
 
     def effective_weight(self):
         """``W * mask``, rescaled to Lipschitz ``coeff`` if ``coeff`` is set."""
@@ -356,7 +558,7 @@ class LipschitzLinear(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state.pop(_CACHE, None)
         return state
 
     def extra_repr(self):
@@ -364,7 +566,7 @@ class LipschitzLinear(nn.Module):
                 f"masked={self.mask is not None}, coeff={self.coeff}, bound={self.bound!r}")
 
 
-class _LipschitzStack(nn.Module):
+class _LipschitzStack(SharedBoundNetwork, nn.Module):
     """``LipschitzLinear`` layers (``self.layers``) with ELU (1-Lipschitz) in between; ``Lip_x`` is the
     product of the layers' bounds. The context, if any, is appended to the input and not counted.
 
@@ -372,7 +574,8 @@ class _LipschitzStack(nn.Module):
     call, one ``eigh`` per Gram size), in every code path (forward, :meth:`effective_weights`,
     :meth:`lipschitz`, with or without gradients): a batched ``eigh`` may round differently from a
     single one, and the map must be one function of the parameters. Without a graph to build, the
-    bounds are cached until a weight changes (the rules of :class:`LipschitzLinear`'s cache).
+    bounds are cached until a weight changes (:func:`cached_bound`); in a stack of flow layers the
+    stack computes every network's bounds in one call (:class:`shared_bounds`).
     """
 
     def _bound_params(self):
@@ -381,30 +584,28 @@ class _LipschitzStack(nn.Module):
     def _masked_weights(self):
         return [layer.masked_weight() for layer in self.layers]
 
+    def _columns(self, masked):
+        return [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
+                for layer, w in zip(self.layers, masked)]
+
+    def _spectral_terms(self):
+        if any(layer.bound != "spectral" for layer in self.layers):
+            return None
+        return self._columns(self._masked_weights()), False
+
+    def _finish_bound(self, raw):
+        return raw
+
     def bounds(self, masked=None) -> torch.Tensor:
         """``(n_layers,)`` guaranteed bounds of the layers' masked weights (first layer: over its
         ``mask_columns``), computed together; ``masked``: the masked weights if the caller has them."""
-        params = self._bound_params()
-        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
-        cache = self.__dict__.get("_bounds_cache")
-        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
-        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weights and compares them
-        if (not need_graph and cache is not None and cache[0] == key
-                and all(torch.equal(c, p.detach()) for c, p in zip(cache[2], params))):
-            return cache[1]
-        masked = self._masked_weights() if masked is None else masked
-        cols = [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
-                for layer, w in zip(self.layers, masked)]
-        kinds = {layer.bound for layer in self.layers}
-        if kinds == {"spectral"}:
-            sigma = spectral_norm_bounds(cols)
-        else:
-            sigma = torch.stack([matrix_norm_bound(w, layer.bound) for layer, w in zip(self.layers, cols)])
-        if not need_graph:
-            sigma = sigma.detach()
-            self.__dict__["_bounds_cache"] = (key, sigma, [p.detach().clone() for p in params])
-        return sigma
+        return self._bound(lambda: self._compute_bounds(masked))
+
+    def _compute_bounds(self, masked):
+        cols = self._columns(self._masked_weights() if masked is None else masked)
+        if all(layer.bound == "spectral" for layer in self.layers):
+            return spectral_norm_bounds(cols)
+        return torch.stack([matrix_norm_bound(w, layer.bound) for layer, w in zip(self.layers, cols)])
 
     def _coeffs(self):
         coeffs = {layer.coeff for layer in self.layers}
@@ -448,11 +649,6 @@ class _LipschitzStack(nn.Module):
             return (sigma.clamp(max=coeff) * (1 + MARGIN)).prod()
         out = [s if c is None else torch.clamp(s, max=c) * (1 + MARGIN) for s, c in zip(sigma.unbind(), coeff)]
         return torch.stack(out).prod()
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_bounds_cache", None)
-        return state
 
 
 class LipschitzMADE(_LipschitzStack):
