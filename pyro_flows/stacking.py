@@ -15,6 +15,13 @@ differs from the given one by that much. Above the tolerance (:func:`round_trip_
 :class:`~pyro_flows.solvers.ConvergenceWarning` naming the error reached and the part where it first
 crossed the tolerance. The single-pass direction (training) is never checked: no extra pass, no host
 synchronisation. See ``docs/solvers.md`` for what is and is not covered.
+
+**One bound for the stack.** Layers whose networks carry a guaranteed Lipschitz bound (QuAR, both
+AUTM families) compute it from the spectral norms of their weights. Every call of a stack (either
+direction, and ``log_abs_det_jacobian``) runs inside :class:`~pyro_flows.nn.lipschitz.shared_bounds`
+over all its parts' networks: the first network that needs its bound triggers ONE batched computation
+for all of them, and each reads its entry (the value and gradient it would compute alone). A layer
+used outside a stack computes its own, as before. See ``docs/bounds.md``.
 """
 
 from __future__ import annotations
