@@ -611,9 +611,21 @@ class LipschitzLinear(nn.Module):
             return sigma
         return torch.clamp(sigma, max=self.coeff) * (1 + MARGIN)
 
-    def forward(self, x, weight=None):
-        """``weight``: a precomputed :meth:`effective_weight` (``None``: computed now)."""
-        return F.linear(x, self.effective_weight() if weight is None else weight, self.bias)
+    def forward(self, x, weight=None, bias=None):
+        """``weight``: a precomputed :meth:`effective_weight` (``None``: computed now); ``bias``: the
+        bias if the caller has it (a packed network's view)."""
+        return F.linear(x, self.effective_weight() if weight is None else weight,
+                        self.bias if bias is None else bias)
+
+    def __getattr__(self, name):
+        # a layer of a packed network (:class:`_LipschitzStack`): ``weight`` and ``bias`` are views of
+        # the network's ``packed`` parameter
+        if name in ("weight", "bias"):
+            packed_in = self.__dict__.get("_packed_in")
+            if packed_in is not None:
+                net, index = packed_in
+                return net._views()[2 * index + (name == "bias")]
+        return super().__getattr__(name)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -637,11 +649,38 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
     stack computes every network's bounds in one call (:class:`shared_bounds`).
     """
 
-    def _bound_params(self):
-        return [layer.weight for layer in self.layers]
+    def _pack(self):
+        """Move the layers' weights and biases into ONE parameter, ``packed`` (an optimiser updates it
+        in one go: Pyro's optimisers keep a Python optimiser per tensor, Adam costs a few dozen aten
+        ops per tensor per step); ``layers[i].weight`` / ``.bias`` become views of it. State dicts
+        saved with one tensor per weight and bias still load."""
+        from .packed import Packing, register_old_keys
 
-    def _masked_weights(self):
-        return [layer.masked_weight() for layer in self.layers]
+        shapes, init = [], []
+        for layer in self.layers:
+            if layer.bias is None:
+                raise ValueError("a packed Lipschitz network needs a bias in every layer")
+            shapes += [tuple(layer.weight.shape), tuple(layer.bias.shape)]
+            init += [layer.weight.detach(), layer.bias.detach()]
+        self._packing = Packing(shapes)
+        self.packed = nn.Parameter(self._packing.pack(init))
+        for i, layer in enumerate(self.layers):
+            del layer._parameters["weight"], layer._parameters["bias"]
+            layer.__dict__["_packed_in"] = (self, i)
+        register_old_keys(self, [f"layers.{i}.{k}" for i in range(len(self.layers)) for k in ("weight", "bias")],
+                          "packed")
+
+    def _views(self):
+        """``[W_0, b_0, W_1, b_1, ...]``: views of :attr:`packed`, from one split."""
+        return self._packing.unpack(self.packed)
+
+    def _bound_params(self):
+        return [self.packed]
+
+    def _masked_weights(self, views=None):
+        views = self._views() if views is None else views
+        return [views[2 * i] if layer.mask is None else views[2 * i] * layer.mask
+                for i, layer in enumerate(self.layers)]
 
     def _columns(self, masked):
         return [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
@@ -670,9 +709,9 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
         coeffs = {layer.coeff for layer in self.layers}
         return coeffs.pop() if len(coeffs) == 1 else [layer.coeff for layer in self.layers]
 
-    def effective_weights(self):
+    def effective_weights(self, views=None):
         """The layers' effective (masked, Lipschitz-rescaled) weights, to compute once and reuse."""
-        masked = self._masked_weights()
+        masked = self._masked_weights(views)
         sigma = self.bounds(masked)
         coeff = self._coeffs()
         if coeff is None:
@@ -688,14 +727,15 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
         # weights computed together; with them, the same maths on the precomputed weights (reused
         # across solver passes)
         h = x if context is None else torch.cat([x, context], dim=-1)
+        views = self._views()
         if weights is None:
-            for i, (layer, w) in enumerate(zip(self.layers, self.effective_weights())):
-                h = layer(F.elu(h) if i else h, weight=w)
+            for i, (layer, w) in enumerate(zip(self.layers, self.effective_weights(views))):
+                h = layer(F.elu(h) if i else h, weight=w, bias=views[2 * i + 1])
             return h
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers)):
             if i:
                 h = F.elu(h)
-            h = F.linear(h, weights[i], layer.bias)
+            h = F.linear(h, weights[i], views[2 * i + 1])
         return h
 
     def lipschitz(self) -> torch.Tensor:
@@ -748,6 +788,7 @@ class LipschitzMADE(_LipschitzStack):
         for i, (m, c) in enumerate(zip(masks, coeffs)):
             self.layers.append(LipschitzLinear(m.shape[1], m.shape[0], mask=m, coeff=c,
                                                mask_columns=input_dim if i == 0 else None))
+        self._pack()
 
     def forward(self, x, context=None, weights=None):
         """``weights``: precomputed :meth:`effective_weights` (``None``: computed now)."""
@@ -783,6 +824,7 @@ class LipschitzDenseNN(_LipschitzStack):
         self.layers = nn.ModuleList(
             LipschitzLinear(a, b, coeff=coeff, mask_columns=input_dim if i == 0 else None)
             for i, (a, b) in enumerate(itertools.pairwise(sizes)))
+        self._pack()
 
     def forward(self, x, context=None, weights=None):
         """``weights``: precomputed :meth:`effective_weights` (``None``: computed now)."""
