@@ -413,3 +413,29 @@ def test_large_gram_bound_by_eigvalsh_and_inverse_iteration():
     assert torch.isfinite(g1).all()
     torch.testing.assert_close(torch.linalg.matrix_norm(g1, "fro"), torch.tensor(1 + MARGIN, dtype=torch.float64))
     torch.testing.assert_close((g1 * flat.detach()).sum(), b[1].detach(), rtol=1e-9, atol=0)
+
+
+def test_packed_lipschitz_networks_load_old_state_dicts_and_expose_views():
+    """The MADE and dense Lipschitz networks keep weights and biases in ONE parameter; ``layers[i].weight``
+    and ``.bias`` are views of it (in-place edits reach it), and a state dict saved with one tensor
+    per weight and bias (and MADE's masks) loads into the same map."""
+    from pyro_flows.nn.lipschitz import LipschitzDenseNN, LipschitzMADE
+
+    torch.manual_seed(0)
+    for make in (lambda: LipschitzMADE(3, [12], output_multiplier=2, context_dim=2),
+                 lambda: LipschitzDenseNN(3, [12], 4, context_dim=2, coeff=0.9)):
+        net = make()
+        assert [n for n, _ in net.named_parameters()] == ["packed"]
+        old = {f"layers.{i}.{k}": getattr(layer, k).detach().clone() * 1.5
+               for i, layer in enumerate(net.layers) for k in ("weight", "bias")}
+        old.update({k: v for k, v in net.state_dict().items() if k.endswith(".mask")})
+        other = make()
+        other.load_state_dict(old)
+        for i, layer in enumerate(other.layers):
+            assert torch.equal(layer.weight, old[f"layers.{i}.weight"])
+            assert torch.equal(layer.bias, old[f"layers.{i}.bias"])
+        with torch.no_grad():
+            other.layers[-1].bias.zero_()
+        assert torch.equal(other._views()[-1], torch.zeros_like(other.layers[-1].bias))
+        x, c = torch.randn(5, 3), torch.randn(5, 2)
+        assert torch.isfinite(other(x, c)).all()

@@ -8,7 +8,9 @@ of its numerical direction (``pyro_flows.stacking``).
 * the single-pass direction, and answers from the parts' caches, run no check (no extra pass, no
   host synchronisation); ``torch.jit.trace`` of the checked direction is refused;
 * compatibility: class, ``state_dict`` keys (old saved stacks load), pickling, ``with_cache``,
-  ``inv.inv``, ``TransformedDistribution``.
+  ``inv.inv``, ``TransformedDistribution``;
+* one batched spectral bound per stack: the same loss and gradients as the layers alone, one
+  ``eigh`` per Gram size, recomputed after every kind of parameter update.
 """
 
 import io
