@@ -406,14 +406,14 @@ def store_bound(owner, params, value):
 
 class SharedBoundNetwork:
     """Mixin of networks whose guaranteed bound comes from their layers' spectral norms, so that a
-    stack of layers can compute every network's bound in ONE batched call (:func:`shared_bounds`).
+    stack of layers can compute every network's bound in ONE batched call (:class:`shared_bounds`).
 
     A subclass defines ``_bound_params()`` (the parameters the bound depends on),
     ``_spectral_terms()`` (``(weights, product)``: the 2-D tensors to bound and whether the network
     uses their product, or ``None`` when its bound is not the spectral one), ``_finish_bound(raw)``
     (the network's value from :func:`spectral_norm_segments`' entry) and calls :meth:`_bound` with
     its own computation. Without a graph to build, the value is cached until a parameter changes
-    (:func:`cached_bound`); inside :func:`shared_bounds` it comes from the stack's batched call.
+    (:func:`cached_bound`); inside :class:`shared_bounds` it comes from the stack's batched call.
     """
 
     def _bound(self, compute):
@@ -646,7 +646,8 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
     :meth:`lipschitz`, with or without gradients): a batched ``eigh`` may round differently from a
     single one, and the map must be one function of the parameters. Without a graph to build, the
     bounds are cached until a weight changes (:func:`cached_bound`); in a stack of flow layers the
-    stack computes every network's bounds in one call (:class:`shared_bounds`).
+    stack computes every network's bounds in one call (:class:`shared_bounds`). The layers' weights
+    and biases live in ONE parameter, ``packed`` (``layers[i].weight`` / ``.bias`` are views of it).
     """
 
     def _pack(self):
