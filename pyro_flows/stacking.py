@@ -15,6 +15,13 @@ differs from the given one by that much. Above the tolerance (:func:`round_trip_
 :class:`~pyro_flows.solvers.ConvergenceWarning` naming the error reached and the part where it first
 crossed the tolerance. The single-pass direction (training) is never checked: no extra pass, no host
 synchronisation. See ``docs/solvers.md`` for what is and is not covered.
+
+**One bound for the stack.** Layers whose networks carry a guaranteed Lipschitz bound (QuAR, both
+AUTM families) compute it from the spectral norms of their weights. Every call of a stack (either
+direction, and ``log_abs_det_jacobian``) runs inside :class:`~pyro_flows.nn.lipschitz.shared_bounds`
+over all its parts' networks: the first network that needs its bound triggers ONE batched computation
+for all of them, and each reads its entry (the value and gradient it would compute alone). A layer
+used outside a stack computes its own, as before. See ``docs/bounds.md``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 
+from .nn.lipschitz import shared_bounds
 from .registry import PERMUTATIONS, get_flow
 from .solvers import ConvergenceWarning, SolverInfo, refuse_jit_trace
 from .transforms._base import Permute
@@ -134,6 +142,14 @@ class _RoundTrip:
         return solving if any(solving) else None
 
     def __call__(self, x):
+        with shared_bounds(_bound_networks(self.parts)):
+            return self._run(x)
+
+    def log_abs_det_jacobian(self, x, y):
+        with shared_bounds(_bound_networks(self.parts)):
+            return super().log_abs_det_jacobian(x, y)
+
+    def _run(self, x):
         solving = self._solving_parts()
         if solving is None:
             for part in self.parts:
@@ -189,6 +205,16 @@ class _RoundTrip:
                 ConvergenceWarning,
                 stacklevel=3,
             )
+
+
+def _bound_networks(parts) -> list:
+    """The networks whose guaranteed bounds the parts use (each part's ``_bound_networks()``)."""
+    nets = []
+    for part in parts:
+        get = getattr(part._inv if isinstance(part, _InverseTransform) else part, "_bound_networks", None)
+        if get is not None:
+            nets.extend(get())
+    return nets
 
 
 def _answers_from_cache(part, value) -> bool:

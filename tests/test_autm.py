@@ -396,15 +396,18 @@ def test_log_slope_bound_holds_for_huge_parameters(name):
     torch.manual_seed(0)
     bounds = []
     for num_steps in (1, 8, 64):
-        t = CONSTRUCTORS[name][0](5, num_steps=num_steps).double()
-        with torch.no_grad():
-            for p in t.parameters():
-                p.add_(100.0 * torch.randn_like(p))
-            u = 50.0 * torch.randn(256, 5, dtype=torch.float64)
-            logd = _explicit_log_slopes(t, u)
-        bound = log_slope_bound(num_steps, t.log_scale_bound, t.nonlinear_bound, t.g)
-        assert logd.abs().max() <= bound + 1e-9, (num_steps, logd.abs().max(), bound)
-        assert logd.abs().max() > 0.5 * bound  # the perturbation reaches the bound: the check bites
+        reached = 0.0
+        for _ in range(2):  # two draws: one can leave the nonlinear term's signs against alpha's
+            t = CONSTRUCTORS[name][0](5, num_steps=num_steps).double()
+            with torch.no_grad():
+                for p in t.parameters():
+                    p.add_(100.0 * torch.randn_like(p))
+                u = 50.0 * torch.randn(256, 5, dtype=torch.float64)
+                logd = _explicit_log_slopes(t, u)
+            bound = log_slope_bound(num_steps, t.log_scale_bound, t.nonlinear_bound, t.g)
+            assert logd.abs().max() <= bound + 1e-9, (num_steps, logd.abs().max(), bound)
+            reached = max(reached, float(logd.abs().max()))
+        assert reached > 0.5 * bound  # the perturbation reaches the bound: the check bites
         bounds.append(bound)
     # the guarantee A + 1.97 B holds for every num_steps (the bound peaks at K = 2B, then falls to A + B)
     assert max(bounds) <= t.log_scale_bound + 1.97 * 2.0 and bounds[2] < bounds[1]

@@ -302,3 +302,140 @@ def test_packing_views_and_old_keys():
     sd = {"x.b": b}
     pack_old_keys(sd, "x.", ["a", "b"], "packed")  # not all old keys there: left alone
     assert list(sd) == ["x.b"]
+
+
+def test_spectral_norm_segments_equal_the_separate_calls():
+    """One batched call for several lists (bounds or their product) gives each list what it gets alone
+    (to float64 rounding), with the same gradients."""
+    from pyro_flows.nn.lipschitz import spectral_norm_bounds, spectral_norm_product, spectral_norm_segments
+
+    torch.manual_seed(0)
+    lists = [[torch.randn(6, 3), torch.randn(6, 6), torch.randn(3, 6)],
+             [torch.randn(5, 3), torch.randn(2, 5)],
+             [torch.randn(6, 3), torch.randn(6, 6)]]
+    lists = [[w.double().requires_grad_() for w in ws] for ws in lists]
+    products = [True, False, True]
+    got = spectral_norm_segments(lists, products)
+    want = [spectral_norm_product(ws) if p else spectral_norm_bounds(ws) for ws, p in zip(lists, products)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-14, atol=0)
+    flat = [w for ws in lists for w in ws]
+    coef = [1.5, torch.tensor([0.3, -2.0], dtype=torch.float64), -0.7]
+    loss = lambda vals: sum((c * v).sum() for c, v in zip(coef, vals))  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(got), flat), torch.autograd.grad(loss(want), flat)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="2-D"):
+        spectral_norm_segments([[torch.ones(3)]], [True])
+
+
+def test_shared_bounds_are_each_networks_own_and_follow_updates():
+    """Inside ``shared_bounds`` every network reads its entry of one batched call (one ``eigh`` per
+    Gram size for all of them); values and gradients are those it computes alone; without a graph
+    the batched values go to each network's cache, which still follows in-place and ``.data`` updates."""
+    from pyro_flows.nn.lipschitz import LipschitzDenseNN, LipschitzMADE, shared_bounds
+    from pyro_flows.nn.quasi_autoregressive import QuasiAutoregressiveNet
+
+    torch.manual_seed(0)
+    nets = [LipschitzDenseNN(3, [12], 4, coeff=0.9), LipschitzMADE(3, [12], output_multiplier=2),
+            QuasiAutoregressiveNet(3, hidden_factors=(4,)), LipschitzDenseNN(3, [12], 4, coeff=0.9)]
+    nets = [n.double() for n in nets]
+
+    def values():
+        return [n.product_bound() if isinstance(n, QuasiAutoregressiveNet) else n.bounds() for n in nets]
+
+    alone = values()
+    calls = []
+    eigh = torch.linalg.eigh
+    try:
+        torch.linalg.eigh = lambda a: calls.append(a.shape) or eigh(a)
+        with shared_bounds(nets):
+            together = values()
+            again = values()  # read back, not recomputed
+    finally:
+        torch.linalg.eigh = eigh
+    # one eigh per Gram size, over the 8 weights of the 4 networks
+    assert len(calls) == len({s[-1] for s in calls}) and sum(s[0] for s in calls) == 8, calls
+    for a, t, r in zip(alone, together, again):
+        torch.testing.assert_close(t, a, rtol=1e-14, atol=0)
+        assert r is t
+    params = [p for n in nets for p in n.parameters()]
+    loss = lambda vals: sum(v.sum() for v in vals)  # noqa: E731
+    grads_alone = torch.autograd.grad(loss(alone), params, allow_unused=True)
+    grads_together = torch.autograd.grad(loss(together), params, allow_unused=True)
+    for a, t in zip(grads_alone, grads_together):
+        assert (a is None) == (t is None)
+        if a is not None:
+            torch.testing.assert_close(t, a, rtol=1e-12, atol=1e-15)
+    # no graph: the batched values are cached per network, and the cache follows parameter updates
+    with torch.no_grad():
+        with shared_bounds(nets):
+            cached = values()
+        for c, a in zip(cached, alone):
+            torch.testing.assert_close(c, a.detach(), rtol=1e-14, atol=0)
+        nets[0].layers[0].weight.mul_(2.0)        # in place (bumps _version)
+        nets[2].packed.data[:5] *= 3.0            # through .data (does not)
+        with shared_bounds(nets):
+            updated = values()
+        fresh = [n._compute_bound(None) if isinstance(n, QuasiAutoregressiveNet) else n._compute_bounds(None)
+                 for n in nets]
+    for u, f, c in zip(updated, fresh, cached):
+        torch.testing.assert_close(u, f, rtol=1e-14, atol=0)
+    assert not torch.equal(updated[0], cached[0]) and not torch.equal(updated[2], cached[2])
+
+
+def test_large_gram_bound_by_eigvalsh_and_inverse_iteration():
+    """From ``INVERSE_ITERATION_MIN_SIZE`` on, the value comes from ``eigvalsh`` and the gradient's top
+    singular pair from inverse iteration: the value is sigma_max (SVD) to rounding, the gradient
+    ``(1 + MARGIN) u v^T`` to ~1e-10, whatever the grad mode; a zero weight has bound 0 and gradient 0,
+    and a weight with a repeated top singular value gets a subgradient (a unit pair of the top space)."""
+    from pyro_flows.nn.lipschitz import INVERSE_ITERATION_MIN_SIZE, MARGIN, spectral_norm_bounds
+
+    n = INVERSE_ITERATION_MIN_SIZE
+    torch.manual_seed(0)
+    ws = [torch.randn(n + 8, n, dtype=torch.float64), torch.randn(n, 2 * n, dtype=torch.float64)]
+    ws = [w.requires_grad_() for w in ws]
+    bounds = spectral_norm_bounds(ws)
+    with torch.no_grad():
+        assert torch.equal(spectral_norm_bounds(ws), bounds.detach())
+    for w, b, g in zip(ws, bounds, torch.autograd.grad(bounds.sum(), ws)):
+        u, s, vh = torch.linalg.svd(w.detach())
+        torch.testing.assert_close(b.detach(), s[0] * (1 + MARGIN), rtol=1e-13, atol=0)
+        torch.testing.assert_close(g, (1 + MARGIN) * torch.outer(u[:, 0], vh[0]), rtol=0, atol=1e-10)
+    q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    zero = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
+    flat = (3 * q).requires_grad_()
+    b = spectral_norm_bounds([zero, flat])
+    g0, g1 = torch.autograd.grad(b.sum(), [zero, flat])
+    assert b[0] == 0 and torch.equal(g0, torch.zeros_like(g0))
+    torch.testing.assert_close(b[1].detach(), torch.tensor(3.0, dtype=torch.float64) * (1 + MARGIN))
+    # a subgradient: g = (1 + MARGIN) x y^T with unit x, y and x^T W y = sigma_max
+    assert torch.isfinite(g1).all()
+    torch.testing.assert_close(torch.linalg.matrix_norm(g1, "fro"), torch.tensor(1 + MARGIN, dtype=torch.float64))
+    torch.testing.assert_close((g1 * flat.detach()).sum(), b[1].detach(), rtol=1e-9, atol=0)
+
+
+def test_packed_lipschitz_networks_load_old_state_dicts_and_expose_views():
+    """The MADE and dense Lipschitz networks keep weights and biases in ONE parameter; ``layers[i].weight``
+    and ``.bias`` are views of it (in-place edits reach it), and a state dict saved with one tensor
+    per weight and bias (and MADE's masks) loads into the same map."""
+    from pyro_flows.nn.lipschitz import LipschitzDenseNN, LipschitzMADE
+
+    torch.manual_seed(0)
+    for make in (lambda: LipschitzMADE(3, [12], output_multiplier=2, context_dim=2),
+                 lambda: LipschitzDenseNN(3, [12], 4, context_dim=2, coeff=0.9)):
+        net = make()
+        assert [n for n, _ in net.named_parameters()] == ["packed"]
+        old = {f"layers.{i}.{k}": getattr(layer, k).detach().clone() * 1.5
+               for i, layer in enumerate(net.layers) for k in ("weight", "bias")}
+        old.update({k: v for k, v in net.state_dict().items() if k.endswith(".mask")})
+        other = make()
+        other.load_state_dict(old)
+        for i, layer in enumerate(other.layers):
+            assert torch.equal(layer.weight, old[f"layers.{i}.weight"])
+            assert torch.equal(layer.bias, old[f"layers.{i}.bias"])
+        with torch.no_grad():
+            other.layers[-1].bias.zero_()
+        assert torch.equal(other._views()[-1], torch.zeros_like(other.layers[-1].bias))
+        x, c = torch.randn(5, 3), torch.randn(5, 2)
+        assert torch.isfinite(other(x, c)).all()

@@ -8,7 +8,9 @@ of its numerical direction (``pyro_flows.stacking``).
 * the single-pass direction, and answers from the parts' caches, run no check (no extra pass, no
   host synchronisation); ``torch.jit.trace`` of the checked direction is refused;
 * compatibility: class, ``state_dict`` keys (old saved stacks load), pickling, ``with_cache``,
-  ``inv.inv``, ``TransformedDistribution``.
+  ``inv.inv``, ``TransformedDistribution``;
+* one batched spectral bound per stack: the same loss and gradients as the layers alone, one
+  ``eigh`` per Gram size, recomputed after every kind of parameter update.
 """
 
 import io
@@ -184,9 +186,31 @@ def test_certify_false_and_jit_trace():
         FlowStack([Doubling()], round_trip_factor=0)
 
 
+def _logical_tensors(module):
+    """The module's parameters as the tensors they were before packing: a packed Lipschitz network
+    gives the views ``layers[i].weight``, ``layers[i].bias`` (so the draws below match those of the
+    stacks these cases were chosen on; its layers own no parameters)."""
+    from pyro_flows.nn.lipschitz import _LipschitzStack
+
+    for m in module.modules():
+        if isinstance(m, _LipschitzStack):
+            for layer in m.layers:
+                yield layer.weight
+                yield layer.bias
+        else:
+            yield from m.parameters(recurse=False)
+
+
 def _moved_flow(name, input_dim, scale, **kw):
+    """``flow(name, input_dim)`` in float64 with every parameter tensor moved by ``scale`` N(0, 1)
+    (``conformance.perturb``'s draws, tensor by tensor)."""
     torch.manual_seed(0)
-    return perturb(pyro_flows.flow(name, input_dim, **kw).double(), scale)
+    t = pyro_flows.flow(name, input_dim, **kw).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in _logical_tensors(t):
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return t
 
 
 def test_autm_stack_warns_at_s5_and_is_silent_at_s2():
@@ -205,17 +229,23 @@ def test_autm_stack_warns_at_s5_and_is_silent_at_s2():
     assert (t.inv(y.clone()) - x).abs().max() < 1e-6
 
 
-def test_conditional_autm_stack_warns_at_s5_and_is_silent_at_s2():
+def test_conditional_autm_stack_warns_at_s5_and_reconstructs_at_s2():
+    """At s = 5 the stack warns and misses 1e-6; at s = 2 it reconstructs to 1e-6 (DESIGN bar 8) and
+    warns exactly when the error it reports crosses the tolerance. (This stack at s = 2 sits at the
+    tolerance: perturbing its parameters by 1e-15 relatively moves its round-trip error between 4.7
+    and 8.4 of the 8 units, so whether it warns is rounding, not a property to test.)"""
     x, ctx = inputs((128,), 8), contexts((128,), 3)
-    for scale, loud in ((5.0, True), (2.0, False)):
+    for scale in (5.0, 2.0):
         c = _moved_flow("autm_coupling", 8, scale, context_dim=3)
         t = c.condition(ctx)
         assert isinstance(t, FlowStack)
         y, caught = _run(t, x)
-        assert bool(caught) == loud, (scale, caught)
+        info = t.last_solver_info
+        assert bool(caught) == (not info.converged) == (info.detail["ratio"] > 1), (scale, caught)
+        assert bool(caught) or scale == 2.0
         err = (t.inv(y.clone()) - x).abs().max().item()
-        assert err == pytest.approx(t.last_solver_info.residual, rel=1e-6)
-        assert err > 1e-6 if loud else err < 1e-6
+        assert err == pytest.approx(info.residual, rel=1e-6)
+        assert err > 1e-6 if scale == 5.0 else err < 1e-6
 
 
 def test_which_directions_solve():
@@ -262,3 +292,88 @@ def test_compatible_with_compose_transform_module(context_dim):
         d = dist.TransformedDistribution(base, [t])
         assert d.log_prob(x).shape == (5,)
         assert torch.allclose(t.inv(t(x)), x, atol=1e-4)
+
+
+# -- one batched bound per stack --------------------------------------------------------------------
+class _EighCounter:
+    def __enter__(self):
+        self.calls, self._eigh = [], torch.linalg.eigh
+        torch.linalg.eigh = lambda a: self.calls.append(tuple(a.shape)) or self._eigh(a)
+        return self
+
+    def __exit__(self, *exc):
+        torch.linalg.eigh = self._eigh
+
+
+def _step(transforms, data, single_pass, context=None):
+    """A density step (``log_prob`` of data) or a guide step (``rsample`` + ``log_prob``), float64."""
+    base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0).to_event(1)
+    if context is not None:
+        transforms = [t.condition(context) for t in transforms]
+    d = dist.TransformedDistribution(base, transforms)
+    if single_pass == "log_prob":
+        return -d.log_prob(data.clone()).mean()
+    torch.manual_seed(3)
+    return d.log_prob(d.rsample((data.shape[0],))).mean()
+
+
+@pytest.mark.parametrize("name", ["quar", "autm_coupling", "autm_autoregressive"])
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_stack_computes_every_layers_bound_in_one_call(name, single_pass, conditional):
+    """The stack bounds all its layers' weights in one batched call (one ``eigh`` per Gram size, not
+    per layer and size), and that is the bound each layer computes alone: the same loss and gradients
+    as the layers applied one by one, and a layer used alone works as before."""
+    torch.manual_seed(0)
+    kw = {"hidden_factors": (2, 2)} if name == "quar" else {"hidden_dims": [8, 8]}
+    stack = pyro_flows.flow(name, D, num_layers=3, single_pass=single_pass,
+                            context_dim=2 if conditional else None, **kw).double()
+    perturb(stack, 0.3)
+    data = 1.5 * torch.randn(32, D, dtype=torch.float64)
+    ctx = torch.randn(32, 2, dtype=torch.float64) if conditional else None
+    with _EighCounter() as together:
+        loss = _step([stack], data, single_pass, ctx)
+    (grads,) = [torch.autograd.grad(loss, list(stack.parameters()))]
+    parts = list(stack.transforms if conditional else stack.parts)
+    with _EighCounter() as alone:
+        loss_alone = _step(parts, data, single_pass, ctx)
+    grads_alone = torch.autograd.grad(loss_alone, list(stack.parameters()))
+    assert len(together.calls) == len({s[1:] for s in together.calls}) < len(alone.calls), together.calls
+    assert len(alone.calls) == 3 * len(together.calls)  # (every layer has the same Gram sizes)
+    assert sum(s[0] for s in together.calls) == sum(s[0] for s in alone.calls)
+    torch.testing.assert_close(loss, loss_alone, rtol=1e-13, atol=0)
+    for g, a in zip(grads, grads_alone):
+        torch.testing.assert_close(g, a, rtol=1e-11, atol=1e-14)
+
+
+def test_stack_bound_follows_parameter_updates():
+    """After an optimiser step through ``p.data`` (Pyro's ClippedAdam), ``load_state_dict`` or an
+    in-place edit, the stack's bounds (and so its map, with or without gradients) are recomputed:
+    they match a freshly built stack with the same parameters."""
+    import pyro.optim
+
+    torch.manual_seed(0)
+    stack = pyro_flows.flow("quar", D, num_layers=3, hidden_factors=(2, 2)).double()
+    data = torch.randn(16, D, dtype=torch.float64)
+
+    def no_grad_value(t):
+        with torch.no_grad():
+            return t.inv(data.clone())
+
+    before = no_grad_value(stack)  # caches the bounds
+    optim = pyro.optim.ClippedAdam({"lr": 0.05})
+    loss = _step([stack], data, "log_prob")
+    loss.backward()
+    params = {n: p for n, p in stack.named_parameters()}
+    optim(params.values())  # writes through p.data: no version bump
+    fresh = pyro_flows.flow("quar", D, num_layers=3, hidden_factors=(2, 2)).double()
+    fresh.load_state_dict(stack.state_dict())
+    after = no_grad_value(stack)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, no_grad_value(fresh), rtol=1e-14, atol=1e-14)
+    with torch.no_grad():
+        stack.parts[0].net.packed.mul_(1.5)
+    fresh.load_state_dict(stack.state_dict())
+    torch.testing.assert_close(no_grad_value(stack), no_grad_value(fresh), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(_step([stack], data, "log_prob"), _step([fresh], data, "log_prob"),
+                               rtol=1e-14, atol=0)

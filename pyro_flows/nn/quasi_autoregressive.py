@@ -57,7 +57,8 @@ from torch import nn
 
 from ..validation import broadcast_context, check_dim
 from .activations import get_activation
-from .lipschitz import _BOUNDS, LipschitzLinear, matrix_norm_bound, power_norm_product, spectral_norm_product
+from .lipschitz import (_BOUNDS, LipschitzLinear, SharedBoundNetwork, matrix_norm_bound, power_norm_product,
+                        spectral_norm_product)
 from .masked import quasi_autoregressive_masks
 from .packed import Packing, register_old_keys
 
@@ -94,7 +95,7 @@ def default_quar_hidden_dims(input_dim: int, hidden_dims=None, hidden_factors=No
     return hidden_dims
 
 
-class QuasiAutoregressiveNet(nn.Module):
+class QuasiAutoregressiveNet(SharedBoundNetwork, nn.Module):
     """Masked Lipschitz network ``F`` with lower-triangular Jacobian, its exact diagonal, and ``Lip(F) < 1``.
 
     ``forward(x, context=None)`` returns ``(F(x), diag(J_F(x)))``, both of the broadcast batch shape
@@ -206,42 +207,34 @@ class QuasiAutoregressiveNet(nn.Module):
         The spectral norms of all layers come from one batched no-grad eigendecomposition
         (:func:`~pyro_flows.nn.lipschitz.spectral_norm_product`; ``bound="power"``:
         :func:`~pyro_flows.nn.lipschitz.power_norm_product`); ``weights`` are the masked weights
-        if the caller has them. Without a graph to build, the value is cached until a weight changes.
+        if the caller has them. Without a graph to build, the value is cached until a weight changes;
+        in a stack of flow layers the stack computes every layer's bound in one call
+        (:class:`~pyro_flows.nn.lipschitz.shared_bounds`).
         """
-        need_graph = torch.is_grad_enabled() and self.packed.requires_grad
-        if not need_graph:
-            cached = self._cached_bound()
-            if cached is not None:
-                return cached
-        weights = self._masked_weights() if weights is None else weights
+        return self._bound(lambda: self._compute_bound(weights))
+
+    def _bound_params(self):
+        return [self.packed]
+
+    def _columns(self, weights):
         D = self.input_dim
-        cols = [w[:, :D] if i == 0 and w.shape[1] != D else w for i, w in enumerate(weights)]
+        return [w[:, :D] if i == 0 and w.shape[1] != D else w for i, w in enumerate(weights)]
+
+    def _spectral_terms(self):
+        return (self._columns(self._masked_weights()), True) if self.bound == "spectral" else None
+
+    def _finish_bound(self, p):
+        return p * self._act_factor if self._act_factor != 1.0 else p
+
+    def _compute_bound(self, weights):
+        cols = self._columns(self._masked_weights() if weights is None else weights)
         if self.bound == "spectral":
             p = spectral_norm_product(cols)
         elif self.bound == "power":
             p = power_norm_product(cols)
         else:
             p = torch.stack([matrix_norm_bound(w, "frobenius") for w in cols]).prod()
-        if self._act_factor != 1.0:
-            p = p * self._act_factor
-        if not need_graph:
-            p = p.detach()
-            self.__dict__["_bound_cache"] = (self._weight_key(), p, self.packed.detach().clone())
-        return p
-
-    def _weight_key(self):
-        w = self.packed
-        return (w._version, w.dtype, w.device)
-
-    def _cached_bound(self):
-        # ``_version`` alone is not enough: optimisers that update ``p.data`` in place (Pyro's
-        # ClippedAdam) do not bump it, so the cache also keeps a copy of the weights and compares them.
-        cache = self.__dict__.get("_bound_cache")
-        if cache is None or cache[0] != self._weight_key():
-            return None
-        if torch.equal(cache[2], self.packed.detach()):
-            return cache[1]
-        return None
+        return self._finish_bound(p)
 
     def theta(self, raw_theta=None):
         """``theta >= 0`` (shape ``(D,)``), or ``None`` without the Lipschitz trick."""
@@ -340,11 +333,6 @@ class QuasiAutoregressiveNet(nn.Module):
     def extra_repr(self):
         return (f"input_dim={self.input_dim}, hidden_dims={self.hidden_dims}, context_dim={self.context_dim}, "
                 f"sigma={self.lipschitz_target}, lipschitz_trick={self.lipschitz_trick}")
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_bound_cache", None)
-        return state
 
 
 class _Layer:

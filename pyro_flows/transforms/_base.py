@@ -88,6 +88,13 @@ class FlowTransform(Transform):
         """
         raise NotImplementedError(f"{type(self).__name__} has no exact identity initialisation")
 
+    # -- networks whose bounds a stack computes together ------------------------------------
+    def _bound_networks(self) -> tuple:
+        """The networks (:class:`~pyro_flows.nn.lipschitz.SharedBoundNetwork`) whose guaranteed
+        bounds this layer uses; a :class:`~pyro_flows.stacking.FlowStack` computes all its layers'
+        bounds in one batched call (:class:`~pyro_flows.nn.lipschitz.shared_bounds`). Default: none."""
+        return ()
+
     def _call(self, x):
         return self._call_and_ladj(x)[0]
 

@@ -697,6 +697,9 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
                          single_pass=single_pass, context=context, cache_size=cache_size)
         self.arn = _check_made(self.input_dim, autoregressive_nn, self.g)
 
+    def _bound_networks(self):
+        return (self.arn,)
+
     def _explicit(self, u):
         u, ctx = self._broadcast_context(u)
         raw = self.arn(u, ctx)
@@ -948,6 +951,9 @@ class ConditionedAUTMCoupling(_AUTMBase):
                          single_pass=single_pass, context=context, cache_size=cache_size)
         self.split_dim = _check_split(self.input_dim, split_dim)
         self.nn = hypernet
+
+    def _bound_networks(self):
+        return (self.nn,)
 
     def _raw(self, u1):
         if self._context is None:

@@ -188,6 +188,9 @@ class ConditionedQuAR(FlowTransform):
         _init_identity(self.net, self.scale_shift)
         return self
 
+    def _bound_networks(self):
+        return (self.net,)
+
     # -- the residual map and its numerical inverse --------------------------------------------
     def _net(self, u, scale=None, diag=True):
         return self.net(u, self._context, scale=scale, diag=diag)
