@@ -905,3 +905,45 @@ def test_jit_trace_elbo_records_the_flow():
         losses = [svi.step() for _ in range(3)]
     assert guide.flow_on and all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(b, p) for b, p in zip(before, guide._flow().parameters())), "the flow did not train"
+
+
+@pytest.mark.parametrize("name", ["autm_coupling", "autm_autoregressive", "quar"])
+def test_param_store_with_unpacked_network_keys_loads(name, tmp_path):
+    """A store saved before the networks packed their weights (one tensor per weight and bias) still gives
+    a new AutoFlow its trained flow, through the modules' old-key hooks: never a silently untrained flow."""
+    torch.manual_seed(0)
+    guide = autoflow(banana_model, name)
+    SVI(banana_model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO()).step()
+    z = torch.randn(4, 2, dtype=guide.loc.dtype)
+    expected = guide.transform(z).detach()
+    store = pyro.get_param_store()
+    # rewrite the store in the unpacked layout: every packed tensor becomes its per-layer views
+    unpacked, old_keys = 0, set()
+    for mod_name, mod in guide.transform.named_modules():
+        if "packed" in mod._parameters and hasattr(mod, "layers"):
+            key = f"AutoFlow.transform$$${mod_name}.packed"
+            del store[key]
+            for i, layer in enumerate(mod.layers):
+                for k in ("weight", "bias"):
+                    store[f"AutoFlow.transform$$${mod_name}.layers.{i}.{k}"] = getattr(layer, k).detach().clone()
+                    old_keys.add(f"AutoFlow.transform$$${mod_name}.layers.{i}.{k}")
+            if getattr(mod, "lipschitz_trick", False):  # quar's network packs its Lipschitz-trick scales too
+                store[f"AutoFlow.transform$$${mod_name}.raw_theta"] = mod.raw_theta.detach().clone()
+            unpacked += 1
+    if not unpacked:
+        pytest.skip(f"{name}'s networks keep one tensor per weight")
+    store.save(tmp_path / "old.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "old.pt")
+    torch.manual_seed(1)
+    again = autoflow(banana_model, name)
+    again()
+    torch.testing.assert_close(again.transform(z.clone()), expected, rtol=0, atol=1e-12)
+    assert not old_keys & set(pyro.get_param_store().keys())  # replaced by the packed entries
+
+
+def test_param_store_with_unknown_flow_keys_is_an_error(tmp_path):
+    autoflow(banana_model, "autm_coupling")()
+    pyro.get_param_store()["AutoFlow.transform$$$0.no_such_tensor"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="cannot use"):
+        autoflow(banana_model, "autm_coupling")()

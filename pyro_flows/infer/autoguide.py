@@ -244,11 +244,30 @@ def _load_from_param_store(name: str, module: torch.nn.Module) -> bool:
     already holds trained ones: after ``pyro.get_param_store().load(...)`` a freshly built guide
     would silently keep its untrained flow. ``update_module_params=True`` swaps the stored tensors
     into the module; a stored tensor of another shape (a different model or flow) is an error.
+
+    Stores saved with an older layout of the module's parameters (one tensor per weight and bias,
+    before the networks packed them into one) are read through the module's ``load_state_dict``,
+    whose hooks translate the old keys; the old entries are then replaced by the new ones in the
+    store. Stored keys the module cannot place are an error, never silently ignored.
     Returns whether the store held tensors for the module (then they are in use now).
     """
     store = pyro.get_param_store()
+    prefix = param_with_module_name(name, "")
+    current = dict(module.named_parameters())
+    legacy = [k for k in list(store.keys()) if k.startswith(prefix) and k[len(prefix):] not in current]
     found = False
-    for pname, p in module.named_parameters():
+    if legacy:
+        state = module.state_dict()
+        state.update({k[len(prefix):]: store[k].detach() for k in legacy})
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"the param store holds tensors under {name!r} that the flow built here cannot "
+                             f"use ({str(exc)[:300]}); clear the store or build the same flow") from exc
+        for k in legacy:
+            del store[k]
+        found = True
+    for pname, p in current.items():
         key = param_with_module_name(name, pname)
         if key in store:
             found = True
