@@ -481,34 +481,93 @@ def _bins(v, edges, table):
 
 
 def _log_derivative(xi, d, a0, e2, c, den):
-    """``log f'`` from ``f' = d^2 (a0 + e2 xi + c xi^2) / den^2``, exact (``log d``) in the tails."""
+    """``(log f', n2)`` from ``f' = d^2 n2 / den^2``, ``n2 = a0 + e2 xi + c xi^2``, exact (``log d``) in the
+    tails."""
     n2 = torch.addcmul(a0, xi, torch.addcmul(e2, c, xi))
-    return torch.log(n2 * (d / den).square())
+    return torch.log(n2 * (d / den).square()), n2
+
+
+class _RQSEval(torch.autograd.Function):
+    r"""The spline at a point and its log-derivative from the gathered entries of its bin (each ``(N, D)``),
+    either direction, as one autograd node with a closed-form backward.
+
+    Forward (``inverse=False``): ``v = x``, ``xi = (x - x0) iw``, returns ``(y, log f'(x))``; inverse:
+    ``v = y``, ``xi`` the bin's quadratic root, returns ``(x, log f'(x))``. With ``g = a0 + e2 xi / 2``,
+    ``q = h xi g / den`` (so ``y = y0 + q``), ``s = xi (1 - xi)``, ``den = d + c s`` and
+    ``n2 = a0 + e2 xi + c xi^2`` (``L = log f' = log n2 + 2 log d - 2 log den``), the partial derivatives
+    at fixed ``xi`` are ``dy/dh = xi g / den``, ``dy/da0 = h xi / den``, ``dy/de2 = h xi^2 / (2 den)``,
+    ``dy/dd = -q / den``, ``dy/dc = -q s / den``, ``dy/dxi = (h (a0 + e2 xi) - q c (1 - 2 xi)) / den``;
+    ``dL/da0 = 1 / n2``, ``dL/de2 = xi / n2``, ``dL/dd = 2 / d - 2 / den``,
+    ``dL/dc = xi^2 / n2 - 2 s / den``, ``dL/dxi = (e2 + 2 c xi) / n2 - 2 c (1 - 2 xi) / den``; ``x0``,
+    ``iw`` enter through ``xi`` (``dxi/dx0 = -iw``, ``dxi/diw = xi / iw``). A cotangent ``(A, B)`` on
+    ``(y, L)`` at fixed ``x`` gives every parameter's gradient as ``A dy/dp + B dL/dp``. The inverse is
+    the same with ``A = -g_x / f'`` (implicit differentiation of ``f(x) = y``: ``dx/dp = -(dy/dp) / f'``),
+    where ``g_x = g_out + g_L dL/dx`` is the whole cotangent reaching ``x``. ``gradcheck`` in float64:
+    ``tests/test_qlf.py``.
+    """
+
+    @staticmethod
+    def forward(ctx, inverse, v, x0, iw, y0, h, d, a0, e2, c):
+        if inverse:
+            r = v - y0
+            qa = torch.addcmul(h * e2, r, c, value=2)  # 2 qa
+            qb = torch.addcmul(h * a0, r, c, value=-1)
+            rd = r * d  # qc = -r d
+            disc = torch.addcmul(qb * qb, qa, rd, value=2).clamp(min=0)  # qb^2 - 4 qa qc
+            xi = torch.div(rd + rd, qb + disc.sqrt())  # the cancellation-free root
+            s = torch.addcmul(xi, xi, xi, value=-1)
+            den = torch.addcmul(d, c, s)
+            out = torch.addcdiv(x0, xi, iw)
+        else:
+            xi = (v - x0) * iw
+            s = torch.addcmul(xi, xi, xi, value=-1)  # xi (1 - xi)
+            den = torch.addcmul(d, c, s)
+            out = torch.addcdiv(y0, h * xi * torch.addcmul(a0, e2, xi, value=0.5), den)
+        log_deriv, n2 = _log_derivative(xi, d, a0, e2, c, den)
+        ctx.inverse = inverse
+        ctx.save_for_backward(xi, s, den, n2, iw, h, d, a0, e2, c)
+        return out, log_deriv
+
+    @staticmethod
+    def backward(ctx, g_out, g_L):
+        xi, s, den, n2, iw, h, d, a0, e2, c = ctx.saved_tensors
+        inv_den, inv_n2 = den.reciprocal(), n2.reciprocal()
+        hxi = h * xi
+        g = torch.addcmul(a0, e2, xi, value=0.5)
+        q = hxi * g * inv_den
+        c_slope = c * (1 - 2 * xi)  # d den / d xi
+        dy_dxi = (torch.addcmul(a0, e2, xi) * h - q * c_slope) * inv_den
+        dl_dxi = torch.addcmul(e2, c, xi, value=2) * inv_n2 - 2 * c_slope * inv_den
+        B = g_L
+        if ctx.inverse:  # A = -g_x / f', f' = dy_dxi iw, g_x = g_out + g_L dL/dxi iw
+            A = -(g_out + B * dl_dxi * iw) / (dy_dxi * iw)
+            g_v = -A
+        else:
+            A = g_out
+        G_xi = A * dy_dxi + B * dl_dxi
+        if not ctx.inverse:
+            g_v = G_xi * iw
+        A_den, B_n2 = A * inv_den, B * inv_n2
+        Aq_den = A_den * q
+        two_B_den = 2 * B * inv_den
+        g_x0 = -G_xi * iw
+        g_iw = G_xi * xi / iw
+        g_h = A_den * xi * g
+        g_d = 2 * B / d - two_B_den - Aq_den
+        g_a0 = A_den * hxi + B_n2
+        g_e2 = (0.5 * A_den * hxi + B_n2) * xi
+        g_c = (B_n2 * xi - two_B_den * (1 - xi) - Aq_den * (1 - xi)) * xi
+        return None, g_v, g_x0, g_iw, A, g_h, g_d, g_a0, g_e2, g_c
 
 
 def rqs_forward(x, table):
     """Activation and log-derivative at ``x`` (``(N, D)``); ``table`` from :func:`rqs_table`."""
-    x0, iw, y0, h, d, a0, e2, c = _bins(x, table[0], table)
-    xi = (x - x0) * iw
-    s = torch.addcmul(xi, xi, xi, value=-1)  # xi (1 - xi)
-    den = torch.addcmul(d, c, s)
-    y = torch.addcdiv(y0, h * xi * torch.addcmul(a0, e2, xi, value=0.5), den)
-    return y, _log_derivative(xi, d, a0, e2, c, den)
+    return _RQSEval.apply(False, x, *_bins(x, table[0], table))
 
 
 def rqs_inverse(y, table):
     """Inverse activation at ``y`` (``(N, D)``) and the forward log-derivative at the result."""
-    x0, iw, y0, h, d, a0, e2, c = _bins(y, table[2], table)
-    r = y - y0
-    qa = torch.addcmul(h * e2, r, c, value=2)  # 2 qa
-    qb = torch.addcmul(h * a0, r, c, value=-1)
-    rd = r * d  # qc = -r d
-    disc = torch.addcmul(qb * qb, qa, rd, value=2).clamp(min=0)  # qb^2 - 4 qa qc
-    xi = torch.div(rd + rd, qb + disc.sqrt())  # the cancellation-free root
-    s = torch.addcmul(xi, xi, xi, value=-1)
-    den = torch.addcmul(d, c, s)
-    x = torch.addcdiv(x0, xi, iw)
-    return x, _log_derivative(xi, d, a0, e2, c, den)
+    return _RQSEval.apply(True, y, *_bins(y, table[2], table))
 
 
 class ConditionedRQSActivation(FlowTransform):
