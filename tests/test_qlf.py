@@ -247,6 +247,21 @@ def test_spline_backward_is_the_gradient_of_both_directions():
     assert torch.autograd.gradcheck(lambda y, th: rqs_inverse(y, rqs_table(th)), (y, theta))
 
 
+def test_lipschitz_scale_backward():
+    # the conditioner's Lipschitz normalisation is one node with a closed-form gradient: gradcheck where
+    # it is active and where it is not, and a finite (zero) gradient at init (read-out weights 0)
+    from pyro_flows.nn.mexican_hat import _LipschitzScale
+
+    torch.manual_seed(0)
+    net = MexicanHatNN(3, 2, [5, 4], num_hats=2, max_lipschitz=0.5).double()
+    p = (torch.randn_like(net.params) * 2).requires_grad_(True)
+    for c in (0.5, 1e6):
+        assert torch.autograd.gradcheck(lambda p, c=c: _LipschitzScale.apply(p, net._weight_segments, c), (p,))
+    q = net.params.detach().clone().requires_grad_(True)
+    _LipschitzScale.apply(q, net._weight_segments, 0.5).backward()
+    assert (q.grad == 0).all()
+
+
 def test_slope_cap_is_contractive_on_a_grid():
     # delta = cap(a0, a1) = (1 + min(a0, a1)) / 2 is the largest slope the parameterisation allows
     a = torch.linspace(0, 1, 101, dtype=torch.float64)
