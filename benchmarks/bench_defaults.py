@@ -7,7 +7,9 @@ exact entropy), then prints one JSON line with its test NLL. A cheaper setting t
 same time, so this is the comparison a speed-motivated default change has to pass. ``--grid`` takes one
 JSON object of keyword arguments per setting (``{}`` is the family's defaults); ``--markdown`` also
 writes a table (test NLL per data set and setting, the difference to the first setting, steps
-trained) with the command that produced it. Example, the table in
+trained) with the command that produced it. A string value starting with ``=`` is a Python expression
+of the event size ``D`` (with ``max``, ``min``, ``int``), so a size rule can be compared across data sets:
+``'{"hidden_dims": "=[10 * D] * 2"}'``. Example, the table in
 ``benchmarks/results/defaults/sinusoidal.md``::
 
     python benchmarks/bench_defaults.py --family sinusoidal --seconds 30 \\
@@ -33,11 +35,18 @@ from pyro_flows.experiments.models import FlowModel
 from pyro_flows.experiments.trainer import cosine_decay, density_loss, train
 
 
+def resolve(kwargs, dim):
+    """``kwargs`` with every string value ``"=expr"`` replaced by ``expr`` evaluated at ``D = dim``."""
+    names = {"D": dim, "max": max, "min": min, "int": int, "__builtins__": {}}
+    return {k: eval(v[1:], names) if isinstance(v, str) and v.startswith("=") else v for k, v in kwargs.items()}
+
+
 def run(family, dataset, kwargs, seconds, seed=0, num_layers=4):
     """Train one setting for ``seconds`` of CPU time; returns a dict with its test NLL (nats)."""
     splits = density_splits(dataset, seed=seed)
     torch.manual_seed(seed)
-    model = FlowModel(family, splits.train.shape[-1], num_layers=num_layers, task="density", **kwargs)
+    dim = splits.train.shape[-1]
+    model = FlowModel(family, dim, num_layers=num_layers, task="density", **resolve(kwargs, dim))
     best = {"val": math.inf, "state": None}
     use_val = splits.floor is None
 
