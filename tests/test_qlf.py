@@ -59,6 +59,10 @@ PART_CASES = [
     Case("ConditionalDualAffineCoupling",
          lambda d, c: ConditionalDualAffineCoupling(d, c, hidden_dims=[8], num_hats=2), conditional=True),
     Case("RQSActivation", lambda d: RQSActivation(d, num_bins=4, beta=0.7)),
+    # one coupling conditioner per block (dual=False)
+    Case("QLF(dual=False)", lambda d: QLF(d, hidden_dims=[8], num_hats=2, num_bins=4, dual=False)),
+    Case("ConditionalQLF(dual=False)",
+         lambda d, c: ConditionalQLF(d, c, hidden_dims=[8], num_hats=2, num_bins=4, dual=False), conditional=True),
     # D = 1 variants: the block without coupling, and the coupling driven by the context only
     Case("QLF(D=1)", lambda d: QLF(1, hidden_dims=[8], num_hats=2, num_bins=4), extra={"dim": 1}),
     Case("ConditionalQLF(D=1)", lambda d, c: ConditionalQLF(1, c, hidden_dims=[8], num_hats=2, num_bins=4),
@@ -95,6 +99,33 @@ def test_one_dimensional_blocks_exact(case, scale):
 # ------------------------------------------------------------------------------------------------
 # blockwise volume-preserving initialisation
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conditional", [False, True])
+def test_single_coupling_block(conditional):
+    # dual=False: one conditioner, the second half passes the coupling unchanged; the block still
+    # starts as the identity (kappa = 1 / beta, s0 = 1), also after init_identity_
+    torch.manual_seed(0)
+    D = 5
+    with torch.no_grad():
+        if conditional:
+            m = ConditionalQLF(D, 2, hidden_dims=[16], dual=False).double()
+            block = m.condition(torch.randn(2, dtype=torch.float64))
+        else:
+            m = block = QLF(D, hidden_dims=[16], dual=False).double()
+        assert m.coupling.nn2 is None
+        x = 2.0 * torch.randn(50, D, dtype=torch.float64)
+        assert torch.allclose(block(x), x, atol=1e-12)
+        perturb(m, 0.5, seed=1)
+        block = m.condition(torch.randn(2, dtype=torch.float64)) if conditional else m
+        h = block.linear._call_and_ladj(x)[0]
+        y = block.coupling._call_and_ladj(h)[0]
+        assert torch.equal(y[:, D // 2:], h[:, D // 2:]), "the second half passes unchanged"
+        m.init_identity_()
+        block = m.condition(torch.randn(2, dtype=torch.float64)) if conditional else m
+        assert torch.allclose(block(x), x, atol=1e-12)
+    with pytest.raises(ValueError, match="dual=False"):
+        QLF(D, dual=False, kappa=2.0)
+
+
 @pytest.mark.parametrize("beta, kappa", [(0.8, None), (0.5, None), (0.1, None), (0.6, 1.0), (0.9, 1.5)])
 def test_blockwise_volume_preserving_init(beta, kappa):
     torch.manual_seed(0)

@@ -307,9 +307,9 @@ class QLFLinear(ConditionedQLFLinear, TransformModule):
 class ConditionedDualAffineCoupling(FlowTransform):
     """Dual affine coupling (paper Eq. 14) with conditioners ``nn1(x2, ctx)``, ``nn2(y1, ctx)``.
 
-    Each conditioner returns ``(log_scale, shift)``; ``nn2`` is ``None`` when the second half is
-    empty (``D = 1``). ``context`` (if given) is broadcast against the input batch. See
-    :class:`DualAffineCoupling`.
+    Each conditioner returns ``(log_scale, shift)``; ``nn2`` is ``None`` for a single coupling
+    (``dual=False``: ``y2 = x2``) or when the second half is empty (``D = 1``). ``context`` (if given) is
+    broadcast against the input batch. See :class:`DualAffineCoupling`.
     """
 
     def __init__(self, input_dim, nn1, nn2, cache_size=1, context=None):
@@ -323,8 +323,8 @@ class ConditionedDualAffineCoupling(FlowTransform):
         x1, x2 = x.split([self.split, self.input_dim - self.split], -1)
         log_s1, t1 = self.nn1(x2, ctx)
         y1 = torch.exp(log_s1) * x1 + t1
-        if self.nn2 is None:
-            return y1, log_s1.sum(-1)
+        if self.nn2 is None:  # a single coupling (x2 passes unchanged), or D = 1
+            return (torch.cat([y1, x2], dim=-1) if x2.shape[-1] else y1), log_s1.sum(-1)
         log_s2, t2 = self.nn2(y1, ctx)
         y2 = torch.exp(log_s2) * x2 + t2
         return torch.cat([y1, y2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
@@ -334,7 +334,8 @@ class ConditionedDualAffineCoupling(FlowTransform):
         y1, y2 = y.split([self.split, self.input_dim - self.split], -1)
         if self.nn2 is None:
             log_s1, t1 = self.nn1(y2, ctx)
-            return (y1 - t1) * torch.exp(-log_s1), log_s1.sum(-1)
+            x1 = (y1 - t1) * torch.exp(-log_s1)
+            return (torch.cat([x1, y2], dim=-1) if y2.shape[-1] else x1), log_s1.sum(-1)
         log_s2, t2 = self.nn2(y1, ctx)
         x2 = (y2 - t2) * torch.exp(-log_s2)
         log_s1, t1 = self.nn1(x2, ctx)
@@ -342,13 +343,13 @@ class ConditionedDualAffineCoupling(FlowTransform):
         return torch.cat([x1, x2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
 
 
-def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz):
+def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz, dual=True):
     split = max(1, input_dim // 2)
     rest = input_dim - split
     hidden = _hidden_dims(hidden_dims, max(32, 4 * input_dim))
     nn1 = MexicanHatNN(rest + context_dim, split, hidden, num_hats, log_scale_init, max_lipschitz)
     nn2 = MexicanHatNN(split + context_dim, rest, hidden, num_hats, log_scale_init,
-                       max_lipschitz) if rest else None
+                       max_lipschitz) if rest and dual else None
     return nn1, nn2
 
 
@@ -367,6 +368,8 @@ class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
         log_scale_init (float): initial ``log s`` of every coordinate (default 0, volume preserving).
         max_lipschitz (float or None): Lipschitz bound ``c`` of each conditioner (default 100;
             ``None``: unbounded), see :class:`~pyro_flows.nn.mexican_hat.MexicanHatNN`.
+        dual (bool): both couplings (default); ``False``: only the first, ``y2 = x2`` (one conditioner:
+            about half the cost; the blocks' linear layers mix the halves).
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -379,14 +382,14 @@ class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
     """
 
     def __init__(self, input_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         if input_dim < 2:
             raise ValueError(
                 f"DualAffineCoupling needs input_dim >= 2 (nothing to condition on), got {input_dim}; "
                 f"use ConditionalDualAffineCoupling for a 1-D event with a context"
             )
-        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init, max_lipschitz)
+        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init, max_lipschitz, dual)
         super().__init__(input_dim, None, None, cache_size=cache_size)
         self.nn1, self.nn2 = nn1, nn2
 
@@ -400,7 +403,7 @@ class ConditionalDualAffineCoupling(ConditionalFlowModule):
         hidden_dims (list of int): hidden sizes of each conditioner; default ``[max(32, 4D)] * 2``.
         num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
         log_scale_init (float): initial ``log s`` of every coordinate (default 0).
-        max_lipschitz (float or None): as for :class:`DualAffineCoupling`.
+        max_lipschitz (float or None), dual (bool): as for :class:`DualAffineCoupling`.
         cache_size (int): cache size of the transforms ``condition`` returns (0 or 1).
 
     Example:
@@ -412,11 +415,11 @@ class ConditionalDualAffineCoupling(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         super().__init__(input_dim, context_dim)
         self.cache_size = cache_size
         self.nn1, self.nn2 = _coupling_nets(
-            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz, dual
         )
 
     def _condition(self, context):
@@ -689,7 +692,8 @@ def _split_expansion(beta, kappa, num_hats, has_coupling, min_derivative=MIN_DER
     total = -math.log(beta)
     if not has_coupling:
         if kappa is not None and not math.isclose(kappa, 1 / beta):
-            raise ValueError(f"without a coupling (D = 1) kappa must be 1/beta = {1 / beta:.6g}, got {kappa}")
+            raise ValueError(f"without a coupling scale on every coordinate (D = 1, or dual=False) kappa must be "
+                             f"1/beta = {1 / beta:.6g}, got {kappa}")
         return 1 / beta, 0.0
     if kappa is None:
         log_s0 = min(0.5 * total, 0.5)
@@ -732,6 +736,9 @@ class QLF(ConditionedQLF, TransformModule):
             (default 0.1).
         max_lipschitz (float or None): Lipschitz bound of each coupling conditioner (default 100;
             ``None``: unbounded).
+        dual (bool): the paper's dual coupling (default); ``False``: one coupling conditioner per
+            block (``y2 = x2``; the linear layers mix the halves between blocks), about 20 % fewer
+            operations per step; then ``kappa = 1 / beta`` and the coupling starts at ``s0 = 1``.
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -746,15 +753,15 @@ class QLF(ConditionedQLF, TransformModule):
 
     def __init__(self, input_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0, beta=0.8,
                  kappa=None, max_log_scale=MAX_LOG_SCALE, min_derivative=MIN_DERIVATIVE,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         num_hats = check_dim(num_hats, "num_hats")
-        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1, min_derivative)
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1 and bool(dual), min_derivative)
         linear = QLFLinear(input_dim, kappa=kappa, max_log_scale=max_log_scale, cache_size=0)
         coupling = None
         if input_dim > 1:
             coupling = DualAffineCoupling(input_dim, hidden_dims, num_hats, log_s0, max_lipschitz,
-                                          cache_size=0)
+                                          dual=bool(dual), cache_size=0)
         activation = RQSActivation(input_dim, num_bins, bound, beta, min_derivative, cache_size=0)
         ConditionedQLF.__init__(self, linear, coupling, activation, cache_size=cache_size)
 
@@ -782,7 +789,8 @@ class QLF(ConditionedQLF, TransformModule):
         lin, act = self.linear, self.activation
         nets = [] if self.coupling is None else [n for n in (self.coupling.nn1, self.coupling.nn2) if n is not None]
         log_s0 = 0.0
-        if nets:
+        single = self.coupling is not None and self.coupling.nn2 is None and lin.input_dim > 1
+        if nets and not single:
             low, high = log_scale_range(nets[0].num_hats)
             log_s0 = min(max(min(lin.log_kappa, 0.5), low + 1e-3), high - 1e-3)
         beta = math.exp(-lin.log_kappa - log_s0)
@@ -815,7 +823,7 @@ class ConditionalQLF(ConditionalFlowModule):
         input_dim (int): the event size D.
         context_dim (int): the context size C.
         hidden_dims, num_hats, num_bins, bound, beta, kappa, max_log_scale, min_derivative,
-            max_lipschitz: as for :class:`QLF`.
+            max_lipschitz, dual: as for :class:`QLF`.
         cache_size (int): cache size of the transforms ``condition`` returns (0 or 1).
 
     Example:
@@ -829,14 +837,14 @@ class ConditionalQLF(ConditionalFlowModule):
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0,
                  beta=0.8, kappa=None, max_log_scale=MAX_LOG_SCALE, min_derivative=MIN_DERIVATIVE,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         super().__init__(input_dim, context_dim)
         num_hats = check_dim(num_hats, "num_hats")
-        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, True, min_derivative)
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, bool(dual) or self.input_dim == 1, min_derivative)
         self.cache_size = cache_size
         self.linear = QLFLinear(self.input_dim, kappa=kappa, max_log_scale=max_log_scale, cache_size=0)
         self.coupling = ConditionalDualAffineCoupling(
-            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0, max_lipschitz,
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0, max_lipschitz, dual=bool(dual),
             cache_size=0
         )
         self.activation = RQSActivation(self.input_dim, num_bins, bound, beta, min_derivative,
