@@ -44,7 +44,9 @@ conditional variant feeds ``cat(x_other, context)`` to both conditioners (the co
 against the input batch both ways); the linear layer and the activation stay unconditional.
 For ``D = 1`` the second half is empty: the conditional coupling is then an affine map of the
 context, and the unconditional block drops the coupling (there is nothing to condition on) and puts
-the whole initial expansion into ``kappa``.
+the whole initial expansion into ``kappa``. ``dual=False`` (an option, not the paper's) keeps only the
+first coupling (``y2 = x2``; one conditioner per block, the linear layers mix the halves between
+blocks) and also puts the whole expansion into ``kappa``; its speed and capacity are in ``docs/qlf.md``.
 
 **f_act** (:class:`RQSActivation`): an elementwise monotone rational-quadratic spline (Gregory &
 Delbourgo; Durkan et al.) with ``K`` bins per coordinate on a box ``[-w, w]`` (``w = exp(log_width)``
