@@ -1,9 +1,8 @@
 """AUTM's ``num_steps`` against test NLL at equal CPU time (the capacity cost of fewer steps).
 
-Each run trains a 4-layer ``flow(family, D, num_steps=K)`` for density estimation with the shared trainer
-for ``--seconds`` of process CPU time on one thread (batch 256, Adam 3e-3 with cosine decay, the NLL
-benchmark's splits; validation early stopping on the data sets without an exact entropy), then prints
-one JSON line with its test NLL. ``docs/autm.md`` ("Fewer steps") quotes it::
+A thin wrapper of ``benchmarks/bench_defaults.py`` (the same runs: a 4-layer ``flow(family, D,
+num_steps=K)`` trained for ``--seconds`` of process CPU time on one thread), one JSON line per run with
+its ``num_steps`` and test NLL. ``docs/autm.md`` ("Fewer steps") quotes it::
 
     python benchmarks/bench_autm_steps.py --seconds 30 --families autm_autoregressive,autm_coupling \\
         --datasets 8gaussians,checkerboard,wine,breast_cancer --steps 8,4
@@ -12,42 +11,14 @@ one JSON line with its test NLL. ``docs/autm.md`` ("Fewer steps") quotes it::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
+import os
+import sys
 
 import torch
 
-from pyro_flows.experiments.data import density_splits
-from pyro_flows.experiments.measure import CpuClock
-from pyro_flows.experiments.models import FlowModel
-from pyro_flows.experiments.trainer import cosine_decay, density_loss, train
-
-
-def run(family, dataset, num_steps, seconds, seed=0):
-    splits = density_splits(dataset, seed=seed)
-    torch.manual_seed(seed)
-    model = FlowModel(family, splits.train.shape[-1], num_layers=4, task="density", num_steps=num_steps)
-    best = {"val": math.inf, "state": None}
-    use_val = splits.floor is None
-
-    def keep_best(info):
-        if use_val and (info.step + 1) % 20 == 0:
-            with torch.no_grad():
-                v = float(-model.log_prob(splits.val.clone()).mean())
-            if math.isfinite(v) and v < best["val"]:
-                best.update(val=v, state=copy.deepcopy(model.state_dict()))
-        return False
-
-    res = train(model, density_loss, (splits.train,), steps=10**9, batch_size=256, lr=3e-3, time_budget=seconds,
-                seed=seed, clip_norm=100.0, lr_schedule=cosine_decay(0.1), callback=keep_best, clock=CpuClock(),
-                progress=False)
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    with torch.no_grad():
-        nll = float(torch.cat([-model.log_prob(c.clone()) for c in splits.test.split(1024)]).mean())
-    return {"dataset": dataset, "seed": seed, "family": family, "num_steps": num_steps, "steps": res.steps,
-            "test_nll": round(nll, 4)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_defaults import run  # noqa: E402
 
 
 def main(argv=None):
@@ -63,7 +34,9 @@ def main(argv=None):
         for seed in (int(s) for s in args.seeds.split(",")):
             for family in args.families.split(","):
                 for k in (int(s) for s in args.steps.split(",")):
-                    print(json.dumps(run(family, dataset, k, args.seconds, seed)), flush=True)
+                    r = run(family, dataset, {"num_steps": k}, args.seconds, seed)
+                    r["num_steps"] = r.pop("kwargs")["num_steps"]
+                    print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

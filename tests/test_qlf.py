@@ -48,6 +48,8 @@ from pyro_flows.transforms.qlf import (
     RQSActivation,
     householder_orthogonal,
     rqs_forward,
+    rqs_inverse,
+    rqs_table,
 )
 
 PART_CASES = [
@@ -57,6 +59,10 @@ PART_CASES = [
     Case("ConditionalDualAffineCoupling",
          lambda d, c: ConditionalDualAffineCoupling(d, c, hidden_dims=[8], num_hats=2), conditional=True),
     Case("RQSActivation", lambda d: RQSActivation(d, num_bins=4, beta=0.7)),
+    # one coupling conditioner per block (dual=False)
+    Case("QLF(dual=False)", lambda d: QLF(d, hidden_dims=[8], num_hats=2, num_bins=4, dual=False)),
+    Case("ConditionalQLF(dual=False)",
+         lambda d, c: ConditionalQLF(d, c, hidden_dims=[8], num_hats=2, num_bins=4, dual=False), conditional=True),
     # D = 1 variants: the block without coupling, and the coupling driven by the context only
     Case("QLF(D=1)", lambda d: QLF(1, hidden_dims=[8], num_hats=2, num_bins=4), extra={"dim": 1}),
     Case("ConditionalQLF(D=1)", lambda d, c: ConditionalQLF(1, c, hidden_dims=[8], num_hats=2, num_bins=4),
@@ -93,6 +99,33 @@ def test_one_dimensional_blocks_exact(case, scale):
 # ------------------------------------------------------------------------------------------------
 # blockwise volume-preserving initialisation
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conditional", [False, True])
+def test_single_coupling_block(conditional):
+    # dual=False: one conditioner, the second half passes the coupling unchanged; the block still
+    # starts as the identity (kappa = 1 / beta, s0 = 1), also after init_identity_
+    torch.manual_seed(0)
+    D = 5
+    with torch.no_grad():
+        if conditional:
+            m = ConditionalQLF(D, 2, hidden_dims=[16], dual=False).double()
+            block = m.condition(torch.randn(2, dtype=torch.float64))
+        else:
+            m = block = QLF(D, hidden_dims=[16], dual=False).double()
+        assert m.coupling.nn2 is None
+        x = 2.0 * torch.randn(50, D, dtype=torch.float64)
+        assert torch.allclose(block(x), x, atol=1e-12)
+        perturb(m, 0.5, seed=1)
+        block = m.condition(torch.randn(2, dtype=torch.float64)) if conditional else m
+        h = block.linear._call_and_ladj(x)[0]
+        y = block.coupling._call_and_ladj(h)[0]
+        assert torch.equal(y[:, D // 2:], h[:, D // 2:]), "the second half passes unchanged"
+        m.init_identity_()
+        block = m.condition(torch.randn(2, dtype=torch.float64)) if conditional else m
+        assert torch.allclose(block(x), x, atol=1e-12)
+    with pytest.raises(ValueError, match="dual=False"):
+        QLF(D, dual=False, kappa=2.0)
+
+
 @pytest.mark.parametrize("beta, kappa", [(0.8, None), (0.5, None), (0.1, None), (0.6, 1.0), (0.9, 1.5)])
 def test_blockwise_volume_preserving_init(beta, kappa):
     torch.manual_seed(0)
@@ -229,6 +262,35 @@ def test_activation_is_contractive(scale):
     ys, dls = rqs_forward(xs, [col.detach() for col in table])
     (g,) = torch.autograd.grad(ys.sum(), xs)
     assert torch.allclose(g.log(), dls, atol=1e-10)
+
+
+def test_spline_backward_is_the_gradient_of_both_directions():
+    # the spline's point evaluation is one node with a closed-form backward (implicit in the inverse
+    # direction): gradcheck of value and log-derivative against the input and the raw parameters,
+    # at points in the spline bins and in both linear tails
+    act = perturb(RQSActivation(3, num_bins=4, beta=0.7).double(), 1.0, seed=1)
+    theta = act.theta.detach().clone().requires_grad_(True)
+    w = theta[:, -1].exp().max().item()
+    torch.manual_seed(5)
+    x = ((torch.rand(9, 3, dtype=torch.float64) * 2.6 - 1.3) * w).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, th: rqs_forward(x, rqs_table(th)), (x, theta))
+    y = rqs_forward(x, rqs_table(theta))[0].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda y, th: rqs_inverse(y, rqs_table(th)), (y, theta))
+
+
+def test_lipschitz_scale_backward():
+    # the conditioner's Lipschitz normalisation is one node with a closed-form gradient: gradcheck where
+    # it is active and where it is not, and a finite (zero) gradient at init (read-out weights 0)
+    from pyro_flows.nn.mexican_hat import _LipschitzScale
+
+    torch.manual_seed(0)
+    net = MexicanHatNN(3, 2, [5, 4], num_hats=2, max_lipschitz=0.5).double()
+    p = (torch.randn_like(net.params) * 2).requires_grad_(True)
+    for c in (0.5, 1e6):
+        assert torch.autograd.gradcheck(lambda p, c=c: _LipschitzScale.apply(p, net._weight_segments, c), (p,))
+    q = net.params.detach().clone().requires_grad_(True)
+    _LipschitzScale.apply(q, net._weight_segments, 0.5).backward()
+    assert (q.grad == 0).all()
 
 
 def test_slope_cap_is_contractive_on_a_grid():

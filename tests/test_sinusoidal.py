@@ -340,6 +340,26 @@ def test_sample_orientation_passes_the_conformance_checks():
     assert t.last_solver_info is None
 
 
+@pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
+def test_one_shift_blocks_pass_the_conformance_checks(single_pass):
+    # shift="one": one upper shift per block, then the coordinates reversed (so stacked blocks
+    # alternate upper and lower shifts); both orientations, plain and conditional
+    kw = {"hidden_dims": [8], "num_scales": 2, "num_sinusoids": 2, "single_pass": single_pass, "shift": "one"}
+    cases = [Case("one", lambda d: Sinusoidal(d, **kw)),
+             Case("cone", lambda d, c: ConditionalSinusoidal(d, c, **kw), conditional=True)]
+    for case in cases:
+        for scale in (0.3, 2.0):
+            check_exact(case, scale)
+        check_float32(case, 0.3)
+        check_gradients(case)
+    t = Sinusoidal(4, hidden_dims=[8], shift="one").double().init_identity_()
+    assert t.lower_nn is None and len(t.shifts.upper) == 1
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.allclose(t(x), x.flip(-1), atol=1e-12), "identity, then reversed (its own inverse)"
+    with pytest.raises(ValueError, match="shift"):
+        Sinusoidal(4, shift="two")
+
+
 def test_one_dimensional_and_pure_dscale_blocks():
     for make in (lambda d: Sinusoidal(d), lambda d: Sinusoidal(d, hidden_dims=[8], shift=False)):
         case = Case("d1", make)

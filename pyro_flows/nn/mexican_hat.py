@@ -55,6 +55,31 @@ class _MeanOfHats(torch.autograd.Function):
         return (u * (u2 - 3) * e) * (grad.unsqueeze(-2) / u.shape[-2])
 
 
+class _LipschitzScale(torch.autograd.Function):
+    r"""``k = c / max(prod_l ||W_l||_F, c) = c / sqrt(max(prod_l n_l, c^2))`` with ``n_l = ||W_l||_F^2`` the
+    squared Frobenius norms of the layers' weights (``n = segments @ params^2``), as one node with its
+    closed-form gradient ``dk/dparams = -k params * (segments^T (1 / n))`` where the product exceeds
+    ``c^2`` (else 0, as ``clamp``'s; ``gradcheck``: ``tests/test_qlf.py``). No inf/NaN while the
+    read-out is still 0; no host synchronisation (``prod``'s own backward looks for zeros with one)."""
+
+    @staticmethod
+    def forward(ctx, params, segments, c):
+        n = torch.mv(segments, params.square())
+        prod = n.prod()
+        k = c / prod.clamp(min=c * c).sqrt()
+        ctx.save_for_backward(params, segments, n, prod, k)
+        ctx.c2 = c * c
+        return k
+
+    @staticmethod
+    def backward(ctx, grad):
+        params, segments, n, prod, k = ctx.saved_tensors
+        # where the clamp is active some n_l may be 0: a finite 1 / max(n, tiny) times the zero scale
+        coef = torch.mv(segments.t(), n.clamp_min(torch.finfo(n.dtype).tiny).reciprocal())
+        scale = torch.where(prod > ctx.c2, -(grad * k), 0.0)
+        return params * (coef * scale), None, None
+
+
 def mean_of_hats(u: torch.Tensor) -> torch.Tensor:
     """``mexican_hat(u).mean(-2)`` (the same operations, so the same values) as one autograd node.
 
@@ -196,11 +221,7 @@ class MexicanHatNN(nn.Module):
         layers = self.layers()
         w, b = layers[0]
         if self.max_lipschitz is not None:
-            c = self.max_lipschitz
-            # c / max(prod_l ||W_l||_F, c) = c / sqrt(max(prod_l ||W_l||_F^2, c^2)): no inf/NaN while the
-            # read-out is still 0; products by hand (prod's backward looks for zeros with a host sync)
-            norm2 = math.prod(torch.mv(self._weight_segments, self.params.square()).unbind())
-            w = w * (c / norm2.clamp(min=c * c).sqrt())
+            w = w * _LipschitzScale.apply(self.params, self._weight_segments, self.max_lipschitz)
         phi = torch.tanh(F.linear(z, w, b))
         for w, b in layers[1:-1]:
             phi = torch.tanh(F.linear(phi, w, b))

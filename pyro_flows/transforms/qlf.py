@@ -44,7 +44,9 @@ conditional variant feeds ``cat(x_other, context)`` to both conditioners (the co
 against the input batch both ways); the linear layer and the activation stay unconditional.
 For ``D = 1`` the second half is empty: the conditional coupling is then an affine map of the
 context, and the unconditional block drops the coupling (there is nothing to condition on) and puts
-the whole initial expansion into ``kappa``.
+the whole initial expansion into ``kappa``. ``dual=False`` (an option, not the paper's) keeps only the
+first coupling (``y2 = x2``; one conditioner per block, the linear layers mix the halves between
+blocks) and also puts the whole expansion into ``kappa``; its speed and capacity are in ``docs/qlf.md``.
 
 **f_act** (:class:`RQSActivation`): an elementwise monotone rational-quadratic spline (Gregory &
 Delbourgo; Durkan et al.) with ``K`` bins per coordinate on a box ``[-w, w]`` (``w = exp(log_width)``
@@ -307,9 +309,9 @@ class QLFLinear(ConditionedQLFLinear, TransformModule):
 class ConditionedDualAffineCoupling(FlowTransform):
     """Dual affine coupling (paper Eq. 14) with conditioners ``nn1(x2, ctx)``, ``nn2(y1, ctx)``.
 
-    Each conditioner returns ``(log_scale, shift)``; ``nn2`` is ``None`` when the second half is
-    empty (``D = 1``). ``context`` (if given) is broadcast against the input batch. See
-    :class:`DualAffineCoupling`.
+    Each conditioner returns ``(log_scale, shift)``; ``nn2`` is ``None`` for a single coupling
+    (``dual=False``: ``y2 = x2``) or when the second half is empty (``D = 1``). ``context`` (if given) is
+    broadcast against the input batch. See :class:`DualAffineCoupling`.
     """
 
     def __init__(self, input_dim, nn1, nn2, cache_size=1, context=None):
@@ -323,8 +325,8 @@ class ConditionedDualAffineCoupling(FlowTransform):
         x1, x2 = x.split([self.split, self.input_dim - self.split], -1)
         log_s1, t1 = self.nn1(x2, ctx)
         y1 = torch.exp(log_s1) * x1 + t1
-        if self.nn2 is None:
-            return y1, log_s1.sum(-1)
+        if self.nn2 is None:  # a single coupling (x2 passes unchanged), or D = 1
+            return (torch.cat([y1, x2], dim=-1) if x2.shape[-1] else y1), log_s1.sum(-1)
         log_s2, t2 = self.nn2(y1, ctx)
         y2 = torch.exp(log_s2) * x2 + t2
         return torch.cat([y1, y2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
@@ -334,7 +336,8 @@ class ConditionedDualAffineCoupling(FlowTransform):
         y1, y2 = y.split([self.split, self.input_dim - self.split], -1)
         if self.nn2 is None:
             log_s1, t1 = self.nn1(y2, ctx)
-            return (y1 - t1) * torch.exp(-log_s1), log_s1.sum(-1)
+            x1 = (y1 - t1) * torch.exp(-log_s1)
+            return (torch.cat([x1, y2], dim=-1) if y2.shape[-1] else x1), log_s1.sum(-1)
         log_s2, t2 = self.nn2(y1, ctx)
         x2 = (y2 - t2) * torch.exp(-log_s2)
         log_s1, t1 = self.nn1(x2, ctx)
@@ -342,13 +345,13 @@ class ConditionedDualAffineCoupling(FlowTransform):
         return torch.cat([x1, x2], dim=-1), torch.cat([log_s1, log_s2], -1).sum(-1)
 
 
-def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz):
+def _coupling_nets(input_dim, context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz, dual=True):
     split = max(1, input_dim // 2)
     rest = input_dim - split
     hidden = _hidden_dims(hidden_dims, max(32, 4 * input_dim))
     nn1 = MexicanHatNN(rest + context_dim, split, hidden, num_hats, log_scale_init, max_lipschitz)
     nn2 = MexicanHatNN(split + context_dim, rest, hidden, num_hats, log_scale_init,
-                       max_lipschitz) if rest else None
+                       max_lipschitz) if rest and dual else None
     return nn1, nn2
 
 
@@ -367,6 +370,8 @@ class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
         log_scale_init (float): initial ``log s`` of every coordinate (default 0, volume preserving).
         max_lipschitz (float or None): Lipschitz bound ``c`` of each conditioner (default 100;
             ``None``: unbounded), see :class:`~pyro_flows.nn.mexican_hat.MexicanHatNN`.
+        dual (bool): both couplings (default); ``False``: only the first, ``y2 = x2`` (one conditioner:
+            about half the cost; the blocks' linear layers mix the halves).
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -379,14 +384,14 @@ class DualAffineCoupling(ConditionedDualAffineCoupling, TransformModule):
     """
 
     def __init__(self, input_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         if input_dim < 2:
             raise ValueError(
                 f"DualAffineCoupling needs input_dim >= 2 (nothing to condition on), got {input_dim}; "
                 f"use ConditionalDualAffineCoupling for a 1-D event with a context"
             )
-        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init, max_lipschitz)
+        nn1, nn2 = _coupling_nets(input_dim, 0, hidden_dims, num_hats, log_scale_init, max_lipschitz, dual)
         super().__init__(input_dim, None, None, cache_size=cache_size)
         self.nn1, self.nn2 = nn1, nn2
 
@@ -400,7 +405,7 @@ class ConditionalDualAffineCoupling(ConditionalFlowModule):
         hidden_dims (list of int): hidden sizes of each conditioner; default ``[max(32, 4D)] * 2``.
         num_hats (int): M, Mexican-hat responses averaged per log-scale (default 4).
         log_scale_init (float): initial ``log s`` of every coordinate (default 0).
-        max_lipschitz (float or None): as for :class:`DualAffineCoupling`.
+        max_lipschitz (float or None), dual (bool): as for :class:`DualAffineCoupling`.
         cache_size (int): cache size of the transforms ``condition`` returns (0 or 1).
 
     Example:
@@ -412,11 +417,11 @@ class ConditionalDualAffineCoupling(ConditionalFlowModule):
     """
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, log_scale_init=0.0,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         super().__init__(input_dim, context_dim)
         self.cache_size = cache_size
         self.nn1, self.nn2 = _coupling_nets(
-            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_scale_init, max_lipschitz, dual
         )
 
     def _condition(self, context):
@@ -481,34 +486,93 @@ def _bins(v, edges, table):
 
 
 def _log_derivative(xi, d, a0, e2, c, den):
-    """``log f'`` from ``f' = d^2 (a0 + e2 xi + c xi^2) / den^2``, exact (``log d``) in the tails."""
+    """``(log f', n2)`` from ``f' = d^2 n2 / den^2``, ``n2 = a0 + e2 xi + c xi^2``, exact (``log d``) in the
+    tails."""
     n2 = torch.addcmul(a0, xi, torch.addcmul(e2, c, xi))
-    return torch.log(n2 * (d / den).square())
+    return torch.log(n2 * (d / den).square()), n2
+
+
+class _RQSEval(torch.autograd.Function):
+    r"""The spline at a point and its log-derivative from the gathered entries of its bin (each ``(N, D)``),
+    either direction, as one autograd node with a closed-form backward.
+
+    Forward (``inverse=False``): ``v = x``, ``xi = (x - x0) iw``, returns ``(y, log f'(x))``; inverse:
+    ``v = y``, ``xi`` the bin's quadratic root, returns ``(x, log f'(x))``. With ``g = a0 + e2 xi / 2``,
+    ``q = h xi g / den`` (so ``y = y0 + q``), ``s = xi (1 - xi)``, ``den = d + c s`` and
+    ``n2 = a0 + e2 xi + c xi^2`` (``L = log f' = log n2 + 2 log d - 2 log den``), the partial derivatives
+    at fixed ``xi`` are ``dy/dh = xi g / den``, ``dy/da0 = h xi / den``, ``dy/de2 = h xi^2 / (2 den)``,
+    ``dy/dd = -q / den``, ``dy/dc = -q s / den``, ``dy/dxi = (h (a0 + e2 xi) - q c (1 - 2 xi)) / den``;
+    ``dL/da0 = 1 / n2``, ``dL/de2 = xi / n2``, ``dL/dd = 2 / d - 2 / den``,
+    ``dL/dc = xi^2 / n2 - 2 s / den``, ``dL/dxi = (e2 + 2 c xi) / n2 - 2 c (1 - 2 xi) / den``; ``x0``,
+    ``iw`` enter through ``xi`` (``dxi/dx0 = -iw``, ``dxi/diw = xi / iw``). A cotangent ``(A, B)`` on
+    ``(y, L)`` at fixed ``x`` gives every parameter's gradient as ``A dy/dp + B dL/dp``. The inverse is
+    the same with ``A = -g_x / f'`` (implicit differentiation of ``f(x) = y``: ``dx/dp = -(dy/dp) / f'``),
+    where ``g_x = g_out + g_L dL/dx`` is the whole cotangent reaching ``x``. ``gradcheck`` in float64:
+    ``tests/test_qlf.py``.
+    """
+
+    @staticmethod
+    def forward(ctx, inverse, v, x0, iw, y0, h, d, a0, e2, c):
+        if inverse:
+            r = v - y0
+            qa = torch.addcmul(h * e2, r, c, value=2)  # 2 qa
+            qb = torch.addcmul(h * a0, r, c, value=-1)
+            rd = r * d  # qc = -r d
+            disc = torch.addcmul(qb * qb, qa, rd, value=2).clamp(min=0)  # qb^2 - 4 qa qc
+            xi = torch.div(rd + rd, qb + disc.sqrt())  # the cancellation-free root
+            s = torch.addcmul(xi, xi, xi, value=-1)
+            den = torch.addcmul(d, c, s)
+            out = torch.addcdiv(x0, xi, iw)
+        else:
+            xi = (v - x0) * iw
+            s = torch.addcmul(xi, xi, xi, value=-1)  # xi (1 - xi)
+            den = torch.addcmul(d, c, s)
+            out = torch.addcdiv(y0, h * xi * torch.addcmul(a0, e2, xi, value=0.5), den)
+        log_deriv, n2 = _log_derivative(xi, d, a0, e2, c, den)
+        ctx.inverse = inverse
+        ctx.save_for_backward(xi, s, den, n2, iw, h, d, a0, e2, c)
+        return out, log_deriv
+
+    @staticmethod
+    def backward(ctx, g_out, g_L):
+        xi, s, den, n2, iw, h, d, a0, e2, c = ctx.saved_tensors
+        inv_den, inv_n2 = den.reciprocal(), n2.reciprocal()
+        hxi = h * xi
+        g = torch.addcmul(a0, e2, xi, value=0.5)
+        q = hxi * g * inv_den
+        c_slope = c * (1 - 2 * xi)  # d den / d xi
+        dy_dxi = (torch.addcmul(a0, e2, xi) * h - q * c_slope) * inv_den
+        dl_dxi = torch.addcmul(e2, c, xi, value=2) * inv_n2 - 2 * c_slope * inv_den
+        B = g_L
+        if ctx.inverse:  # A = -g_x / f', f' = dy_dxi iw, g_x = g_out + g_L dL/dxi iw
+            A = -(g_out + B * dl_dxi * iw) / (dy_dxi * iw)
+            g_v = -A
+        else:
+            A = g_out
+        G_xi = A * dy_dxi + B * dl_dxi
+        if not ctx.inverse:
+            g_v = G_xi * iw
+        A_den, B_n2 = A * inv_den, B * inv_n2
+        Aq_den = A_den * q
+        two_B_den = 2 * B * inv_den
+        g_x0 = -G_xi * iw
+        g_iw = G_xi * xi / iw
+        g_h = A_den * xi * g
+        g_d = 2 * B / d - two_B_den - Aq_den
+        g_a0 = A_den * hxi + B_n2
+        g_e2 = (0.5 * A_den * hxi + B_n2) * xi
+        g_c = (B_n2 * xi - two_B_den * (1 - xi) - Aq_den * (1 - xi)) * xi
+        return None, g_v, g_x0, g_iw, A, g_h, g_d, g_a0, g_e2, g_c
 
 
 def rqs_forward(x, table):
     """Activation and log-derivative at ``x`` (``(N, D)``); ``table`` from :func:`rqs_table`."""
-    x0, iw, y0, h, d, a0, e2, c = _bins(x, table[0], table)
-    xi = (x - x0) * iw
-    s = torch.addcmul(xi, xi, xi, value=-1)  # xi (1 - xi)
-    den = torch.addcmul(d, c, s)
-    y = torch.addcdiv(y0, h * xi * torch.addcmul(a0, e2, xi, value=0.5), den)
-    return y, _log_derivative(xi, d, a0, e2, c, den)
+    return _RQSEval.apply(False, x, *_bins(x, table[0], table))
 
 
 def rqs_inverse(y, table):
     """Inverse activation at ``y`` (``(N, D)``) and the forward log-derivative at the result."""
-    x0, iw, y0, h, d, a0, e2, c = _bins(y, table[2], table)
-    r = y - y0
-    qa = torch.addcmul(h * e2, r, c, value=2)  # 2 qa
-    qb = torch.addcmul(h * a0, r, c, value=-1)
-    rd = r * d  # qc = -r d
-    disc = torch.addcmul(qb * qb, qa, rd, value=2).clamp(min=0)  # qb^2 - 4 qa qc
-    xi = torch.div(rd + rd, qb + disc.sqrt())  # the cancellation-free root
-    s = torch.addcmul(xi, xi, xi, value=-1)
-    den = torch.addcmul(d, c, s)
-    x = torch.addcdiv(x0, xi, iw)
-    return x, _log_derivative(xi, d, a0, e2, c, den)
+    return _RQSEval.apply(True, y, *_bins(y, table[2], table))
 
 
 class ConditionedRQSActivation(FlowTransform):
@@ -630,7 +694,8 @@ def _split_expansion(beta, kappa, num_hats, has_coupling, min_derivative=MIN_DER
     total = -math.log(beta)
     if not has_coupling:
         if kappa is not None and not math.isclose(kappa, 1 / beta):
-            raise ValueError(f"without a coupling (D = 1) kappa must be 1/beta = {1 / beta:.6g}, got {kappa}")
+            raise ValueError(f"without a coupling scale on every coordinate (D = 1, or dual=False) kappa must be "
+                             f"1/beta = {1 / beta:.6g}, got {kappa}")
         return 1 / beta, 0.0
     if kappa is None:
         log_s0 = min(0.5 * total, 0.5)
@@ -673,6 +738,9 @@ class QLF(ConditionedQLF, TransformModule):
             (default 0.1).
         max_lipschitz (float or None): Lipschitz bound of each coupling conditioner (default 100;
             ``None``: unbounded).
+        dual (bool): the paper's dual coupling (default); ``False``: one coupling conditioner per
+            block (``y2 = x2``; the linear layers mix the halves between blocks), about 20 % fewer
+            operations per step; then ``kappa = 1 / beta`` and the coupling starts at ``s0 = 1``.
         cache_size (int): Pyro's transform cache size (0 or 1).
 
     Example:
@@ -687,15 +755,15 @@ class QLF(ConditionedQLF, TransformModule):
 
     def __init__(self, input_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0, beta=0.8,
                  kappa=None, max_log_scale=MAX_LOG_SCALE, min_derivative=MIN_DERIVATIVE,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         input_dim = check_dim(input_dim, "input_dim")
         num_hats = check_dim(num_hats, "num_hats")
-        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1, min_derivative)
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, input_dim > 1 and bool(dual), min_derivative)
         linear = QLFLinear(input_dim, kappa=kappa, max_log_scale=max_log_scale, cache_size=0)
         coupling = None
         if input_dim > 1:
             coupling = DualAffineCoupling(input_dim, hidden_dims, num_hats, log_s0, max_lipschitz,
-                                          cache_size=0)
+                                          dual=bool(dual), cache_size=0)
         activation = RQSActivation(input_dim, num_bins, bound, beta, min_derivative, cache_size=0)
         ConditionedQLF.__init__(self, linear, coupling, activation, cache_size=cache_size)
 
@@ -723,7 +791,8 @@ class QLF(ConditionedQLF, TransformModule):
         lin, act = self.linear, self.activation
         nets = [] if self.coupling is None else [n for n in (self.coupling.nn1, self.coupling.nn2) if n is not None]
         log_s0 = 0.0
-        if nets:
+        single = self.coupling is not None and self.coupling.nn2 is None and lin.input_dim > 1
+        if nets and not single:
             low, high = log_scale_range(nets[0].num_hats)
             log_s0 = min(max(min(lin.log_kappa, 0.5), low + 1e-3), high - 1e-3)
         beta = math.exp(-lin.log_kappa - log_s0)
@@ -756,7 +825,7 @@ class ConditionalQLF(ConditionalFlowModule):
         input_dim (int): the event size D.
         context_dim (int): the context size C.
         hidden_dims, num_hats, num_bins, bound, beta, kappa, max_log_scale, min_derivative,
-            max_lipschitz: as for :class:`QLF`.
+            max_lipschitz, dual: as for :class:`QLF`.
         cache_size (int): cache size of the transforms ``condition`` returns (0 or 1).
 
     Example:
@@ -770,14 +839,14 @@ class ConditionalQLF(ConditionalFlowModule):
 
     def __init__(self, input_dim, context_dim, hidden_dims=None, num_hats=4, num_bins=8, bound=3.0,
                  beta=0.8, kappa=None, max_log_scale=MAX_LOG_SCALE, min_derivative=MIN_DERIVATIVE,
-                 max_lipschitz=MAX_LIPSCHITZ, cache_size=1):
+                 max_lipschitz=MAX_LIPSCHITZ, dual=True, cache_size=1):
         super().__init__(input_dim, context_dim)
         num_hats = check_dim(num_hats, "num_hats")
-        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, True, min_derivative)
+        kappa, log_s0 = _split_expansion(beta, kappa, num_hats, bool(dual) or self.input_dim == 1, min_derivative)
         self.cache_size = cache_size
         self.linear = QLFLinear(self.input_dim, kappa=kappa, max_log_scale=max_log_scale, cache_size=0)
         self.coupling = ConditionalDualAffineCoupling(
-            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0, max_lipschitz,
+            self.input_dim, self.context_dim, hidden_dims, num_hats, log_s0, max_lipschitz, dual=bool(dual),
             cache_size=0
         )
         self.activation = RQSActivation(self.input_dim, num_bins, bound, beta, min_derivative,

@@ -78,6 +78,9 @@ Choices made where the paper is vague or numerically loose (tested in ``tests/te
   (:func:`~pyro_flows.solvers.implicit_monotone_root`, :func:`~pyro_flows.solvers.implicit_fixed_point`).
 * **Initial frequencies** ``a_k = 2^(k - K/2)``, phases uniform in ``(-pi/2, pi/2)``, uniform weights.
 * ``flow()`` puts no permutation between blocks: each LDU block already has a dense Jacobian.
+* ``shift="one"`` (an option, not the paper's): one upper shift per block, which then ends by reversing
+  the coordinates, so a stack alternates upper and lower shifts (half the networks per block; the
+  bounds above hold with one shift factor ``(1 - L)`` / ``(1 + L)`` instead of its square).
 
 References:
     Y. Wei. Sinusoidal Flow: A Fast Invertible Autoregressive Flow. ACML 2021 (arXiv:2110.13344).
@@ -545,6 +548,15 @@ def _shift_residual(weights, u, z, ctx, eps):
     return ((u + out - z).abs() + slack).norm(dim=-1)
 
 
+def _shift_nets(shift):
+    """The ``upper`` flags of a block's :class:`ShiftNets` for its ``shift`` argument (``()``: none)."""
+    if isinstance(shift, str):
+        if shift != "one":
+            raise ValueError(f"shift must be True, False or 'one', got {shift!r}")
+        return (True,)
+    return (True, False) if shift else ()
+
+
 _CHECKS = frozenset([1, 2, 3, 4] + [c * 2 ** k for k in range(1, 20) for c in (3, 4)])
 
 
@@ -629,12 +641,31 @@ class ConditionedSinusoidal(FlowTransform):
         self.last_solver_info = None
 
     # -- the analytic LDU map (data -> noise) ---------------------------------------------------
+    def _flips(self):
+        """Whether the block ends by reversing the coordinates: with one (upper) shift per block, so that
+        consecutive blocks alternate upper and lower shifts in the original order."""
+        return self._shifts is not None and len(self._shifts.upper) == 1
+
+    def _shift_weights(self, bounds=False):
+        """``((upper, lower), (L_U, L_L))``: the shifts' effective weights (``None`` where absent) and,
+        with ``bounds``, their guaranteed Lipschitz bounds as floats (a host sync: numerical direction)."""
+        if self._shifts is None:
+            return (None, None), (0.0, 0.0)
+        if bounds:
+            weights, lips = self._shifts.weights(bounds=True)
+        else:
+            weights, lips = self._shifts.weights(), [0.0, 0.0]
+        if len(weights) == 1:
+            return (weights[0], None), (lips[0], 0.0)
+        return tuple(weights), tuple(lips)
+
     def _ldu(self, x, output=True):
         """``(z, log|det dz/dx|)`` of the LDU block at data ``x`` (``z`` is None if not ``output``)."""
         x, ctx = self._broadcast_context(x)
         params = self._scales_fn(self._context)
-        upper, lower = (None, None) if self._shifts is None else self._shifts.weights()
-        return self._ldu_with(x, ctx, params, upper, lower, output)
+        (upper, lower), _ = self._shift_weights()
+        z, lad = self._ldu_with(x, ctx, params, upper, lower, output)
+        return (z.flip(-1) if z is not None and self._flips() else z), lad
 
     @staticmethod
     def _ldu_with(x, ctx, params, upper, lower, output=True):
@@ -687,12 +718,12 @@ class ConditionedSinusoidal(FlowTransform):
         """``(x, log|det dz/dx| at x)``: the data ``x`` whose LDU image is ``z``, certified."""
         check_finite(z, f"{type(self).__name__} input of the numerical inverse")
         z, ctx = self._broadcast_context(z)
+        if self._flips():
+            z = z.flip(-1)  # undo the block's final reversal (exact)
         D = self.input_dim
         params = self._scales_fn(self._context)
         S = params[0].shape[-2]
-        (upper, lower), (L_U, L_L) = (None, None), (0.0, 0.0)
-        if self._shifts is not None:
-            (upper, lower), (L_U, L_L) = self._shifts.weights(bounds=True)
+        (upper, lower), (L_U, L_L) = self._shift_weights(bounds=True)
         info = {"lower_shift": 0, "dscale_newton": [0] * S, "upper_shift": 0}
 
         def detach(ws):
@@ -819,7 +850,10 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
             ``None`` means ``[10 D, 10 D]``.
         num_scales: D-scales per block (paper: 4).
         num_sinusoids: sinusoids ``K`` per D-scale (paper: 4).
-        shift: ``False`` gives a block of pure D-scales (no shift conditioners).
+        shift: ``True`` (the paper's LDU block, two shift conditioners); ``"one"``: only the upper shift,
+            and the block ends by reversing the coordinates (exact, volume preserving), so consecutive
+            blocks alternate upper and lower shifts in the original order: one network per block
+            instead of two; ``False``: a block of pure D-scales (no shift conditioners).
         eps: the block's slope floor: the product of its D-scale slopes lies in ``[eps, 1/eps]``
             for every coordinate and every parameter value (each ``|alpha| <= 1 - eps^(1/S)``).
         shift_lipschitz: guaranteed ``Lip(s_U), Lip(s_L) <= shift_lipschitz`` (``None``: not
@@ -847,9 +881,10 @@ class Sinusoidal(ConditionedSinusoidal, TransformModule):
         self.eps = float(eps)
         self.num_scales, self.num_sinusoids = int(num_scales), int(num_sinusoids)
         self.raw_scales = torch.nn.Parameter(_init_raw(num_scales, input_dim, num_sinusoids))
-        if shift and input_dim > 1:
-            self.shifts = ShiftNets(input_dim, hidden_dims, 0, shift_lipschitz)
-            self.upper_nn, self.lower_nn = self.shifts.nets  # handles of s_U and s_L
+        nets = _shift_nets(shift)
+        if nets and input_dim > 1:
+            self.shifts = ShiftNets(input_dim, hidden_dims, 0, shift_lipschitz, upper=nets)
+            self.upper_nn, self.lower_nn = (self.shifts.nets + (None,))[:2]  # handles of s_U and s_L
             object.__setattr__(self, "_shifts", self.shifts)  # a plain reference, not a second registration
         self._register_load_state_dict_pre_hook(_pack_old_shift_keys)
 
@@ -930,10 +965,11 @@ class ConditionalSinusoidal(ConditionalFlowModule):
         with torch.no_grad():
             self.scale_nn.layers[-1].weight.zero_()
             self.scale_nn.layers[-1].bias.zero_()
-        self.shift = bool(shift) and input_dim > 1
+        nets = _shift_nets(shift)
+        self.shift = bool(nets) and input_dim > 1
         if self.shift:
-            self.shifts = ShiftNets(input_dim, hidden_dims, context_dim, shift_lipschitz)
-            self.upper_nn, self.lower_nn = self.shifts.nets  # handles of s_U and s_L
+            self.shifts = ShiftNets(input_dim, hidden_dims, context_dim, shift_lipschitz, upper=nets)
+            self.upper_nn, self.lower_nn = (self.shifts.nets + (None,))[:2]  # handles of s_U and s_L
         self._register_load_state_dict_pre_hook(_pack_old_shift_keys)
 
     init_identity_ = Sinusoidal.init_identity_
