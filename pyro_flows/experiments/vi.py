@@ -503,6 +503,9 @@ def vi_markdown(rows, meta):
         "",
     ]
     guides = list(dict.fromkeys((r["tier"], r["guide"]) for r in rows))
+    # the default AutoFlow first, then the Gaussian guides, then the rest in the order the parts ran
+    first = [("long", "AutoFlow")] + [("long", g) for g in GUIDE_BASELINES + HONESTY_GUIDES]
+    guides = [k for k in first if k in guides] + [k for k in guides if k not in first]
     ttt = []
     for p in meta["posteriors"]:
         target, tt = _target(rows, p)
