@@ -4,6 +4,7 @@ verdicts and time-to-target. Nothing here depends on how fast anything trains.""
 import contextlib
 import json
 import math
+import os
 
 import numpy as np
 import pyro
@@ -174,3 +175,23 @@ def test_merge_orders_parts_by_finish_time_not_file_mtime(tmp_path, monkeypatch)
     assert [r["value"] for r in seen["rows"]] == ["new"]
     assert seen["meta"]["header"].endswith("Merged from c_legacy.json (1 wall min), b_old.json (1 wall min), "
                                            "a_new.json (1 wall min).")
+
+
+def test_particle_bench_times_every_guide_in_its_own_scope(tmp_path):
+    """The particle benchmark times all guides round robin, each with its own parameters (two AutoFlows would
+    otherwise share "AutoFlow.loc"), and leaves the caller's param store as it was."""
+    import argparse
+
+    pyro.clear_param_store()
+    pyro.param("mine", torch.ones(2))
+    args = argparse.Namespace(particles="1,4", family=["qlf"], quick=True, device="cpu", results=str(tmp_path))
+    rows, files = vi.run_particles(args, "header", log=lambda *a: None)
+    by = {r["guide"]: r for r in rows}
+    assert set(by) == {"AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoFlow", "qlf"}
+    for r in rows:
+        assert "error" not in r, r
+        for n in ("1", "4"):
+            assert r[n] > 0 and r[f"ratio_{n}"] > 0
+    assert by["AutoIAFNormal"]["ratio_1"] == 1.0
+    assert list(pyro.get_param_store().keys()) == ["mine"]
+    assert all(os.path.exists(f) for f in files)
