@@ -1,0 +1,59 @@
+"""AutoFlow settings on one posteriordb posterior at equal CPU time, over seeds (the studies behind a default).
+
+Each fit trains ``AutoFlow(model, **kwargs)`` with ``AutoFlow.optimizer()`` for ``--seconds`` of process CPU
+time on one thread (the VI benchmark's trainer and clock), then evaluates it as the VI benchmark does (ELBO and
+PSIS k-hat from 2000 draws, errors against the reference draws from 10,000), and prints one JSON line: the
+settings, seed, steps, k-hat, rms mean / sd errors, the per-parameter errors of ``--params`` and what the
+Laplace start decided. ``docs/autoflow.md`` ("Widths") quotes::
+
+    python benchmarks/bench_autoflow_settings.py --posterior eight_schools-eight_schools_centered \\
+        --seconds 30 --seeds 0,1,2 --settings '{"hidden_dims": [20, 20]}' '{"hidden_dims": [64, 64]}' \\
+        '{"hidden_dims": [100, 100]}' '{"warmup": 0}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pyro
+import torch
+
+from pyro_flows.experiments import measure
+from pyro_flows.experiments.trainer import train_svi
+from pyro_flows.experiments.vi import evaluate_guide
+from pyro_flows.infer import AutoFlow
+from pyro_flows.infer.posteriordb import load_posterior
+
+
+def fit(post, kwargs, seed, seconds, params=()):
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    guide = AutoFlow(post.model, **kwargs)
+    res = train_svi(post.model, guide, (), steps=10**9, optim=AutoFlow.optimizer(), seed=seed,
+                    time_budget=seconds, clock=measure.CpuClock(), max_plate_nesting=0)
+    ev = evaluate_guide(post, guide, 2000, 10000, seed=seed + 1, per_param=True)
+    info = guide.laplace_info or {}
+    return {"settings": kwargs, "seed": seed, "steps": res.steps, "khat": round(ev["khat"], 3),
+            "elbo": round(ev["elbo"], 3), "mean_rms": round(ev["mean_rms"], 3), "sd_rms": round(ev["sd_rms"], 3),
+            **{f"{p}_err": [round(v, 3) for v in ev["per_param"][p]] for p in params if p in ev["per_param"]},
+            "laplace": {k: info.get(k) for k in ("accepted", "elbo_laplace", "elbo_default", "evals", "reason")}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--posterior", default="eight_schools-eight_schools_centered")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--settings", nargs="+", default=["{}"], help="JSON dicts of AutoFlow keyword arguments")
+    parser.add_argument("--params", default="mu,tau", help="parameters whose [mean, sd] errors to print")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    post = load_posterior(args.posterior)
+    for setting in args.settings:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            print(json.dumps(fit(post, json.loads(setting), seed, args.seconds, args.params.split(","))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
