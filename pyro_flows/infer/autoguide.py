@@ -613,8 +613,12 @@ class AutoFlow(AutoContinuous):
         if self._pyro_get_fullname("loc") in pyro.get_param_store():
             self.laplace_info = {"reason": "trained parameters in the param store"}
             return None
-        with torch.no_grad():
-            trace, _ = conditioned_trace(self, self._user_model, init_loc, args, kwargs)
+        try:
+            with torch.no_grad():
+                trace, _ = conditioned_trace(self, self._user_model, init_loc, args, kwargs)
+        except (RuntimeError, ValueError) as exc:  # the model at its initial point: the default start then
+            self.laplace_info = {"reason": f"{type(exc).__name__}: {str(exc)[:100]}"}
+            return None
         if is_subsampled(trace):
             self.laplace_info = {"reason": "subsampled plates (the log joint is random)"}
             return None
