@@ -201,3 +201,23 @@ def test_laplace_start_under_jit_trace_elbo():
     with torch.no_grad():
         m = guide.get_posterior().sample((4000,)).mean(0)  # Monte Carlo error ~0.02 sd
     assert ((m - mean).abs() / cov.diagonal().sqrt()).max() < 0.5
+
+
+def test_scaled_model_keeps_the_laplace_start():
+    """``poutine.scale`` (a tempered likelihood) leaves the log joint deterministic: the start applies, and is
+    the Laplace approximation of the scaled density (here a Gaussian with half the data's precision)."""
+    data = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 100.0))
+        with pyro.poutine.scale(scale=0.5), pyro.plate("data", 4):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model)
+    guide()
+    assert guide.laplace_info["accepted"], guide.laplace_info
+    m, c = _moments(guide)
+    prec = 0.5 * 4 + 1e-4
+    assert abs(float(m[0]) - 0.5 * float(data.sum()) / prec) < 1e-4
+    assert abs(float(c[0, 0]) - 1 / prec) < 1e-6

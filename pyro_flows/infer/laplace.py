@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -97,9 +96,12 @@ def unconstrained_log_joint(guide, model, args=(), kwargs=None):
 
 
 def is_subsampled(trace) -> bool:
-    """Whether a model trace has a scaled sample site (a subsampled plate): its log joint is then random."""
-    return any(site["type"] == "sample" and not (isinstance(site["scale"], numbers.Real) and site["scale"] == 1.0)
-               for site in trace.nodes.values())
+    """Whether a model trace has a site in a subsampled plate (``subsample_size`` below the plate's size):
+    its log joint is then random. A scaled site (``poutine.scale``, tempering) is not: its log joint is
+    deterministic and the Laplace start applies."""
+    return any(f.full_size is not None and f.full_size != f.size
+               for site in trace.nodes.values() if site["type"] == "sample"
+               for f in site["cond_indep_stack"])
 
 
 def _mode(log_joint, x0, max_evals):
