@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from pyro.distributions import transforms as T
 
 import pyro_flows
 from pyro_flows import registry
@@ -120,6 +121,20 @@ def test_flow_model_direction_follows_the_task(task):
     assert lp.shape == (4,) and z.shape == (5, 3) and lz.shape == (5,)
     # log_prob of the model's own draws agrees with the log-density returned with them
     assert torch.allclose(m.log_prob(z.detach().clone()), lz, atol=1e-4)
+
+
+def test_flow_model_moves_pyro_permutations_with_its_parameters():
+    """Pyro's ``Permute`` keeps its permutation as a plain attribute: ``FlowModel.to`` moves it too (a CUDA
+    step with the permutation left on the CPU fails; 'meta' stands in for the GPU here)."""
+    m = FlowModel("pyro.affine_autoregressive", 3, num_layers=3, hidden_dims=(6, 6), task="density")
+    perms = [p for p in m.flow.parts if isinstance(p, T.Permute)]
+    assert len(perms) == 2
+    _ = perms[0].inv_permutation  # a cached inverse must not survive the move
+    m.to(torch.float64)
+    assert all(p.permutation.dtype == torch.long for p in perms)
+    m.to("meta")
+    assert all(p.permutation.device.type == "meta" and p.inv_permutation.device.type == "meta" for p in perms)
+    assert all(q.device.type == "meta" for q in m.parameters())
 
 
 def test_flow_model_passes_single_pass_only_where_the_family_has_it(monkeypatch):

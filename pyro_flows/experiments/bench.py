@@ -117,12 +117,10 @@ def speed_rows(flows, dims, args, log=print):
                     r["direction"], r["params"] = m.direction, m.num_params()
                     try:
                         r["ops"] = measure.count_ops(s.forward_backward)
-                        mem = []  # one call serves the sync count and the memory
-                        r["syncs"] = measure.count_syncs(
-                            lambda: mem.append(measure.peak_memory(s.forward_backward, device=args.device))
-                        )
-                        r["memory"] = mem[0]
-                        r["opt_syncs"] = measure.count_syncs(s.optimizer.step)
+                        # (apart: the peak-memory probe synchronises the device itself)
+                        r["syncs"] = measure.count_syncs(s.forward_backward, device=args.device)
+                        r["memory"] = measure.peak_memory(s.forward_backward, device=args.device)
+                        r["opt_syncs"] = measure.count_syncs(s.optimizer.step, device=args.device)
                         if not is_peer(f):
                             r["other_ratio"], r["other"] = _other_direction_ratio(
                                 m, task, x, args.repeats, args.device
@@ -230,8 +228,10 @@ def speed_markdown(rows, families, dims, header):
         "Ratios: cost / the best peer's cost at the same D and task (> 1: costlier). Density step: `-log p` "
         "of a batch of data, backward, Adam, each flow in its density direction. Guide step: `rsample` of "
         "a batch + `log_prob` of those own samples, backward, Adam, each flow in its guide direction. aten "
-        "ops and syncs (flow): forward + backward of one step (profiler events named `aten::*`; host syncs "
-        "counted by patching `Tensor.item`/`__bool__`/...); syncs (Adam): the optimiser's step. Memory: "
+        "ops and syncs (flow): forward + backward of one step (profiler events named `aten::*`; host syncs: "
+        "on CUDA the runtime's own count (`torch.cuda.set_sync_debug_mode`), on CPU every read to the host through "
+        "ATen, the kernels' own included (e.g. `eigh`'s status flag), data-dependent shapes and `tolist`/`numpy`: "
+        "`measure.count_syncs`); syncs (Adam): the optimiser's step. Memory: "
         "bytes saved for backward (CPU) or peak CUDA bytes. Other dir. / single pass: a no-grad call of "
         "the other (possibly iterative) direction over one of the single-pass direction, same batch.",
         "",

@@ -7,10 +7,16 @@ candidates measured in the same call are meaningful.
 
 * :func:`count_ops`: aten operator calls (``torch.profiler`` CPU events named ``aten::*``, nested calls
   included); on a GPU each leaf op is a kernel launch, so at small sizes this, not FLOPs, sets the time.
-* :func:`count_syncs`: host synchronisations, counted by patching the ``torch.Tensor`` methods that copy
-  a value to the host (``item``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``, ``tolist``,
-  ``numpy``) and the ops with data-dependent output shapes (``nonzero``, ``unique``, ``masked_select``).
-  Calls made inside C++ are not seen; every Python-level one is.
+* :func:`count_syncs`: host synchronisations. On a CUDA device, the CUDA runtime's own count
+  (``torch.cuda.set_sync_debug_mode("warn")``: every synchronising call, wherever it is made;
+  :func:`cuda_sync_sites` says where). Elsewhere, :class:`SyncCounter`: every read of a value to the
+  host that goes through ATen (``aten::_local_scalar_dense``: ``item``, ``bool(t)``, ``float(t)``, and
+  the reads ATen kernels make themselves, such as the status flag that ``linalg.eigh``, ``eigvalsh``,
+  ``svd`` or ``cholesky`` check), the ops whose output shape depends on the data (``nonzero``,
+  ``masked_select``, ``unique``), seen by the profiler, plus ``Tensor.tolist`` / ``Tensor.numpy``,
+  patched. Python-level reads alone miss the kernels' own: on an H200, one QuAR step made 2
+  synchronisations (its ``eigh`` / ``eigvalsh``) that a Python-level count gave as 0
+  (``benchmarks/results/gpu/syncs.md``); the CPU count here is 4, an upper bound of the GPU's.
 * :func:`peak_memory`: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for backward
   (deterministic, the part of training memory that grows with batch and depth).
 * :func:`solver_stats`: the solver diagnostics the layers of a flow keep about their last solve.
@@ -23,6 +29,8 @@ Example:
     >>> x = torch.ones(3)
     >>> count_syncs(lambda: bool(x.sum() > 0) and x.sum().item())
     2
+    >>> count_syncs(lambda: torch.linalg.eigh(torch.eye(2)))  # eigh checks its status flag on the host
+    1
     >>> count_ops(lambda: x.exp().sum()) >= 2
     True
 """
@@ -37,7 +45,9 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
-    "SYNC_METHODS",
+    "DATA_DEPENDENT_OPS",
+    "SyncCounter",
+    "cuda_sync_sites",
     "synchronize",
     "time_interleaved",
     "count_syncs",
@@ -49,18 +59,11 @@ __all__ = [
     "CpuClock",
 ]
 
-SYNC_METHODS = (
-    "item",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "tolist",
-    "numpy",
-    "nonzero",
-    "unique",
-    "masked_select",
-)
+#: aten ops whose output shape depends on the data: a GPU must copy a count to the host first
+DATA_DEPENDENT_OPS = ("aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+                      "aten::unique_consecutive")
+#: the ``torch.Tensor`` methods that read values to the host without going through ATen
+_UNDISPATCHED_READS = ("tolist", "numpy")
 
 
 def synchronize(device):
@@ -99,36 +102,106 @@ def time_interleaved(fns, repeats=5, warmup=1, device="cpu", slow=1.0):
     return {k: statistics.median(v) if isinstance(v, list) else v for k, v in times.items()}, errors
 
 
-@contextlib.contextmanager
-def _patched_sync_methods(counter):
-    saved = {}
-    for name in SYNC_METHODS:
-        orig = getattr(torch.Tensor, name)
-        saved[name] = orig
+class SyncCounter:
+    """Host synchronisations made inside the ``with`` block, as a list of names in ``events`` (see the
+    module docstring: ATen reads seen by the profiler, ``tolist`` / ``numpy`` patched).
 
-        def wrapper(self, *args, __orig=orig, **kwargs):
-            # a read nested in another (e.g. re-dispatched by a torch function mode) is one sync
-            counter[0] += counter[1] == 0
-            counter[1] += 1
-            try:
-                return __orig(self, *args, **kwargs)
-            finally:
-                counter[1] -= 1
+    Example:
+        >>> import torch
+        >>> x = torch.arange(3.0)
+        >>> with SyncCounter() as c:
+        ...     _ = x.sum().item(), x[x > 0], x.tolist()
+        >>> c.events
+        ['aten::_local_scalar_dense', 'aten::nonzero', 'Tensor.tolist']
+    """
 
-        setattr(torch.Tensor, name, wrapper)
-    try:
-        yield counter
-    finally:
-        for name, orig in saved.items():
-            setattr(torch.Tensor, name, orig)
+    def __init__(self):
+        self.events: list[str] = []
+        self._patched = {}
+        self._depth = 0
+        self._profile = None
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        for method in _UNDISPATCHED_READS:
+            original = getattr(torch.Tensor, method)
+            self._patched[method] = original
+
+            def counted(t, *a, _original=original, _method=method, **k):
+                # a torch-function mode (e.g. torch.set_default_device) calls the method again from
+                # inside: count the outermost call only
+                if self._depth == 0:
+                    self._undispatched.append(f"Tensor.{_method}")
+                self._depth += 1
+                try:
+                    return _original(t, *a, **k)
+                finally:
+                    self._depth -= 1
+
+            setattr(torch.Tensor, method, counted)
+        self._undispatched = []
+        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._profile.__exit__(*exc)
+        finally:
+            for method, original in self._patched.items():
+                setattr(torch.Tensor, method, original)
+        events = sorted(self._profile.events(), key=lambda e: e.time_range.start)
+        for e in events:
+            if e.name in DATA_DEPENDENT_OPS:
+                self.events.append(e.name)
+            elif e.name == "aten::_local_scalar_dense" and not _inside(e, DATA_DEPENDENT_OPS):
+                self.events.append(e.name)  # (a data-dependent op's own read of its count is that op's sync)
+        self.events += self._undispatched
+        return False
 
 
-def count_syncs(fn) -> int:
-    """Host synchronisations made by Python code during ``fn()`` (see the module docstring)."""
-    counter = [0, 0]  # count, nesting depth
-    with _patched_sync_methods(counter):
+def _inside(event, names) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in names:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def cuda_sync_sites(fn):
+    """Where ``fn()`` synchronised a CUDA device with the host, by the CUDA runtime's own account
+    (``torch.cuda.set_sync_debug_mode("warn")``): a ``collections.Counter`` of ``file:line`` of the
+    Python frame that made each synchronising call (ours or a library's)."""
+    import collections
+    import os
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    sites = collections.Counter()
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            sites[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+    return sites
+
+
+def count_syncs(fn, device="cpu") -> int:
+    """Host synchronisations made during ``fn()``: on a CUDA ``device`` the runtime's own count
+    (:func:`cuda_sync_sites`), elsewhere :class:`SyncCounter`'s (see the module docstring)."""
+    if torch.device(device).type == "cuda":
+        return sum(cuda_sync_sites(fn).values())
+    with SyncCounter() as counter:
         fn()
-    return int(counter[0])
+    return len(counter.events)
 
 
 def count_ops(fn) -> int:

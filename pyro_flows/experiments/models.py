@@ -169,6 +169,16 @@ class FlowModel(nn.Module):
             raise ValueError(f"unknown flow {name!r}; expected one of {known_names()}")
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # Pyro's Permute keeps its permutation as a plain attribute, which Module.to(device) does not move:
+        # move it with the parameters (and drop its cached inverse), or a CUDA step fails on a CPU index
+        super()._apply(fn, *args, **kwargs)
+        for part in getattr(self.flow, "parts", ()):
+            if isinstance(part, T.Permute):
+                part.permutation = fn(part.permutation)
+                part.__dict__.pop("inv_permutation", None)
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -732,11 +732,11 @@ def write_vi_report(rows, meta, out_dir):
 # particle scaling
 # ---------------------------------------------------------------------------------------------
 def regression_data(device="cpu", n=200, groups=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g)
-    group = torch.randint(0, groups, (n,), generator=g)
-    effect = 0.5 * torch.randn(groups, generator=g)
-    y = 1.0 + 2.0 * x + effect[group] + 0.3 * torch.randn(n, generator=g)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU whatever the default device: the same data
+    x = torch.randn(n, generator=g, device="cpu")
+    group = torch.randint(0, groups, (n,), generator=g, device="cpu")
+    effect = 0.5 * torch.randn(groups, generator=g, device="cpu")
+    y = 1.0 + 2.0 * x + effect[group] + 0.3 * torch.randn(n, generator=g, device="cpu")
     return x.to(device), group.to(device), y.to(device)
 
 
@@ -761,6 +761,8 @@ def _svi_step(kind, n, device):
     data = regression_data(device)
     if kind == "AutoIAFNormal":
         guide, optim = make_guide(kind, regression_model, hidden_dim=[24], num_transforms=2), None
+        with torch.device(device):  # Pyro builds AutoIAFNormal's networks on the default device at its first call
+            guide(*data)
     elif kind in GUIDE_BASELINES:
         guide, optim = make_guide(kind, regression_model), None
     else:  # AutoFlow with its defaults (user sizes) and its own optimiser, the flow on from the first step
