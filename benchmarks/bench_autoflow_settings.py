@@ -4,11 +4,19 @@ Each fit trains ``AutoFlow(model, **kwargs)`` with ``AutoFlow.optimizer()`` for 
 time on one thread (the VI benchmark's trainer and clock), then evaluates it as the VI benchmark does (ELBO and
 PSIS k-hat from 2000 draws, errors against the reference draws from 10,000), and prints one JSON line: the
 settings, seed, steps, k-hat, rms mean / sd errors, the per-parameter errors of ``--params`` and what the
-Laplace start decided. ``docs/autoflow.md`` ("Widths") quotes::
+Laplace start decided. A setting's key ``"optimizer"`` holds ``AutoFlow.optimizer``'s arguments and
+``"num_particles"`` the ELBO's; ``--khat-repeats K`` adds the k-hat of each fitted guide from ``K - 1`` more
+sets of ``--khat-draws`` draws (how noisy one estimate is). ``docs/autoflow.md`` ("Widths") quotes::
 
     python benchmarks/bench_autoflow_settings.py --posterior eight_schools-eight_schools_centered \\
         --seconds 30 --seeds 0,1,2 --settings '{"hidden_dims": [20, 20]}' '{"hidden_dims": [64, 64]}' \\
         '{"hidden_dims": [100, 100]}' '{"warmup": 0}'
+    python benchmarks/bench_autoflow_settings.py --seeds 0,1,2 --settings '{}' \\
+        '{"optimizer": {"flow_lr": 0.01}}' '{"num_particles": 4}' '{"num_particles": 16}'
+    python benchmarks/bench_autoflow_settings.py --seeds 0,1 --khat-repeats 6
+    python benchmarks/bench_autoflow_settings.py --seeds 0,1 --khat-repeats 5 --khat-draws 20000
+
+(their output, one JSON line per fit: ``benchmarks/results/autoflow_settings/``).
 """
 
 from __future__ import annotations
@@ -22,22 +30,33 @@ import torch
 from pyro_flows.experiments import measure
 from pyro_flows.experiments.trainer import train_svi
 from pyro_flows.experiments.vi import evaluate_guide
-from pyro_flows.infer import AutoFlow
+from pyro_flows.infer import AutoFlow, importance_log_weights, psis_khat
 from pyro_flows.infer.posteriordb import load_posterior
 
 
-def fit(post, kwargs, seed, seconds, params=()):
+def fit(post, kwargs, seed, seconds, params=(), khat_repeats=1, khat_draws=2000):
+    settings, kwargs = kwargs, dict(kwargs)
+    optim_kwargs = kwargs.pop("optimizer", {})  # AutoFlow.optimizer's arguments, e.g. {"flow_lr": 0.01}
+    num_particles = kwargs.pop("num_particles", 1)  # ELBO particles (vectorised), not an AutoFlow argument
     pyro.clear_param_store()
     torch.manual_seed(seed)
     guide = AutoFlow(post.model, **kwargs)
-    res = train_svi(post.model, guide, (), steps=10**9, optim=AutoFlow.optimizer(), seed=seed,
+    res = train_svi(post.model, guide, (), steps=10**9, optim=AutoFlow.optimizer(**optim_kwargs), seed=seed,
+                    num_particles=num_particles,
                     time_budget=seconds, clock=measure.CpuClock(), max_plate_nesting=0)
     ev = evaluate_guide(post, guide, 2000, 10000, seed=seed + 1, per_param=True)
     info = guide.laplace_info or {}
-    return {"settings": kwargs, "seed": seed, "steps": res.steps, "khat": round(ev["khat"], 3),
+    # the k-hat of the same fitted guide from other sets of khat_draws draws: how noisy one estimate is
+    more = []
+    for k in range(1, khat_repeats):
+        torch.manual_seed(seed + 1 + 1000 * k)
+        lw = importance_log_weights(post.model, guide, num_samples=khat_draws, max_plate_nesting=0, chunk_size=1000)
+        more.append(round(psis_khat(log_weights=lw), 3))
+    return {"settings": settings, "seed": seed, "steps": res.steps, "khat": round(ev["khat"], 3),
             "elbo": round(ev["elbo"], 3), "mean_rms": round(ev["mean_rms"], 3), "sd_rms": round(ev["sd_rms"], 3),
             **{f"{p}_err": [round(v, 3) for v in ev["per_param"][p]] for p in params if p in ev["per_param"]},
-            "laplace": {k: info.get(k) for k in ("accepted", "elbo_laplace", "elbo_default", "evals", "reason")}}
+            "laplace": {k: info.get(k) for k in ("accepted", "elbo_laplace", "elbo_default", "evals", "reason")},
+            **({f"khat_other_{khat_draws}_draws": more} if more else {})}
 
 
 def main(argv=None):
@@ -45,14 +64,21 @@ def main(argv=None):
     parser.add_argument("--posterior", default="eight_schools-eight_schools_centered")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--settings", nargs="+", default=["{}"], help="JSON dicts of AutoFlow keyword arguments")
+    parser.add_argument("--settings", nargs="+", default=["{}"],
+                        help="JSON dicts of AutoFlow keyword arguments; the key 'optimizer' holds "
+                        "AutoFlow.optimizer's (e.g. '{\"optimizer\": {\"flow_lr\": 0.01}}'), 'num_particles' the "
+                        "ELBO's")
     parser.add_argument("--params", default="mu,tau", help="parameters whose [mean, sd] errors to print")
+    parser.add_argument("--khat-repeats", type=int, default=1,
+                        help="also the k-hat of each fitted guide from this many - 1 more sets of draws")
+    parser.add_argument("--khat-draws", type=int, default=2000, help="draws per k-hat of --khat-repeats")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     post = load_posterior(args.posterior)
     for setting in args.settings:
         for seed in (int(s) for s in args.seeds.split(",")):
-            print(json.dumps(fit(post, json.loads(setting), seed, args.seconds, args.params.split(","))), flush=True)
+            print(json.dumps(fit(post, json.loads(setting), seed, args.seconds, args.params.split(","),
+                                 args.khat_repeats, args.khat_draws)), flush=True)
 
 
 if __name__ == "__main__":

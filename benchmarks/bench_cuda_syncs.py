@@ -1,10 +1,11 @@
 """Host synchronisations a CUDA training step really makes, per family and task, against the peers.
 
 ``tests/test_gpu_ready.py`` counts, on the CPU, what *would* force a host synchronisation on a GPU
-(every read to the host through ATen, the kernels' own included, and data-dependent shapes). This script is its check on a real
-GPU (:func:`pyro_flows.experiments.measure.cuda_sync_sites`): ``torch.cuda.set_sync_debug_mode("warn")``
-makes the CUDA runtime warn on every synchronising call (device-to-host copies, a ``linalg`` status
-check), and each is recorded where it came from (file:line of the Python frame that called the op), for
+(every read to the host through ATen, the kernels' own included, and data-dependent shapes). This
+script is its check on a real GPU (:func:`pyro_flows.experiments.measure.cuda_sync_sites`):
+``torch.cuda.set_sync_debug_mode("warn")`` makes the CUDA runtime warn on every synchronising call
+(device-to-host copies, a ``linalg`` status check), and each is recorded where it came from (file:line
+of the Python frame that called the op), for
 one training step of each flow in the direction set for the task:
 
 * ``density``: ``-log p`` of a batch of data, backward (``single_pass="log_prob"``);
