@@ -235,9 +235,9 @@ def test_solvers_refuse_to_be_traced(solver):
 
 
 def _syncs(fn):
-    from test_gpu_ready import HostSyncCounter
+    from pyro_flows.experiments.measure import SyncCounter
 
-    with HostSyncCounter() as counter:
+    with SyncCounter() as counter:
         out = fn()
     return out, len(counter.events)
 

@@ -23,9 +23,9 @@ import torch
 from conformance import contexts, inputs, perturb
 from pyro.distributions.conditional import ConditionalComposeTransformModule, ConditionalTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
-from test_gpu_ready import HostSyncCounter
 
 import pyro_flows
+from pyro_flows.experiments.measure import SyncCounter
 from pyro_flows.solvers import ConvergenceWarning, SolverError
 from pyro_flows.stacking import (
     ConditionalFlowStack,
@@ -121,9 +121,9 @@ def test_the_single_pass_direction_is_never_checked():
     assert not caught and layer.undone == 1 and t.inv.last_solver_info is None
     # the same pass makes no host synchronisation beyond a ComposeTransformModule's
     fresh = [Doubling(100.0, "log_prob") for _ in range(2)]
-    with HostSyncCounter() as ours:
+    with SyncCounter() as ours:
         FlowStack(fresh).inv(y.clone())
-    with HostSyncCounter() as plain:
+    with SyncCounter() as plain:
         ComposeTransformModule(fresh).inv(y.clone())
     assert ours.events == plain.events == []
 
@@ -135,7 +135,7 @@ def test_answers_from_the_caches_are_not_checked_again():
     t = FlowStack([layer, Permute(torch.arange(D - 1, -1, -1))])
     base = dist.Normal(torch.zeros(D, dtype=torch.float64), 1.0, validate_args=False).to_event(1)
     d = dist.TransformedDistribution(base, [t], validate_args=False)  # support checks sync
-    with HostSyncCounter() as c, warnings.catch_warnings():
+    with SyncCounter() as c, warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         z = d.rsample((16,))
         d.log_prob(z)
@@ -317,17 +317,19 @@ def _step(transforms, data, single_pass, context=None):
     return d.log_prob(d.rsample((data.shape[0],))).mean()
 
 
-@pytest.mark.parametrize("name", ["quar", "autm_coupling", "autm_autoregressive"])
+@pytest.mark.parametrize("name", ["quar", "autm_coupling", "autm_autoregressive", "monotone"])
 @pytest.mark.parametrize("single_pass", ["log_prob", "sample"])
 @pytest.mark.parametrize("conditional", [False, True])
 def test_stack_computes_every_layers_bound_in_one_call(name, single_pass, conditional):
     """The stack bounds all its layers' weights in one batched call (one ``eigh`` per Gram size, not
     per layer and size), and that is the bound each layer computes alone: the same loss and gradients
-    as the layers applied one by one, and a layer used alone works as before."""
+    as the layers applied one by one, and a layer used alone works as before. (Monotone has no direction
+    switch: ``single_pass`` only picks which of its two solves the step runs.)"""
     torch.manual_seed(0)
     kw = {"hidden_factors": (2, 2)} if name == "quar" else {"hidden_dims": [8, 8]}
-    stack = pyro_flows.flow(name, D, num_layers=3, single_pass=single_pass,
-                            context_dim=2 if conditional else None, **kw).double()
+    if name != "monotone":
+        kw["single_pass"] = single_pass
+    stack = pyro_flows.flow(name, D, num_layers=3, context_dim=2 if conditional else None, **kw).double()
     perturb(stack, 0.3)
     data = 1.5 * torch.randn(32, D, dtype=torch.float64)
     ctx = torch.randn(32, 2, dtype=torch.float64) if conditional else None
@@ -344,6 +346,24 @@ def test_stack_computes_every_layers_bound_in_one_call(name, single_pass, condit
     torch.testing.assert_close(loss, loss_alone, rtol=1e-13, atol=0)
     for g, a in zip(grads, grads_alone):
         torch.testing.assert_close(g, a, rtol=1e-11, atol=1e-14)
+
+
+def test_monotone_stack_bound_follows_in_place_edits():
+    """A monotone stack's cached bounds (no-grad calls) are recomputed after an in-place weight edit: its
+    map matches a freshly built stack with the same parameters."""
+    torch.manual_seed(0)
+    stack = pyro_flows.flow("monotone", D, num_layers=2, hidden_dims=[8, 8]).double()
+    data = torch.randn(16, D, dtype=torch.float64)
+    with torch.no_grad():
+        before = stack(data.clone())  # caches the bounds
+        weight = stack.parts[0].net.linears[0].weight
+        weight.add_(0.5 * torch.randn_like(weight))
+    fresh = pyro_flows.flow("monotone", D, num_layers=2, hidden_dims=[8, 8]).double()
+    fresh.load_state_dict(stack.state_dict())
+    with torch.no_grad():
+        after, want = stack(data.clone()), fresh(data.clone())
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, want, rtol=1e-14, atol=1e-14)
 
 
 def test_stack_bound_follows_parameter_updates():

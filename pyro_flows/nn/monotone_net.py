@@ -27,7 +27,7 @@ from torch import nn
 from ..validation import check_dim
 from .activations import get_activation
 from .cpila import CPila
-from .lipschitz import MARGIN, LipschitzLinear
+from .lipschitz import MARGIN, LipschitzLinear, SharedBoundNetwork, matrix_norm_bound, spectral_norm_bounds
 
 __all__ = ["MonotoneNet", "folded_exact_step"]
 
@@ -38,7 +38,7 @@ def _check_lipschitz(value):
     return float(value)
 
 
-class MonotoneNet(nn.Module):
+class MonotoneNet(SharedBoundNetwork, nn.Module):
     """The Lipschitz network ``G(w, context)`` of a Monotone Flow block.
 
     Bound: plain chain of ``n`` linear layers, each a :class:`~pyro_flows.nn.LipschitzLinear` with
@@ -47,6 +47,12 @@ class MonotoneNet(nn.Module):
     excluded from its bound: for a fixed context they only shift). ``dense=True``: block ``i`` maps
     ``h -> [eta1 h, eta2 act(W_i h)]`` with ``eta1^2 + eta2^2 = 1`` and ``Lip(W_i) <= 1``, so each block
     is 1-Lipschitz and the output layer (``coeff = L``) gives ``Lip_w(G) <= L``.
+
+    All layers' bounds come from ONE computation (:meth:`bounds`: one :func:`spectral_norm_bounds` call,
+    one ``eigh`` per Gram size), in every code path (:meth:`prepare`, :meth:`lipschitz_bound`, with or
+    without gradients), and in a stack of flow layers from the stack's one call for all its networks
+    (:class:`~pyro_flows.nn.lipschitz.shared_bounds`): a batched ``eigh`` may round differently from a
+    single one, and the map must be one function of the parameters.
 
     Arguments:
         input_dim: D.
@@ -113,15 +119,50 @@ class MonotoneNet(nn.Module):
 
     @torch.no_grad()
     def lipschitz_bound(self) -> torch.Tensor:
-        """A guaranteed bound of ``Lip_w(G)`` from the current weights (0-d tensor; one SVD per layer)."""
-        bound = self.linears[-1].lipschitz()
+        """A guaranteed bound of ``Lip_w(G)`` from the current weights (0-d tensor)."""
+        lips = [torch.clamp(s, max=lin.coeff) * (1 + MARGIN) for lin, s in zip(self.linears, self.bounds().unbind())]
+        bound = lips[-1]
         eta = self._eta() if self.dense else None
-        for i, (lin, act) in enumerate(zip(self.linears[:-1], self.activations)):
-            c = lin.lipschitz() * act.lipschitz
+        for i, act in enumerate(self.activations):
+            c = lips[i] * act.lipschitz
             if self.dense:
                 c = torch.sqrt(eta[i, 0] ** 2 + (eta[i, 1] * c) ** 2)
             bound = bound * c
         return bound.detach()
+
+    # -- the layers' spectral bounds, computed together ------------------------------------------
+    def _bound_params(self):
+        return [lin.weight for lin in self.linears]
+
+    def _columns(self, masked):
+        return [w if lin.mask_columns == w.shape[1] else w[:, : lin.mask_columns]
+                for lin, w in zip(self.linears, masked)]
+
+    def _spectral_terms(self):
+        if any(lin.bound != "spectral" for lin in self.linears):
+            return None
+        return self._columns([lin.masked_weight() for lin in self.linears]), False
+
+    def _finish_bound(self, raw):
+        return raw
+
+    def bounds(self, masked=None) -> torch.Tensor:
+        """``(n_layers,)`` guaranteed bounds of the layers' masked weights (the first layer's over its
+        ``w``-columns), computed together; ``masked``: the masked weights if the caller has them."""
+        return self._bound(lambda: self._compute_bounds(masked))
+
+    def _compute_bounds(self, masked):
+        cols = self._columns([lin.masked_weight() for lin in self.linears] if masked is None else masked)
+        if all(lin.bound == "spectral" for lin in self.linears):
+            return spectral_norm_bounds(cols)
+        return torch.stack([matrix_norm_bound(w, lin.bound) for lin, w in zip(self.linears, cols)])
+
+    def effective_weights(self):
+        """Every layer's effective weight ``W * mask * coeff / max(sigma, coeff)`` (``LipschitzLinear``'s
+        rescaling, with the bounds from one computation)."""
+        masked = [lin.masked_weight() for lin in self.linears]
+        sigma = self.bounds(masked)
+        return [w * (lin.coeff / s.clamp(min=lin.coeff)) for lin, w, s in zip(self.linears, masked, sigma.unbind())]
 
     # -- prepared weights: computed once per call, reused by every evaluation -------------------
     def prepare(self):
@@ -129,7 +170,7 @@ class MonotoneNet(nn.Module):
 
         Returns an opaque object for :meth:`value`, :meth:`jacobian` and :meth:`linearize`.
         """
-        Ws = [(lin.effective_weight(), lin.bias) for lin in self.linears]
+        Ws = list(zip(self.effective_weights(), (lin.bias for lin in self.linears)))
         if not self._folded:
             return ("generic", Ws, self._eta() if self.dense else None)
         layers = []

@@ -128,6 +128,9 @@ class ConditionedMonotone(FlowTransform):
         self.net = net
         self.last_solver_info = None  # SolverInfo of the most recent solve (benchmarks, diagnostics)
 
+    def _bound_networks(self):
+        return (self.net,)
+
     # -- helpers ------------------------------------------------------------------------------
     def _stochastic(self):
         """Whether this call uses the estimator: only with gradients on, and only where asked or above 64."""
