@@ -15,6 +15,7 @@ sets of ``--khat-draws`` draws (how noisy one estimate is). ``docs/autoflow.md``
         '{"optimizer": {"flow_lr": 0.01}}' '{"num_particles": 4}' '{"num_particles": 16}'
     python benchmarks/bench_autoflow_settings.py --seeds 0,1 --khat-repeats 6
     python benchmarks/bench_autoflow_settings.py --seeds 0,1 --khat-repeats 5 --khat-draws 20000
+    python benchmarks/bench_autoflow_settings.py --seeds 0,1,2 --khat-repeats 4 --settings '{}' '{"tail_bound": 5.0}'
 
 (their output, one JSON line per fit: ``benchmarks/results/autoflow_settings/``).
 """
