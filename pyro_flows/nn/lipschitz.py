@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "SharedBoundNetwork", "matrix_norm_bound",
-           "power_norm_product", "shared_bounds", "spectral_norm_bounds", "spectral_norm_product",
+__all__ = ["LayerwiseBounds", "LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "SharedBoundNetwork",
+           "matrix_norm_bound", "power_norm_product", "shared_bounds", "spectral_norm_bounds", "spectral_norm_product",
            "spectral_norm_segments"]
 
 MARGIN = 1e-6
@@ -639,17 +639,84 @@ class LipschitzLinear(nn.Module):
                 f"masked={self.mask is not None}, coeff={self.coeff}, bound={self.bound!r}")
 
 
-class _LipschitzStack(SharedBoundNetwork, nn.Module):
+class LayerwiseBounds(SharedBoundNetwork):
+    """Mixin of networks built from :class:`LipschitzLinear` layers (``_bound_layers()``), each rescaled by
+    its own bound: all layers' bounds come from ONE computation (:meth:`bounds`: one
+    :func:`spectral_norm_bounds` call, one ``eigh`` per Gram size), in every code path
+    (:meth:`effective_weights`, a network's Lipschitz bound, with or without gradients), and in a stack of
+    flow layers from the stack's one call for all its networks (:class:`shared_bounds`): a batched ``eigh``
+    may round differently from a single one, and the map must be one function of the parameters. A
+    subclass defines ``_bound_layers()`` and ``_bound_params()``, and ``_masked_weights(views)`` if its
+    weights are views of a packed parameter.
+    """
+
+    def _bound_layers(self):
+        raise NotImplementedError
+
+    def _masked_weights(self, views=None):
+        return [layer.masked_weight() for layer in self._bound_layers()]
+
+    def _columns(self, masked):
+        return [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
+                for layer, w in zip(self._bound_layers(), masked)]
+
+    def _spectral_terms(self):
+        if any(layer.bound != "spectral" for layer in self._bound_layers()):
+            return None
+        return self._columns(self._masked_weights()), False
+
+    def _finish_bound(self, raw):
+        return raw
+
+    def bounds(self, masked=None) -> torch.Tensor:
+        """``(n_layers,)`` guaranteed bounds of the layers' masked weights (first layer: over its
+        ``mask_columns``), computed together; ``masked``: the masked weights if the caller has them."""
+        return self._bound(lambda: self._compute_bounds(masked))
+
+    def _compute_bounds(self, masked):
+        layers = self._bound_layers()
+        cols = self._columns(self._masked_weights() if masked is None else masked)
+        if all(layer.bound == "spectral" for layer in layers):
+            return spectral_norm_bounds(cols)
+        return torch.stack([matrix_norm_bound(w, layer.bound) for layer, w in zip(layers, cols)])
+
+    def _coeffs(self):
+        coeffs = {layer.coeff for layer in self._bound_layers()}
+        return coeffs.pop() if len(coeffs) == 1 else [layer.coeff for layer in self._bound_layers()]
+
+    def effective_weights(self, views=None):
+        """The layers' effective (masked, Lipschitz-rescaled) weights, to compute once and reuse."""
+        masked = self._masked_weights(views)
+        sigma = self.bounds(masked)
+        coeff = self._coeffs()
+        if coeff is None:
+            return masked
+        if not isinstance(coeff, list):
+            # coeff / max(sigma, coeff) = min(1, coeff / sigma), finite with a zero gradient at sigma = 0
+            # (a fully masked layer), where coeff / sigma would give inf * 0 = NaN in the backward
+            return [w * s for w, s in zip(masked, (coeff / sigma.clamp(min=coeff)).unbind())]
+        return [w if c is None else w * (c / s.clamp(min=c)) for w, s, c in zip(masked, sigma.unbind(), coeff)]
+
+    def layer_lipschitz(self) -> torch.Tensor:
+        """``(n_layers,)`` guaranteed bounds of the layers' effective weights (``LipschitzLinear.lipschitz``)."""
+        sigma = self.bounds()
+        coeff = self._coeffs()
+        if coeff is None:
+            return sigma
+        if not isinstance(coeff, list):
+            return sigma.clamp(max=coeff) * (1 + MARGIN)
+        return torch.stack([s if c is None else torch.clamp(s, max=c) * (1 + MARGIN)
+                            for s, c in zip(sigma.unbind(), coeff)])
+
+
+class _LipschitzStack(LayerwiseBounds, nn.Module):
     """``LipschitzLinear`` layers (``self.layers``) with ELU (1-Lipschitz) in between; ``Lip_x`` is the
     product of the layers' bounds. The context, if any, is appended to the input and not counted.
 
-    All layers' bounds come from ONE computation (:meth:`bounds`: one :func:`spectral_norm_bounds`
-    call, one ``eigh`` per Gram size), in every code path (forward, :meth:`effective_weights`,
-    :meth:`lipschitz`, with or without gradients): a batched ``eigh`` may round differently from a
-    single one, and the map must be one function of the parameters. Without a graph to build, the
-    bounds are cached until a weight changes (:func:`cached_bound`); in a stack of flow layers the
-    stack computes every network's bounds in one call (:class:`shared_bounds`). The layers' weights
-    and biases live in ONE parameter, ``packed`` (``layers[i].weight`` / ``.bias`` are views of it).
+    All layers' bounds come from ONE computation (:class:`LayerwiseBounds`), in every code path (forward,
+    :meth:`effective_weights`, :meth:`lipschitz`, with or without gradients). Without a graph to build,
+    the bounds are cached until a weight changes (:func:`cached_bound`). The layers' weights and biases
+    live in ONE parameter, ``packed`` (``layers[i].weight`` / ``.bias`` are views of it).
     """
 
     def _pack(self):
@@ -677,6 +744,9 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
         """``[W_0, b_0, W_1, b_1, ...]``: views of :attr:`packed`, from one split."""
         return self._packing.unpack(self.packed)
 
+    def _bound_layers(self):
+        return self.layers
+
     def _bound_params(self):
         return [self.packed]
 
@@ -684,46 +754,6 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
         views = self._views() if views is None else views
         return [views[2 * i] if layer.mask is None else views[2 * i] * layer.mask
                 for i, layer in enumerate(self.layers)]
-
-    def _columns(self, masked):
-        return [w if layer.mask_columns == w.shape[1] else w[:, : layer.mask_columns]
-                for layer, w in zip(self.layers, masked)]
-
-    def _spectral_terms(self):
-        if any(layer.bound != "spectral" for layer in self.layers):
-            return None
-        return self._columns(self._masked_weights()), False
-
-    def _finish_bound(self, raw):
-        return raw
-
-    def bounds(self, masked=None) -> torch.Tensor:
-        """``(n_layers,)`` guaranteed bounds of the layers' masked weights (first layer: over its
-        ``mask_columns``), computed together; ``masked``: the masked weights if the caller has them."""
-        return self._bound(lambda: self._compute_bounds(masked))
-
-    def _compute_bounds(self, masked):
-        cols = self._columns(self._masked_weights() if masked is None else masked)
-        if all(layer.bound == "spectral" for layer in self.layers):
-            return spectral_norm_bounds(cols)
-        return torch.stack([matrix_norm_bound(w, layer.bound) for layer, w in zip(self.layers, cols)])
-
-    def _coeffs(self):
-        coeffs = {layer.coeff for layer in self.layers}
-        return coeffs.pop() if len(coeffs) == 1 else [layer.coeff for layer in self.layers]
-
-    def effective_weights(self, views=None):
-        """The layers' effective (masked, Lipschitz-rescaled) weights, to compute once and reuse."""
-        masked = self._masked_weights(views)
-        sigma = self.bounds(masked)
-        coeff = self._coeffs()
-        if coeff is None:
-            return masked
-        if not isinstance(coeff, list):
-            # coeff / max(sigma, coeff) = min(1, coeff / sigma), finite with a zero gradient at sigma = 0
-            # (a fully masked layer), where coeff / sigma would give inf * 0 = NaN in the backward
-            return [w * s for w, s in zip(masked, (coeff / sigma.clamp(min=coeff)).unbind())]
-        return [w if c is None else w * (c / s.clamp(min=c)) for w, s, c in zip(masked, sigma.unbind(), coeff)]
 
     def _stack(self, x, context=None, weights=None):
         # without ``weights`` each layer is called as a module (its hooks run) on the effective
@@ -743,14 +773,7 @@ class _LipschitzStack(SharedBoundNetwork, nn.Module):
 
     def lipschitz(self) -> torch.Tensor:
         """A guaranteed bound of ``Lip_x`` (the product of the layers' bounds; ELU is 1-Lipschitz)."""
-        sigma = self.bounds()
-        coeff = self._coeffs()
-        if coeff is None:
-            return sigma.prod()
-        if not isinstance(coeff, list):
-            return (sigma.clamp(max=coeff) * (1 + MARGIN)).prod()
-        out = [s if c is None else torch.clamp(s, max=c) * (1 + MARGIN) for s, c in zip(sigma.unbind(), coeff)]
-        return torch.stack(out).prod()
+        return self.layer_lipschitz().prod()
 
 
 class LipschitzMADE(_LipschitzStack):

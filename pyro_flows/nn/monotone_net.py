@@ -27,7 +27,7 @@ from torch import nn
 from ..validation import check_dim
 from .activations import get_activation
 from .cpila import CPila
-from .lipschitz import MARGIN, LipschitzLinear, SharedBoundNetwork, matrix_norm_bound, spectral_norm_bounds
+from .lipschitz import MARGIN, LayerwiseBounds, LipschitzLinear
 
 __all__ = ["MonotoneNet", "folded_exact_step"]
 
@@ -38,7 +38,7 @@ def _check_lipschitz(value):
     return float(value)
 
 
-class MonotoneNet(SharedBoundNetwork, nn.Module):
+class MonotoneNet(LayerwiseBounds, nn.Module):
     """The Lipschitz network ``G(w, context)`` of a Monotone Flow block.
 
     Bound: plain chain of ``n`` linear layers, each a :class:`~pyro_flows.nn.LipschitzLinear` with
@@ -48,11 +48,9 @@ class MonotoneNet(SharedBoundNetwork, nn.Module):
     ``h -> [eta1 h, eta2 act(W_i h)]`` with ``eta1^2 + eta2^2 = 1`` and ``Lip(W_i) <= 1``, so each block
     is 1-Lipschitz and the output layer (``coeff = L``) gives ``Lip_w(G) <= L``.
 
-    All layers' bounds come from ONE computation (:meth:`bounds`: one :func:`spectral_norm_bounds` call,
-    one ``eigh`` per Gram size), in every code path (:meth:`prepare`, :meth:`lipschitz_bound`, with or
-    without gradients), and in a stack of flow layers from the stack's one call for all its networks
-    (:class:`~pyro_flows.nn.lipschitz.shared_bounds`): a batched ``eigh`` may round differently from a
-    single one, and the map must be one function of the parameters.
+    All layers' bounds come from ONE computation (:class:`~pyro_flows.nn.lipschitz.LayerwiseBounds`), in
+    every code path (:meth:`prepare`, :meth:`lipschitz_bound`, with or without gradients), and in a stack
+    of flow layers from the stack's one call for all its networks.
 
     Arguments:
         input_dim: D.
@@ -120,7 +118,7 @@ class MonotoneNet(SharedBoundNetwork, nn.Module):
     @torch.no_grad()
     def lipschitz_bound(self) -> torch.Tensor:
         """A guaranteed bound of ``Lip_w(G)`` from the current weights (0-d tensor)."""
-        lips = [torch.clamp(s, max=lin.coeff) * (1 + MARGIN) for lin, s in zip(self.linears, self.bounds().unbind())]
+        lips = self.layer_lipschitz().unbind()
         bound = lips[-1]
         eta = self._eta() if self.dense else None
         for i, act in enumerate(self.activations):
@@ -130,39 +128,12 @@ class MonotoneNet(SharedBoundNetwork, nn.Module):
             bound = bound * c
         return bound.detach()
 
-    # -- the layers' spectral bounds, computed together ------------------------------------------
+    # -- the layers' spectral bounds, computed together (LayerwiseBounds) -------------------------
+    def _bound_layers(self):
+        return self.linears
+
     def _bound_params(self):
         return [lin.weight for lin in self.linears]
-
-    def _columns(self, masked):
-        return [w if lin.mask_columns == w.shape[1] else w[:, : lin.mask_columns]
-                for lin, w in zip(self.linears, masked)]
-
-    def _spectral_terms(self):
-        if any(lin.bound != "spectral" for lin in self.linears):
-            return None
-        return self._columns([lin.masked_weight() for lin in self.linears]), False
-
-    def _finish_bound(self, raw):
-        return raw
-
-    def bounds(self, masked=None) -> torch.Tensor:
-        """``(n_layers,)`` guaranteed bounds of the layers' masked weights (the first layer's over its
-        ``w``-columns), computed together; ``masked``: the masked weights if the caller has them."""
-        return self._bound(lambda: self._compute_bounds(masked))
-
-    def _compute_bounds(self, masked):
-        cols = self._columns([lin.masked_weight() for lin in self.linears] if masked is None else masked)
-        if all(lin.bound == "spectral" for lin in self.linears):
-            return spectral_norm_bounds(cols)
-        return torch.stack([matrix_norm_bound(w, lin.bound) for lin, w in zip(self.linears, cols)])
-
-    def effective_weights(self):
-        """Every layer's effective weight ``W * mask * coeff / max(sigma, coeff)`` (``LipschitzLinear``'s
-        rescaling, with the bounds from one computation)."""
-        masked = [lin.masked_weight() for lin in self.linears]
-        sigma = self.bounds(masked)
-        return [w * (lin.coeff / s.clamp(min=lin.coeff)) for lin, w, s in zip(self.linears, masked, sigma.unbind())]
 
     # -- prepared weights: computed once per call, reused by every evaluation -------------------
     def prepare(self):
