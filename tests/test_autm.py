@@ -536,3 +536,21 @@ def test_explicit_direction_has_no_host_sync_and_compiles(name, single_pass, mon
     assert not syncs, f"{len(syncs)} host syncs in the explicit direction"
     compiled = torch.compile(fn, fullgraph=True, backend="eager")(x)
     assert torch.allclose(compiled[0], out) and torch.allclose(compiled[1], ladj)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: pyro_flows.autm_autoregressive(3, **kw),
+    lambda **kw: pyro_flows.autm_coupling(3, **kw),
+    lambda **kw: pyro_flows.conditional_autm_autoregressive(3, 2, **kw),
+    lambda **kw: pyro_flows.conditional_autm_coupling(3, 2, **kw),
+])
+def test_bound_option_reaches_every_conditioner_layer(make):
+    """``bound`` (as QuAR's) sets how every conditioner layer bounds its spectral norm; a bad value is a
+    clear error. (Conformance of ``bound="power"``: tests/test_conformance.py; no host read:
+    tests/test_gpu_ready.py.)"""
+    t = make(bound="power")
+    net = getattr(t, "arn", None) or t.nn
+    assert [layer.bound for layer in net.layers] == ["power"] * len(net.layers)
+    assert all(layer.bound == "spectral" for layer in (getattr(make(), "arn", None) or make().nn).layers)
+    with pytest.raises(ValueError, match="bound must be one of"):
+        make(bound="svd")

@@ -49,6 +49,18 @@ def _cases():
                  lambda d, c, name=name, kw=kw: pyro_flows.flow(name, d, num_layers=2, context_dim=c, **kw),
                  conditional=True),
         ]
+    # the sync-free Lipschitz bound (no decomposition) of the families whose default bound is the exact one
+    for name in ("quar", "autm_coupling", "autm_autoregressive"):
+        if name not in pyro_flows.FLOWS:
+            continue
+        kw = {**get_flow(name).test_kwargs, "bound": "power"}
+        cases += [
+            Case(f"flow({name}, bound=power)",
+                 lambda d, name=name, kw=kw: pyro_flows.flow(name, d, num_layers=2, **kw)),
+            Case(f"flow({name}, bound=power, context)",
+                 lambda d, c, name=name, kw=kw: pyro_flows.flow(name, d, num_layers=2, context_dim=c, **kw),
+                 conditional=True),
+        ]
     return cases
 
 

@@ -13,8 +13,8 @@ optimiser's own step is left out of the count (its syncs depend on how many para
 not on the flow). On an H200 the CUDA runtime's own count (``benchmarks/bench_cuda_syncs.py``,
 ``benchmarks/results/gpu/syncs.md``) agreed: 0 for sinusoidal, QLF and the peers, and syncs in the
 exact spectral bounds' ``eigh`` / ``eigvalsh`` for QuAR and AUTM (2 and 3-4 per step), which a count of
-Python-level reads alone had missed. Those families are strict xfails here until their default bound
-reads nothing (QuAR's ``bound="power"`` reads nothing: tested below).
+Python-level reads alone had missed. Those families are strict xfails here while their default bound
+reads its flag (``bound="power"``, QuAR's and AUTM's, reads nothing: tested below).
 
 Families with no single-pass direction (``tests/conformance.py: ITERATIVE_BOTH_WAYS``, monotone) are
 strict xfails: both of their directions are fixed-point solves.
@@ -186,12 +186,14 @@ def test_single_pass_compiles_fullgraph(name, single_pass):
 
 @pytest.mark.parametrize("single_pass", SINGLE_PASS)
 @pytest.mark.parametrize("bound", ["spectral", "power"])
-def test_quar_power_bound_step_reads_nothing_on_the_host_even_inside_aten(bound, single_pass):
-    """QuAR with ``bound="power"`` trains without a decomposition: no value is read to the host, not even
-    inside ATen kernels; the exact ``"spectral"`` bound's ``eigh`` reads its status flag once per Gram
-    size (on a GPU, a synchronisation per call), which also shows the check has teeth."""
+@pytest.mark.parametrize("name", SPECTRAL_BOUND_SYNCS)
+def test_power_bound_step_reads_nothing_on_the_host_even_inside_aten(name, bound, single_pass):
+    """With ``bound="power"`` QuAR and AUTM train without a decomposition: no value is read to the host,
+    not even inside ATen kernels; the exact ``"spectral"`` bound's ``eigh`` reads its status flag once per
+    Gram size (on a GPU, a synchronisation per call), which also shows the check has teeth."""
     torch.manual_seed(0)
-    flow = pyro_flows.flow("quar", D, num_layers=2, single_pass=single_pass, bound=bound, hidden_factors=(2, 2))
+    kw = {"hidden_factors": (2, 2)} if name == "quar" else {"hidden_dims": [8, 8]}
+    flow = pyro_flows.flow(name, D, num_layers=2, single_pass=single_pass, bound=bound, **kw)
     base = dist.Normal(torch.zeros(D), torch.ones(D), validate_args=False).to_event(1)
     d = dist.TransformedDistribution(base, [flow], validate_args=False)
     data = torch.randn(BATCH, D)

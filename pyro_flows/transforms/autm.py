@@ -94,6 +94,7 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 
 from ..nn import LipschitzDenseNN, LipschitzMADE
+from ..nn.lipschitz import _BOUNDS
 from ..registry import register_flow
 from ..solvers import ConvergenceWarning, SolverInfo, implicit_monotone_root, monotone_root
 from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
@@ -851,19 +852,25 @@ def _check_lipschitz(lipschitz):
         raise ValueError(f"lipschitz must be a finite number > 0, got {lipschitz!r}")
 
 
-def _made(input_dim, context_dim, hidden_dims, g, lipschitz):
+def _check_bound(bound):
+    if bound not in _BOUNDS:
+        raise ValueError(f"bound must be one of {_BOUNDS}, got {bound!r}")
+
+
+def _made(input_dim, context_dim, hidden_dims, g, lipschitz, bound):
     hidden_dims = _default_hidden(input_dim, hidden_dims, minimum=input_dim)
     _check_lipschitz(lipschitz)
+    _check_bound(bound)
     coeff = float(lipschitz) ** (1.0 / (len(hidden_dims) + 1))
     net = LipschitzMADE(input_dim, hidden_dims, output_multiplier=_num_params(g),
-                        context_dim=context_dim or 0, coeff=coeff)
+                        context_dim=context_dim or 0, coeff=coeff, bound=bound)
     _near_identity(net.layers[-1])
     return net
 
 
 def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=4, tail_bound=3.0,
                         log_scale_bound=3.0, nonlinear_bound=2.0, lipschitz=2.0, single_pass="log_prob",
-                        cache_size=1):
+                        bound="spectral", cache_size=1):
     """An :class:`AUTMAutoregressive` layer with a Lipschitz MADE conditioner (identity order).
 
     Arguments:
@@ -871,6 +878,9 @@ def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=4, tai
         hidden_dims: hidden sizes of the MADE (each >= D); ``None`` means ``[max(10 D, 16)] * 2``.
         lipschitz: the guaranteed Lipschitz bound of the conditioner in ``x`` (split evenly over its
             linear layers).
+        bound: how the conditioner's layers bound their spectral norms: ``"spectral"`` (exact,
+            default), ``"power"`` (no decomposition, so no host synchronisation on a GPU; looser by at
+            most 1.7 % up to rank 64, 2.7 % up to 1024) or ``"frobenius"`` (as QuAR's ``bound``).
         g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass, cache_size: see
             :class:`ConditionedAUTMAutoregressive`.
 
@@ -881,7 +891,7 @@ def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=4, tai
     """
     input_dim = check_dim(input_dim, "input_dim")
     _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass)
-    arn = _made(input_dim, None, hidden_dims, g, lipschitz)
+    arn = _made(input_dim, None, hidden_dims, g, lipschitz, bound)
     return AUTMAutoregressive(input_dim, arn, g=g, num_steps=num_steps, tail_bound=tail_bound,
                               log_scale_bound=log_scale_bound, nonlinear_bound=nonlinear_bound,
                               single_pass=single_pass, cache_size=cache_size)
@@ -889,13 +899,14 @@ def autm_autoregressive(input_dim, hidden_dims=None, g="cubic", num_steps=4, tai
 
 def conditional_autm_autoregressive(input_dim, context_dim, hidden_dims=None, g="cubic", num_steps=4,
                                     tail_bound=3.0, log_scale_bound=3.0, nonlinear_bound=2.0,
-                                    lipschitz=2.0, single_pass="log_prob", cache_size=1):
+                                    lipschitz=2.0, single_pass="log_prob", bound="spectral", cache_size=1):
     """A :class:`ConditionalAUTMAutoregressive` layer with a conditional Lipschitz MADE conditioner.
 
     Arguments:
         input_dim: the event size D; context_dim: the context size C.
         hidden_dims: hidden sizes of the MADE (each >= D); ``None`` means ``[max(10 D, 16)] * 2``.
         lipschitz: the conditioner's Lipschitz bound in ``x`` (the context does not count).
+        bound: see :func:`autm_autoregressive`.
         g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass, cache_size: see
             :class:`ConditionedAUTMAutoregressive`.
 
@@ -907,7 +918,7 @@ def conditional_autm_autoregressive(input_dim, context_dim, hidden_dims=None, g=
     input_dim = check_dim(input_dim, "input_dim")
     context_dim = check_dim(context_dim, "context_dim")
     _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass)
-    arn = _made(input_dim, context_dim, hidden_dims, g, lipschitz)
+    arn = _made(input_dim, context_dim, hidden_dims, g, lipschitz, bound)
     return ConditionalAUTMAutoregressive(input_dim, context_dim, arn, g=g, num_steps=num_steps,
                                          tail_bound=tail_bound, log_scale_bound=log_scale_bound,
                                          nonlinear_bound=nonlinear_bound, single_pass=single_pass,
@@ -1055,10 +1066,11 @@ class ConditionalAUTMCoupling(ConditionalFlowModule):
                                        **self.settings)
 
 
-def _dense(split_dim, context_dim, hidden_dims, out_dim, lipschitz):
+def _dense(split_dim, context_dim, hidden_dims, out_dim, lipschitz, bound):
     _check_lipschitz(lipschitz)
+    _check_bound(bound)
     net = LipschitzDenseNN(split_dim, hidden_dims, out_dim, context_dim=context_dim or 0,
-                            coeff=float(lipschitz) ** (1.0 / (len(hidden_dims) + 1)))
+                            coeff=float(lipschitz) ** (1.0 / (len(hidden_dims) + 1)), bound=bound)
     _near_identity(net.layers[-1])
     return net
 
@@ -1083,7 +1095,7 @@ def _coupling_parts(input_dim, split_dim, hidden_dims, g):
 
 def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_steps=4, tail_bound=3.0,
                   log_scale_bound=5.0, nonlinear_bound=2.0, lipschitz=2.0, single_pass="log_prob",
-                  cache_size=1):
+                  bound="spectral", cache_size=1):
     """An :class:`AUTMCoupling` layer with a Lipschitz dense conditioner on the first ``split_dim`` coordinates.
 
     Arguments:
@@ -1091,6 +1103,7 @@ def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_st
         split_dim: d; ``None`` means ``D // 2``.
         hidden_dims: hidden sizes of the conditioner; ``None`` means ``[max(10 D, 16)] * 2``.
         lipschitz: the conditioner's guaranteed Lipschitz bound in the conditioning half.
+        bound: see :func:`autm_autoregressive`.
         g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass, cache_size: see
             :class:`ConditionedAUTMAutoregressive`.
 
@@ -1101,7 +1114,7 @@ def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_st
     """
     _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass)
     input_dim, split_dim, hidden_dims, param_dims = _coupling_parts(input_dim, split_dim, hidden_dims, g)
-    hypernet = _dense(split_dim, None, hidden_dims, param_dims[0], lipschitz)
+    hypernet = _dense(split_dim, None, hidden_dims, param_dims[0], lipschitz, bound)
     return AUTMCoupling(input_dim, split_dim, hypernet, g=g, num_steps=num_steps, tail_bound=tail_bound,
                         log_scale_bound=log_scale_bound, nonlinear_bound=nonlinear_bound,
                         single_pass=single_pass, cache_size=cache_size)
@@ -1109,7 +1122,7 @@ def autm_coupling(input_dim, split_dim=None, hidden_dims=None, g="cubic", num_st
 
 def conditional_autm_coupling(input_dim, context_dim, split_dim=None, hidden_dims=None, g="cubic",
                               num_steps=4, tail_bound=3.0, log_scale_bound=5.0, nonlinear_bound=2.0,
-                              lipschitz=2.0, single_pass="log_prob", cache_size=1):
+                              lipschitz=2.0, single_pass="log_prob", bound="spectral", cache_size=1):
     """A :class:`ConditionalAUTMCoupling` layer with a Lipschitz dense conditioner (context appended).
 
     Arguments:
@@ -1117,6 +1130,7 @@ def conditional_autm_coupling(input_dim, context_dim, split_dim=None, hidden_dim
         split_dim: d; ``None`` means ``D // 2``.
         hidden_dims: hidden sizes of the conditioner; ``None`` means ``[max(10 D, 16)] * 2``.
         lipschitz: the conditioner's guaranteed Lipschitz bound in the conditioning half.
+        bound: see :func:`autm_autoregressive`.
         g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass, cache_size: see
             :class:`ConditionedAUTMAutoregressive`.
 
@@ -1128,7 +1142,7 @@ def conditional_autm_coupling(input_dim, context_dim, split_dim=None, hidden_dim
     _check_settings(g, num_steps, tail_bound, log_scale_bound, nonlinear_bound, single_pass)
     context_dim = check_dim(context_dim, "context_dim")
     input_dim, split_dim, hidden_dims, param_dims = _coupling_parts(input_dim, split_dim, hidden_dims, g)
-    hypernet = _dense(split_dim, context_dim, hidden_dims, param_dims[0], lipschitz)
+    hypernet = _dense(split_dim, context_dim, hidden_dims, param_dims[0], lipschitz, bound)
     return ConditionalAUTMCoupling(input_dim, context_dim, split_dim, hypernet, g=g, num_steps=num_steps,
                                    tail_bound=tail_bound, log_scale_bound=log_scale_bound,
                                    nonlinear_bound=nonlinear_bound, single_pass=single_pass,
