@@ -94,7 +94,6 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 
 from ..nn import LipschitzDenseNN, LipschitzMADE
-from ..nn.lipschitz import _BOUNDS
 from ..registry import register_flow
 from ..solvers import ConvergenceWarning, SolverInfo, implicit_monotone_root, monotone_root
 from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
@@ -852,15 +851,9 @@ def _check_lipschitz(lipschitz):
         raise ValueError(f"lipschitz must be a finite number > 0, got {lipschitz!r}")
 
 
-def _check_bound(bound):
-    if bound not in _BOUNDS:
-        raise ValueError(f"bound must be one of {_BOUNDS}, got {bound!r}")
-
-
 def _made(input_dim, context_dim, hidden_dims, g, lipschitz, bound):
     hidden_dims = _default_hidden(input_dim, hidden_dims, minimum=input_dim)
     _check_lipschitz(lipschitz)
-    _check_bound(bound)
     coeff = float(lipschitz) ** (1.0 / (len(hidden_dims) + 1))
     net = LipschitzMADE(input_dim, hidden_dims, output_multiplier=_num_params(g),
                         context_dim=context_dim or 0, coeff=coeff, bound=bound)
@@ -1068,7 +1061,6 @@ class ConditionalAUTMCoupling(ConditionalFlowModule):
 
 def _dense(split_dim, context_dim, hidden_dims, out_dim, lipschitz, bound):
     _check_lipschitz(lipschitz)
-    _check_bound(bound)
     net = LipschitzDenseNN(split_dim, hidden_dims, out_dim, context_dim=context_dim or 0,
                             coeff=float(lipschitz) ** (1.0 / (len(hidden_dims) + 1)), bound=bound)
     _near_identity(net.layers[-1])
