@@ -384,6 +384,55 @@ def test_shared_bounds_are_each_networks_own_and_follow_updates():
     assert not torch.equal(updated[0], cached[0]) and not torch.equal(updated[2], cached[2])
 
 
+def _packed_nets(kind, context_dim):
+    from pyro_flows.nn.lipschitz import LipschitzDenseNN, LipschitzMADE
+    from pyro_flows.nn.quasi_autoregressive import QuasiAutoregressiveNet
+
+    if kind == "quar":
+        return [QuasiAutoregressiveNet(3, hidden_factors=(12, 12), context_dim=context_dim) for _ in range(3)]
+    if kind == "made":
+        return [LipschitzMADE(3, [40, 36], output_multiplier=2, context_dim=context_dim) for _ in range(3)]
+    return [LipschitzDenseNN(3, [40, 36], 4, context_dim=context_dim, coeff=0.9) for _ in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["quar", "made", "dense"])
+@pytest.mark.parametrize("context_dim", [0, 2])
+def test_packed_bounds_equal_the_per_weight_path(kind, context_dim):
+    """A stack of networks of one layout is bounded straight from the packed parameters
+    (``packed_spectral_bounds``: masks, context columns and Gram sizes on both sides of
+    ``INVERSE_ITERATION_MIN_SIZE`` handled inside, one flat gradient per network): the values and
+    gradients of the per-weight path (``spectral_norm_product`` / ``spectral_norm_bounds`` of the sliced,
+    masked weights), for random weights, a zeroed layer included, and what ``shared_bounds`` hands out."""
+    from pyro_flows.nn.lipschitz import packed_spectral_bounds, shared_bounds
+
+    torch.manual_seed(0)
+    nets = [n.double() for n in _packed_nets(kind, context_dim)]
+    with torch.no_grad():
+        for n in nets:
+            n.packed.normal_()
+        nets[1]._views()[0].zero_()  # a zero weight: bound 0, gradient of the others' product still exact
+    layouts = [n._packed_layout() for n in nets]
+    packed = packed_spectral_bounds(layouts)
+    if kind == "quar":
+        alone = torch.stack([n._compute_bound(None) / n._act_factor for n in nets])
+    else:
+        alone = torch.stack([n._compute_bounds(None) for n in nets])
+    torch.testing.assert_close(packed, alone, rtol=1e-13, atol=0)
+    weights = torch.randn_like(alone)
+    params = [n.packed for n in nets]
+    got = torch.autograd.grad((packed * weights).sum(), params)
+    want = torch.autograd.grad((alone * weights).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    with shared_bounds(nets):
+        shared = [n.product_bound() if kind == "quar" else n.bounds() for n in nets]
+    for s, n, a in zip(shared, nets, alone):
+        torch.testing.assert_close(s, n._finish_bound(a), rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="one layout"):
+        packed_spectral_bounds(layouts + [_packed_nets("dense" if kind != "dense" else "made", 0)[0]
+                                          .double()._packed_layout()])
+
+
 def test_large_gram_bound_by_eigvalsh_and_inverse_iteration():
     """From ``INVERSE_ITERATION_MIN_SIZE`` on, the value comes from ``eigvalsh`` and the gradient's top
     singular pair from inverse iteration: the value is sigma_max (SVD) to rounding, the gradient

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerwiseBounds", "LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "SharedBoundNetwork",
-           "matrix_norm_bound", "power_norm_product", "shared_bounds", "spectral_norm_bounds", "spectral_norm_product",
-           "spectral_norm_segments"]
+__all__ = ["LayerwiseBounds", "LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "PackedBoundLayout",
+           "SharedBoundNetwork", "matrix_norm_bound", "packed_spectral_bounds", "power_norm_product", "shared_bounds",
+           "spectral_norm_bounds", "spectral_norm_product", "spectral_norm_segments"]
 
 MARGIN = 1e-6
 _BOUNDS = ("spectral", "power", "frobenius")
@@ -275,6 +275,124 @@ def spectral_norm_product(weights) -> torch.Tensor:
     return spectral_norm_segments([weights], [True])[0]
 
 
+class PackedBoundLayout:
+    """Where a network's bounded weights sit in its packed parameter (:class:`~pyro_flows.nn.packed.Packing`),
+    so that a stack of networks with one layout is bounded straight from their packed parameters
+    (:func:`packed_spectral_bounds`), with no autograd graph through the weights' views and masks.
+
+    Arguments:
+        packed: the flat parameter.
+        layers: one ``(offset, rows, cols, keep)`` per bounded weight: the ``rows x cols`` weight starts at
+            ``offset`` of ``packed`` (row-major) and its bound is over its first ``keep`` columns (a
+            context's columns are not counted).
+        masks: one 0/1 tensor of shape ``(rows, cols)`` per weight, or ``None`` (unmasked).
+        product: the network uses the product of its weights' bounds (else each bound).
+    """
+
+    __slots__ = ("packed", "layers", "masks", "product", "key")
+
+    def __init__(self, packed, layers, masks, product):
+        self.packed, self.layers, self.masks, self.product = packed, tuple(layers), list(masks), bool(product)
+        self.key = (self.layers, tuple(m is None for m in self.masks), self.product, packed.shape, packed.dtype,
+                    packed.device)
+
+
+class _PackedSpectralBounds(torch.autograd.Function):
+    """:class:`_SpectralNormBounds` for ``k`` networks of one :class:`PackedBoundLayout`, taking their
+    packed parameters themselves: the weights are sliced and masked inside (float64, no graph), the
+    Gram matrices of one size over all networks and layers go to one ``_top_eigenpair`` call, and the
+    backward writes each network's gradient into one flat tensor (``(1 + MARGIN) u v^T`` times the mask
+    on each weight's entries, zero elsewhere): a few dozen aten ops for the whole stack where the
+    per-weight path runs a split, a mask product and a slice per weight, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, layers, product, need_grad, masks, *packed):
+        dtype, k = packed[0].dtype, len(packed)
+        n_layers = len(layers)
+        with torch.no_grad():
+            flat = (torch.stack(packed) if k > 1 else packed[0].unsqueeze(0)).to(torch.float64)
+            a_list, tall = [], []
+            for (offset, rows, cols, keep), mask in zip(layers, masks):
+                w = flat[:, offset:offset + rows * cols].view(k, rows, cols)
+                if mask is not None:
+                    w = w * mask
+                if keep < cols:
+                    w = w[:, :, :keep]
+                tall.append(rows >= keep)
+                a_list.append(w.transpose(1, 2) if tall[-1] else w)
+            by_size = {}
+            for i, a in enumerate(a_list):
+                by_size.setdefault(a.shape[1], []).append(i)
+            lam, vec = [None] * n_layers, [None] * n_layers
+            for idx in by_size.values():
+                grams = [torch.bmm(a_list[i], a_list[i].transpose(1, 2)) for i in idx]
+                top, x = _top_eigenpair(torch.cat(grams) if len(grams) > 1 else grams[0], need_grad)
+                for j, i in enumerate(idx):
+                    lam[i] = top[j * k:(j + 1) * k, 0]
+                    vec[i] = None if x is None else x[j * k:(j + 1) * k]
+            sigma = torch.stack(lam).clamp(min=0).sqrt()  # (layers, k)
+            bounds = sigma * (1 + MARGIN)
+            out = bounds.prod(0) if product else bounds.T
+            if need_grad:
+                directions = []
+                for i, (a, x) in enumerate(zip(a_list, vec)):
+                    # sigma = x^T A y with y = A^T x / sigma: d sigma / dA = x y^T (0 where A = 0)
+                    tiny = torch.finfo(sigma.dtype).tiny
+                    y = torch.bmm(x.transpose(1, 2), a) / sigma[i].clamp(min=tiny)[:, None, None]
+                    d = x * y
+                    d = d.transpose(1, 2) if tall[i] else d
+                    mask = masks[i]
+                    if mask is not None:
+                        d = d * mask[..., : d.shape[-1]]
+                    directions.append(d.to(dtype))
+                if product and n_layers > 1:
+                    # d prod / d bound_i = prod_{j != i} bound_j (also where a bound is 0)
+                    others = bounds.unsqueeze(0).expand(n_layers, n_layers, k).clone()
+                    others.diagonal(dim1=0, dim2=1).fill_(1)
+                    scale = others.prod(1) * (1 + MARGIN)
+                else:
+                    scale = torch.full_like(bounds, 1 + MARGIN)
+                ctx.save_for_backward(scale.to(dtype), *directions)
+        ctx.layers, ctx.product, ctx.k, ctx.numel = layers, product, k, packed[0].shape[0]
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, *directions = ctx.saved_tensors
+        g = scale * (grad if ctx.product else grad.T)  # (layers, k)
+        flat = grad.new_zeros(ctx.k, ctx.numel)
+        for i, ((offset, rows, cols, keep), d) in enumerate(zip(ctx.layers, directions)):
+            view = flat[:, offset:offset + rows * cols].view(ctx.k, rows, cols)
+            view[:, :, :keep].addcmul_(d, g[i][:, None, None])
+        return (None, None, None, None, *flat.unbind(0))
+
+
+def packed_spectral_bounds(layouts) -> torch.Tensor:
+    """The spectral bounds of several networks of one :class:`PackedBoundLayout` (equal ``key``), from
+    their packed parameters in ONE batched computation: a ``(len(layouts),)`` tensor of products, or
+    ``(len(layouts), layers)`` of per-weight bounds. Each entry is the one :func:`spectral_norm_product`
+    / :func:`spectral_norm_bounds` gives for that network's (sliced, masked) weights, to float64
+    rounding, with the same gradient.
+
+    Example:
+        >>> from pyro_flows.nn.quasi_autoregressive import QuasiAutoregressiveNet
+        >>> nets = [QuasiAutoregressiveNet(3, hidden_factors=(2,)) for _ in range(2)]
+        >>> b = packed_spectral_bounds([n._packed_layout() for n in nets])
+        >>> bool(torch.allclose(b, torch.stack([n._compute_bound(None) for n in nets])))
+        True
+    """
+    layouts = list(layouts)
+    if not layouts or len({lay.key for lay in layouts}) != 1:
+        raise ValueError("packed_spectral_bounds expects networks of one layout")
+    first = layouts[0]
+    masks = [None if m is None else (torch.stack([lay.masks[i] for lay in layouts]) if len(layouts) > 1
+                                    else m.unsqueeze(0)).to(torch.float64)
+             for i, m in enumerate(first.masks)]
+    packed = [lay.packed for lay in layouts]
+    need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in packed)
+    return _PackedSpectralBounds.apply(first.layers, first.product, need_grad, masks, *packed)
+
+
 class _PowerNormProduct(torch.autograd.Function):
     """``prod_i (1 + MARGIN) ||G_i^k||_F^(1 / (2 k))`` with ``G_i`` the Gram matrix of ``W_i`` on its
     smaller side and ``k = 8^blocks`` (see :func:`power_norm_product`), with its exact gradient.
@@ -431,6 +549,12 @@ class SharedBoundNetwork:
         value = compute()
         return value if need_graph else store_bound(self, params, value)
 
+    def _packed_layout(self):
+        """A :class:`PackedBoundLayout` if the network's spectral bound can be taken straight from one
+        packed parameter (a stack of such networks then uses :func:`packed_spectral_bounds`), else
+        ``None``."""
+        return None
+
     def __getstate__(self):
         state = super().__getstate__()
         state.pop(_CACHE, None)
@@ -447,26 +571,38 @@ class _SharedPass:
         self.plain = self.graph = None
 
     def _compute(self, graph):
-        values, todo, lists, products = {}, [], [], []
+        values, todo, layouts, terms = {}, [], [], []
         for net in self.networks:
-            terms = net._spectral_terms()
+            layout = net._packed_layout()
+            term = None if layout is not None else net._spectral_terms()
+            if layout is None and term is None:  # (not a spectral bound)
+                continue
             params = net._bound_params()
             need = graph and any(p.requires_grad for p in params)
-            cached = None if need or terms is None else cached_bound(net, params)
+            cached = None if need else cached_bound(net, params)
             if cached is not None:
                 values[id(net)] = cached
-            elif terms is not None:
+            else:
                 todo.append((net, params, need))
-                lists.append(terms[0])
-                products.append(terms[1])
-        first = lists[0][0] if lists else None
-        # (a single network, or mixed dtypes or devices: each network computes its own)
-        if len(todo) > 1 and all(w.dtype == first.dtype and w.device == first.device for ws in lists for w in ws):
-            with torch.set_grad_enabled(graph):
+                layouts.append(layout)
+                terms.append(term)
+        if len(todo) < 2:  # (a single network computes its own)
+            return values
+        with torch.set_grad_enabled(graph):
+            if all(lay is not None for lay in layouts) and len({lay.key for lay in layouts}) == 1:
+                # one layout (a stack of equal layers): straight from the packed parameters
+                raws = packed_spectral_bounds(layouts).unbind(0)
+            else:
+                lists, products = zip(*(t if t is not None else net._spectral_terms()
+                                        for t, (net, _, _) in zip(terms, todo)))
+                first = lists[0][0]
+                # (mixed dtypes or devices: each network computes its own)
+                if not all(w.dtype == first.dtype and w.device == first.device for ws in lists for w in ws):
+                    return values
                 raws = spectral_norm_segments(lists, products)
-                for (net, params, need), raw in zip(todo, raws):
-                    value = net._finish_bound(raw)
-                    values[id(net)] = value if need else store_bound(net, params, value)
+            for (net, params, need), raw in zip(todo, raws):
+                value = net._finish_bound(raw)
+                values[id(net)] = value if need else store_bound(net, params, value)
         return values
 
     def value(self, net, need_graph):
@@ -750,6 +886,13 @@ class _LipschitzStack(LayerwiseBounds, nn.Module):
 
     def _bound_params(self):
         return [self.packed]
+
+    def _packed_layout(self):
+        if any(layer.bound != "spectral" for layer in self.layers):
+            return None
+        offsets, shapes = self._packing.offsets, self._packing.shapes
+        layers = [(offsets[2 * i], *shapes[2 * i], layer.mask_columns) for i, layer in enumerate(self.layers)]
+        return PackedBoundLayout(self.packed, layers, [layer.mask for layer in self.layers], product=False)
 
     def _masked_weights(self, views=None):
         views = self._views() if views is None else views

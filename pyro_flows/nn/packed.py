@@ -39,6 +39,11 @@ class Packing:
         return len(self.shapes)
 
     @property
+    def offsets(self) -> list:
+        """Where each tensor starts in the flat tensor."""
+        return [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    @property
     def numel(self) -> int:
         return sum(self.sizes)
 

@@ -57,8 +57,8 @@ from torch import nn
 
 from ..validation import broadcast_context, check_dim
 from .activations import get_activation
-from .lipschitz import (_BOUNDS, LipschitzLinear, SharedBoundNetwork, matrix_norm_bound, power_norm_product,
-                        spectral_norm_product)
+from .lipschitz import (_BOUNDS, LipschitzLinear, PackedBoundLayout, SharedBoundNetwork, matrix_norm_bound,
+                        power_norm_product, spectral_norm_product)
 from .masked import quasi_autoregressive_masks
 from .packed import Packing, register_old_keys
 
@@ -222,6 +222,15 @@ class QuasiAutoregressiveNet(SharedBoundNetwork, nn.Module):
 
     def _spectral_terms(self):
         return (self._columns(self._masked_weights()), True) if self.bound == "spectral" else None
+
+    def _packed_layout(self):
+        if self.bound != "spectral":
+            return None
+        offsets, shapes = self._packing.offsets, self._packing.shapes
+        layers = [(offsets[2 * i], *shapes[2 * i], self.input_dim if i == 0 else shapes[2 * i][1])
+                  for i in range(len(self.layers))]
+        return PackedBoundLayout(self.packed, layers, [getattr(self, f"_mask{i}") for i in range(len(self.layers))],
+                                 product=True)
 
     def _finish_bound(self, p):
         return p * self._act_factor if self._act_factor != 1.0 else p
