@@ -162,6 +162,10 @@ def _compiled(rows, models, x, dim, task, args, log):
             continue
         m = models[r["flow"]]
         try:
+            # a fresh start for every model: dynamo keeps at most ``cache_size_limit`` (8) compiled variants
+            # per code object, and every model's loss (and the package's own frames) share their code
+            # objects, so later models would silently run uncompiled
+            torch._dynamo.reset()
             t0 = time.perf_counter()
             step = measure.TrainingStep(measure.compile_loss(_step_loss(m, task, x)), m.parameters())
             # the first call compiles; later ones may recompile (guards on state the first calls set, e.g.
