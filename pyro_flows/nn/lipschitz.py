@@ -45,6 +45,25 @@ _BOUNDS = ("spectral", "power", "frobenius")
 _SHIFT = 1e-15
 
 
+def _singular_direction(a, x, sigma):
+    """``d sigma / d A = x y^T`` for ``sigma = x^T A y``, ``y = A^T x / sigma``: ``x`` the top eigenvector
+    ``(k, n, 1)`` of ``A A^T`` for the batch ``a`` ``(k, n, m)`` with top singular values ``sigma`` ``(k,)``
+    (0 where ``A = 0``)."""
+    y = torch.bmm(x.transpose(1, 2), a) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)[:, None, None]
+    return x * y
+
+
+def _product_scales(bounds):
+    """``(1 + MARGIN) prod_{j != i} b_j`` for each ``i`` of ``bounds`` ``(n, ...)`` (the derivative of the
+    product of the bounds in bound ``i``, times the margin's factor; also where a bound is 0)."""
+    n = bounds.shape[0]
+    if n == 1:
+        return torch.full_like(bounds, 1 + MARGIN)
+    others = bounds.unsqueeze(0).expand(n, *bounds.shape).clone()
+    others.diagonal(dim1=0, dim2=1).fill_(1)
+    return others.prod(1) * (1 + MARGIN)
+
+
 class _SpectralNormBounds(torch.autograd.Function):
     """``(1 + MARGIN) * sigma_max(W_i)`` for each 2-D ``W_i``, computed in float64 with no graph through
     the eigensolver; gradient ``(1 + MARGIN) u_i v_i^T`` (the top singular pair).
@@ -86,9 +105,7 @@ class _SpectralNormBounds(torch.autograd.Function):
                 sigma = lam.clamp(min=0).sqrt()
                 sigmas.append(sigma)
                 if need_grad:
-                    # sigma = x^T A y with y = A^T x / sigma: d sigma / dA = x y^T (0 where A = 0)
-                    y = torch.bmm(x.transpose(1, 2), a) / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)[:, None]
-                    directions.append((x * y).to(dtype))
+                    directions.append(_singular_direction(a, x, sigma[:, 0]).to(dtype))
             bounds = (torch.cat(sigmas) if len(sigmas) > 1 else sigmas[0]).squeeze(-1) * (1 + MARGIN)
             order = [i for idx in members for i in idx]  # the group order of ``bounds``
             if order != list(range(n)):
@@ -98,13 +115,7 @@ class _SpectralNormBounds(torch.autograd.Function):
                 b = bounds[start:stop]
                 outs.append(b.prod(0, keepdim=True) if product else b)
                 if need_grad:
-                    if product and stop - start > 1:
-                        # d prod / d bound_i = prod_{j != i} bound_j (also where a bound is 0)
-                        others = b.expand(stop - start, stop - start).clone()
-                        others.fill_diagonal_(1)
-                        scales.append(others.prod(1) * (1 + MARGIN))
-                    else:
-                        scales.append(torch.full_like(b, 1 + MARGIN))
+                    scales.append(_product_scales(b) if product else torch.full_like(b, 1 + MARGIN))
             out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if need_grad:
             ctx.save_for_backward((torch.cat(scales) if len(scales) > 1 else scales[0]).to(dtype), *directions)
@@ -336,22 +347,13 @@ class _PackedSpectralBounds(torch.autograd.Function):
             if need_grad:
                 directions = []
                 for i, (a, x) in enumerate(zip(a_list, vec)):
-                    # sigma = x^T A y with y = A^T x / sigma: d sigma / dA = x y^T (0 where A = 0)
-                    tiny = torch.finfo(sigma.dtype).tiny
-                    y = torch.bmm(x.transpose(1, 2), a) / sigma[i].clamp(min=tiny)[:, None, None]
-                    d = x * y
+                    d = _singular_direction(a, x, sigma[i])
                     d = d.transpose(1, 2) if tall[i] else d
                     mask = masks[i]
                     if mask is not None:
                         d = d * mask[..., : d.shape[-1]]
                     directions.append(d.to(dtype))
-                if product and n_layers > 1:
-                    # d prod / d bound_i = prod_{j != i} bound_j (also where a bound is 0)
-                    others = bounds.unsqueeze(0).expand(n_layers, n_layers, k).clone()
-                    others.diagonal(dim1=0, dim2=1).fill_(1)
-                    scale = others.prod(1) * (1 + MARGIN)
-                else:
-                    scale = torch.full_like(bounds, 1 + MARGIN)
+                scale = _product_scales(bounds) if product else torch.full_like(bounds, 1 + MARGIN)
                 ctx.save_for_backward(scale.to(dtype), *directions)
         ctx.layers, ctx.product, ctx.k, ctx.numel = layers, product, k, packed[0].shape[0]
         return out.to(dtype)
