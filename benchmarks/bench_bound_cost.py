@@ -12,9 +12,8 @@ import warnings
 import torch
 
 from pyro_flows.experiments import measure
-from pyro_flows.experiments.bench import _step_loss
+from pyro_flows.experiments.bench import speed_step
 from pyro_flows.experiments.data import synthetic
-from pyro_flows.experiments.models import FlowModel
 
 FAMILIES = ("autm_coupling", "autm_autoregressive", "quar")
 
@@ -34,9 +33,7 @@ def main(argv=None):
             steps = {}
             for name in FAMILIES:
                 for bound in ("spectral", "power"):
-                    torch.manual_seed(0)
-                    m = FlowModel(name, dim, num_layers=5, hidden_dims=[64, 64], task=task, bound=bound)
-                    steps[(name, bound)] = measure.TrainingStep(_step_loss(m, task, x), m.parameters())
+                    steps[(name, bound)] = speed_step(name, dim, task, x, bound=bound)
             t, _ = measure.time_interleaved({k: s.step for k, s in steps.items()}, repeats=args.repeats, warmup=2)
             for name in FAMILIES:
                 syncs = [measure.count_syncs(steps[(name, b)].forward_backward) for b in ("spectral", "power")]

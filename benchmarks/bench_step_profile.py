@@ -16,9 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pyro_flows.experiments import measure
-from pyro_flows.experiments.bench import _step_loss
+from pyro_flows.experiments.bench import speed_step
 from pyro_flows.experiments.data import synthetic
-from pyro_flows.experiments.models import FlowModel
 
 
 def main(argv=None):
@@ -34,9 +33,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     for dim in (int(d) for d in args.dims.split(",")):
         x = synthetic(dim, 512, seed=0)
-        torch.manual_seed(0)
-        m = FlowModel(args.family, dim, num_layers=5, hidden_dims=[64, 64], task=args.task)
-        step = measure.TrainingStep(_step_loss(m, args.task, x), m.parameters())
+        step = speed_step(args.family, dim, args.task, x)
         step.step()
         step.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -15,10 +15,8 @@ import warnings
 
 import torch
 
-from pyro_flows.experiments import measure
-from pyro_flows.experiments.bench import _step_loss
+from pyro_flows.experiments.bench import speed_step
 from pyro_flows.experiments.data import synthetic
-from pyro_flows.experiments.models import FlowModel
 
 
 def main(argv=None):
@@ -35,10 +33,7 @@ def main(argv=None):
     for family in args.families.split(","):
         for task in args.tasks.split(","):
             for dim in (int(d) for d in args.dims.split(",")):
-                x = synthetic(dim, 512, seed=0)
-                torch.manual_seed(0)
-                m = FlowModel(family, dim, num_layers=5, hidden_dims=[64, 64], task=task)
-                step = measure.TrainingStep(_step_loss(m, task, x), m.parameters())
+                step = speed_step(family, dim, task, synthetic(dim, 512, seed=0))
                 for _ in range(3):
                     step.step()
                 times = []

@@ -69,6 +69,22 @@ def _step_loss(model, task, x):
     return lambda: model.guide_loss(x.shape[0])
 
 
+def speed_step(name, dim, task, x, num_layers=5, hidden_dims=(64, 64), seed=0, **kwargs):
+    """The speed benchmark's training step of one flow, for scripts that compare steps: ``FlowModel(name, dim)``
+    at the benchmark's sizes (built after ``torch.manual_seed(seed)``; ``**kwargs`` to its layers), its loss
+    for ``task`` on the data ``x``, and Adam, as a :class:`~pyro_flows.experiments.measure.TrainingStep`.
+
+    Example:
+        >>> step = speed_step("quar", 2, "density", torch.randn(16, 2), num_layers=2, hidden_dims=(4, 4))
+        >>> loss = step.step()  # one optimiser step; ``step.forward_backward()`` leaves out the optimiser
+        >>> bool(torch.isfinite(loss))
+        True
+    """
+    torch.manual_seed(seed)
+    model = FlowModel(name, dim, num_layers=num_layers, hidden_dims=list(hidden_dims), task=task, **kwargs)
+    return measure.TrainingStep(_step_loss(model, task, x), model.parameters())
+
+
 def _other_direction_ratio(model, task, x, repeats, device):
     """Seconds per no-grad call of the other direction / of the single-pass one (ours only)."""
     n = x.shape[0]
