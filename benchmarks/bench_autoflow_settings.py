@@ -16,6 +16,11 @@ sets of ``--khat-draws`` draws (how noisy one estimate is). ``docs/autoflow.md``
     python benchmarks/bench_autoflow_settings.py --seeds 0,1 --khat-repeats 6
     python benchmarks/bench_autoflow_settings.py --seeds 0,1 --khat-repeats 5 --khat-draws 20000
     python benchmarks/bench_autoflow_settings.py --seeds 0,1,2 --khat-repeats 4 --settings '{}' '{"tail_bound": 5.0}'
+    python benchmarks/bench_autoflow_settings.py --seeds 0,1,2 --khat-repeats 4 --settings '{}'  # then 3,4,5
+    python benchmarks/bench_autoflow_settings.py --seeds 0,1,2 --khat-repeats 4 \
+        --settings '{"warmup": {"patience": 1000}}'  # then --seeds 3,4,5; and '{"warmup": 0}'
+
+A setting's ``"warmup"`` may be a dict: the arguments of a :class:`~pyro_flows.infer.PlateauTest`.
 
 (their output, one JSON line per fit: ``benchmarks/results/autoflow_settings/``).
 """
@@ -31,7 +36,7 @@ import torch
 from pyro_flows.experiments import measure
 from pyro_flows.experiments.trainer import train_svi
 from pyro_flows.experiments.vi import evaluate_guide
-from pyro_flows.infer import AutoFlow, importance_log_weights, psis_khat
+from pyro_flows.infer import AutoFlow, PlateauTest, importance_log_weights, psis_khat
 from pyro_flows.infer.posteriordb import load_posterior
 
 
@@ -39,6 +44,8 @@ def fit(post, kwargs, seed, seconds, params=(), khat_repeats=1, khat_draws=2000)
     settings, kwargs = kwargs, dict(kwargs)
     optim_kwargs = kwargs.pop("optimizer", {})  # AutoFlow.optimizer's arguments, e.g. {"flow_lr": 0.01}
     num_particles = kwargs.pop("num_particles", 1)  # ELBO particles (vectorised), not an AutoFlow argument
+    if isinstance(kwargs.get("warmup"), dict):  # {"warmup": {"patience": 1000}}: a PlateauTest's arguments
+        kwargs["warmup"] = PlateauTest(**kwargs["warmup"])
     pyro.clear_param_store()
     torch.manual_seed(seed)
     guide = AutoFlow(post.model, **kwargs)

@@ -59,6 +59,19 @@ def test_headline_verdicts_margin_and_missing_fits():
     assert "on 0 of 4" in lines[1]
 
 
+def test_headline_reports_the_median_khat_where_a_fit_has_several():
+    sets = [0.9, 0.6, 0.5, 0.62, 0.75]
+    rows = [_row("eight_schools-eight_schools_centered", "AutoMultivariateNormal", [_snap(30.0, -1.0, khat=0.8)]),
+            _row("eight_schools-eight_schools_centered", "AutoFlow",
+                 [_snap(30.0, -1.0, khat=0.9, khat_sets=sets, khat_median=0.62,
+                        per_param={"mu": [0.01, 0.02], "tau": [0.1, 0.05]})])]
+    table, lines = vi.headline(rows, {"posteriors": ["eight_schools-eight_schools_centered"], "table_times": [30.0]})
+    assert table[0]["flow_khat"] == 0.62 and table[0]["mvn_khat"] == 0.8  # an older fit: its one estimate
+    line = next(ln for ln in lines if ln.startswith("- eight_schools_centered"))
+    assert "k-hat 0.62 (median of 5 estimates" in line and "0.90, 0.60, 0.50, 0.62, 0.75" in line
+    assert "k-hat 0.80 (one estimate)" in line
+
+
 def test_headline_compares_with_the_scheduled_automultivariatenormal():
     """The honesty row: AutoMultivariateNormal trained with AutoFlow's optimiser, counted separately."""
     rows = []
@@ -124,6 +137,21 @@ def test_fit_with_snapshots_continues_one_run():
     assert "per_param" in b and "per_param" not in a and set(b["per_param"]) == set(post.reference)
     assert all(math.isfinite(s[k]) for s in (a, b) for k in ("mean_rms", "sd_rms"))
     assert not any(math.isnan(s[k]) for s in (a, b) for k in ("elbo", "khat"))
+    # the table time's k-hat is also estimated from further independent sets of draws, and their median kept
+    assert "khat_sets" not in a and len(b["khat_sets"]) == vi.KHAT_SETS and b["khat_sets"][0] == b["khat"]
+    assert b["khat_median"] == float(np.median(b["khat_sets"]))  # (inf at 50 draws of this barely trained guide)
+
+
+@needs_pdb
+def test_evaluate_guide_khat_sets_are_independent_draws():
+    post = pdb.load_posterior(POST)
+    pyro.clear_param_store()
+    guide = pyro.infer.autoguide.AutoMultivariateNormal(post.model)
+    guide()
+    ev = vi.evaluate_guide(post, guide, 500, 100, khat_sets=3)
+    assert len(ev["khat_sets"]) == 3 and ev["khat_sets"][0] == ev["khat"]
+    assert all(math.isfinite(k) for k in ev["khat_sets"]) and len(set(ev["khat_sets"])) == 3
+    assert ev["khat_median"] == sorted(ev["khat_sets"])[1]
 
 
 @needs_pdb
