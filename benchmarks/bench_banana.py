@@ -37,8 +37,8 @@ def kl_estimate(guide, seed):
 
 
 def fit(seed, steps, particles, flow_lr, decay, num_layers=None, schedule=True, warmup=None, checkpoints=()):
-    """KL after ``steps`` steps and the process CPU seconds of training; ``checkpoints``: also the KL after
-    each of these step counts (trained on: one run), returned as a third item ``{steps: KL}``."""
+    """``(KL after steps, process CPU seconds of training, {step count: KL})``: the dict has ``steps`` and each of
+    ``checkpoints`` below it (one run, evaluated on the way)."""
     pyro.clear_param_store()
     torch.manual_seed(seed)
     guide = AutoFlow(banana_model, num_layers=num_layers, **({} if warmup is None else {"warmup": warmup}))
@@ -53,9 +53,7 @@ def fit(seed, steps, particles, flow_lr, decay, num_layers=None, schedule=True, 
         seconds += time.process_time() - t
         done = stop
         kls[stop] = kl_estimate(guide, seed)
-    if checkpoints:
-        return kls[steps], seconds, kls
-    return kls[steps], seconds
+    return kls[steps], seconds, kls
 
 
 def main():
