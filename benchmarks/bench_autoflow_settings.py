@@ -36,7 +36,7 @@ import torch
 from pyro_flows.experiments import measure
 from pyro_flows.experiments.trainer import train_svi
 from pyro_flows.experiments.vi import evaluate_guide
-from pyro_flows.infer import AutoFlow, PlateauTest, importance_log_weights, psis_khat
+from pyro_flows.infer import AutoFlow, PlateauTest
 from pyro_flows.infer.posteriordb import load_posterior
 
 
@@ -52,14 +52,11 @@ def fit(post, kwargs, seed, seconds, params=(), khat_repeats=1, khat_draws=2000)
     res = train_svi(post.model, guide, (), steps=10**9, optim=AutoFlow.optimizer(**optim_kwargs), seed=seed,
                     num_particles=num_particles,
                     time_budget=seconds, clock=measure.CpuClock(), max_plate_nesting=0)
-    ev = evaluate_guide(post, guide, 2000, 10000, seed=seed + 1, per_param=True)
+    # khat_sets: the k-hat of the same fitted guide from other sets of khat_draws draws (how noisy one estimate is)
+    ev = evaluate_guide(post, guide, 2000, 10000, seed=seed + 1, per_param=True, khat_sets=khat_repeats,
+                        khat_draws=khat_draws)
     info = guide.laplace_info or {}
-    # the k-hat of the same fitted guide from other sets of khat_draws draws: how noisy one estimate is
-    more = []
-    for k in range(1, khat_repeats):
-        torch.manual_seed(seed + 1 + 1000 * k)
-        lw = importance_log_weights(post.model, guide, num_samples=khat_draws, max_plate_nesting=0, chunk_size=1000)
-        more.append(round(psis_khat(log_weights=lw), 3))
+    more = [round(k, 3) for k in ev.get("khat_sets", [])[1:]]
     return {"settings": settings, "seed": seed, "steps": res.steps, "khat": round(ev["khat"], 3),
             "elbo": round(ev["elbo"], 3), "mean_rms": round(ev["mean_rms"], 3), "sd_rms": round(ev["sd_rms"], 3),
             **{f"{p}_err": [round(v, 3) for v in ev["per_param"][p]] for p in params if p in ev["per_param"]},

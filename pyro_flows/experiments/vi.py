@@ -159,12 +159,14 @@ def _draws(post, guide, n, chunk):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def evaluate_guide(post, guide, draws=2000, moment_draws=None, seed=0, per_param=False, chunk=1000, khat_sets=1):
+def evaluate_guide(post, guide, draws=2000, moment_draws=None, seed=0, per_param=False, chunk=1000, khat_sets=1,
+                   khat_draws=None):
     """ELBO (and its standard error), PSIS k-hat from ``draws`` guide draws; mean and sd errors against
     ``post.reference`` from ``moment_draws`` (default ``draws``) draws; ``per_param``: keep every
     parameter's ``[mean_err, sd_err]``. Vectorised in chunks of ``chunk`` draws. ``khat_sets > 1``: also the
-    k-hat of ``khat_sets - 1`` further independent sets of ``draws`` draws (``khat_sets``: all of them, the
-    first is ``khat``) and their median (``khat_median``)."""
+    k-hat of ``khat_sets - 1`` further independent sets of ``khat_draws`` (default ``draws``) draws, set ``k``
+    drawn after ``torch.manual_seed(seed + 1000 k)`` (``khat_sets``: all of them, the first is ``khat``), and
+    their median (``khat_median``)."""
     from pyro_flows.infer import compare_draws, elbo_estimate, importance_log_weights, psis_khat
 
     torch.manual_seed(seed)
@@ -180,8 +182,8 @@ def evaluate_guide(post, guide, draws=2000, moment_draws=None, seed=0, per_param
     if khat_sets > 1:
         sets = [out["khat"]]
         for k in range(1, khat_sets):
-            torch.manual_seed(seed + 7919 * k)
-            more = importance_log_weights(post.model, guide, num_samples=draws, max_plate_nesting=0,
+            torch.manual_seed(seed + 1000 * k)
+            more = importance_log_weights(post.model, guide, num_samples=khat_draws or draws, max_plate_nesting=0,
                                           chunk_size=chunk)
             sets.append(psis_khat(log_weights=more))
         out.update(khat_sets=sets, khat_median=float(np.median(sets)))
