@@ -178,7 +178,7 @@ def _bracket(fn, target, x0, max_expand):
 
 def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, rtol=None,
                   max_iter=100, max_expand=64, on_fail="warn", return_info=False, min_slope=None,
-                  check_every=1):
+                  check_every=1, first=None):
     """Solve ``fn(x) = target`` elementwise for a strictly increasing elementwise map.
 
     Arguments:
@@ -204,7 +204,13 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
         max_expand: bracket doublings.
         on_fail: ``"warn"``, ``"raise"`` or ``"ignore"`` when the tolerance is not reached.
         return_info: also return a :class:`SolverInfo` (``error_bound``: the largest x-space
-            bound reached, the bracket width or ``residual / min_slope``).
+            bound reached, the bracket width or ``residual / min_slope``; ``detail["at_last_evaluation"]``:
+            whether the returned ``x`` is the point ``fn`` was last evaluated at (or ``first``'s),
+            so a caller that kept that evaluation need not repeat it).
+        first: ``(fn(init), fn'(init))`` when the caller has already evaluated ``fn`` at ``init``
+            (e.g. to size a bracket): the first iteration uses it instead of calling ``fn``. Entries
+            where ``init`` is not strictly inside the bracket start from its midpoint as usual and are
+            evaluated at the next iteration (their first-iteration values are ignored, no sync).
 
     Returns:
         ``x`` (and ``info``). No gradient flows through the iterations; use
@@ -227,15 +233,23 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
                 )
         else:
             lo, hi = lower.detach().expand_as(x).clone(), upper.detach().expand_as(x).clone()
-        x = torch.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
+        inside = (x > lo) & (x < hi)
+        x = torch.where(inside, x, 0.5 * (lo + hi))
         y_tol = atol + rtol * target.abs()
         dx_old = hi - lo
         it = 0
         converged = torch.zeros_like(x, dtype=torch.bool)
         residual = torch.full_like(x, float("inf"))
         bound = hi - lo
+        evaluated = False
         for it in range(1, max_iter + 1):
-            fx, dfx = fn(x)
+            if it == 1 and first is not None:
+                # entries moved to the midpoint get NaN: no bracket update, not converged, bisection next
+                nan = torch.full_like(x, float("nan"))
+                fx = torch.where(inside, first[0].detach(), nan)
+                dfx = torch.where(inside, first[1].detach(), nan)
+            else:
+                fx, dfx = fn(x)
             r = fx - target
             residual = r.abs()
             lo = torch.where(r < 0, x, lo)
@@ -248,6 +262,7 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
                 bound = torch.minimum(bound, residual / min_slope)
                 converged = bound <= x_tol
             if (it % check_every == 0 or it == max_iter) and bool(converged.all()):
+                evaluated = True
                 break
             newton = x - r / dfx
             # rtsafe's rule: Newton only inside the bracket and when it at least halves the step
@@ -264,6 +279,7 @@ def monotone_root(fn, target, *, init=None, lower=None, upper=None, atol=None, r
         else:
             max_res, max_bound, all_converged = 0.0, 0.0, 1.0
         info = _report("monotone_root", bool(all_converged), max_res, it, tol, on_fail, error_bound=max_bound)
+        info.detail["at_last_evaluation"] = evaluated
     return (x, info) if return_info else x
 
 

@@ -245,6 +245,48 @@ def test_inverse_iterations_are_bounded(name, g):
         assert info.detail["passes"] <= 4 and info.error_bound < 1e-8 * (1 + x.abs().max())
 
 
+
+def test_solve_reuses_its_evaluations_and_searches_when_the_bracket_misses(monkeypatch):
+    """The elementwise solve evaluates the map once before iterating (that evaluation sizes the bracket
+    and is the solver's first iterate) and returns the evaluation at its result, which the layer's
+    log-det and certificate reuse (no further map call). If the root lies outside the bracket (here: a
+    slope floor e^4 times too high, so the bracket is e^4 times too narrow; in use only rounding could
+    do it), the solve ends at a bracket end, searches a bracket and solves again: the result is the
+    root, without a warning."""
+    from pyro_flows.transforms import autm
+
+    torch.manual_seed(0)
+    t = pyro_flows.autm_coupling(4, hidden_dims=[16], single_pass="sample").double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    y = 2.0 * torch.randn(64, 4, dtype=torch.float64)
+    real_map, calls = t._map, []
+    monkeypatch.setattr(t, "_map", lambda x, c: calls.append(1) or real_map(x, c))
+    with torch.no_grad():
+        x = t.inv(y.clone())
+    assert len(calls) == t.last_solver_info.iterations >= 2  # the start's evaluation and one per further iterate
+    with torch.no_grad():
+        coeffs = t._coefficients(t._raw(x[..., :2])[1])
+        y2, logd = real_map(x[..., 2:], coeffs)
+    assert (y2 - y[..., 2:]).abs().max() < 1e-12 * (1 + y.abs().max())
+    assert torch.equal(t.log_abs_det_jacobian(x, y), logd.sum(-1))  # the reused evaluation, bit for bit
+
+    monkeypatch.setattr(t, "_map", lambda x, c: real_map(x, coeffs))  # the true map whatever the floor
+    raised = (coeffs[0] + 4.0,) + tuple(coeffs[1:])  # alpha + 4: the floor exp(alpha) ... e^4 too high
+    brackets, real_root = [], autm.monotone_root
+    monkeypatch.setattr(autm, "monotone_root",
+                        lambda *a, **k: brackets.append(k.get("lower") is not None) or real_root(*a, **k))
+    t._iterations = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        with torch.no_grad():
+            u, y3, logd3 = t._solve(y[..., 2:], raised)
+    assert brackets == [True, False]  # the bracketed solve, then the search
+    assert (real_map(u, coeffs)[0] - y[..., 2:]).abs().max() < 1e-12 * (1 + y.abs().max())
+    assert torch.equal(y3, real_map(u, coeffs)[0]) and torch.equal(logd3, real_map(u, coeffs)[1])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="g must be one of"):
         pyro_flows.autm_autoregressive(3, g="quartic")

@@ -488,3 +488,25 @@ def test_packed_lipschitz_networks_load_old_state_dicts_and_expose_views():
         assert torch.equal(other._views()[-1], torch.zeros_like(other.layers[-1].bias))
         x, c = torch.randn(5, 3), torch.randn(5, 2)
         assert torch.isfinite(other(x, c)).all()
+
+
+@pytest.mark.parametrize("hidden, context_dim", [([], 0), ([16], 0), ([24, 20], 2)])
+def test_made_output_and_jacobian_match_autograd(hidden, context_dim):
+    """``LipschitzMADE.output_and_jacobian``: the output of ``forward`` and the Jacobian in ``x`` that
+    autograd computes (float64, weights moved so that many ELU units sit below 0), autoregressive
+    (zero on and above the diagonal), for every context."""
+    from pyro_flows.nn import LipschitzMADE
+
+    torch.manual_seed(0)
+    net = LipschitzMADE(5, hidden, output_multiplier=3, context_dim=context_dim).double()
+    with torch.no_grad():
+        net.packed.add_(torch.randn_like(net.packed))
+    x = torch.randn(7, 5, dtype=torch.float64)
+    ctx = torch.randn(7, context_dim, dtype=torch.float64) if context_dim else None
+    out, jac = net.output_and_jacobian(x, ctx)
+    assert torch.equal(out, net(x, ctx))
+    ref = torch.stack([torch.autograd.functional.jacobian(
+        lambda v, i=i: net(v, None if ctx is None else ctx[i]), x[i]) for i in range(len(x))])
+    assert jac.shape == (7, 3, 5, 5)
+    assert torch.allclose(jac, ref, rtol=1e-12, atol=1e-12)
+    assert (jac.triu() == 0).all()

@@ -291,3 +291,33 @@ def test_warning_names_the_bound_reached():
     with pytest.warns(ConvergenceWarning, match="guaranteed x-space error bound"):
         fixed_point(lambda x: 0.99 * torch.sin(x) + 1.0, torch.zeros(2, 3, dtype=f64), lipschitz=0.99,
                     max_iter=3)
+
+
+def test_monotone_root_reuses_a_first_evaluation():
+    """``first``: an evaluation at ``init`` the caller already has is the first iterate's, so the solve
+    calls ``fn`` once less; entries whose ``init`` is outside the bracket start from the midpoint and
+    ignore it. ``detail["at_last_evaluation"]``: the returned ``x`` is where ``fn`` was last evaluated."""
+    y = torch.linspace(-20, 20, 41, dtype=f64)
+    calls = []
+
+    def fn(x):
+        calls.append(x.clone())
+        return sinh_map(x)
+
+    init = torch.asinh(y) + 1e-3
+    lower, upper = init - 1.0, init + 1.0
+    x0, info0 = monotone_root(fn, y, init=init, lower=lower, upper=upper, return_info=True)
+    n0 = len(calls)
+    calls.clear()
+    x1, info1 = monotone_root(fn, y, init=init, lower=lower, upper=upper, return_info=True, first=sinh_map(init))
+    assert torch.equal(x0, x1) and info1.iterations == info0.iterations and len(calls) == n0 - 1
+    assert info1.detail["at_last_evaluation"] and torch.equal(calls[-1], x1)
+    # for y > 0, init lies above the bracket: those entries start from the midpoint, above the root, and
+    # must ignore ``first`` there (if used, its value -1e6 would move the lower end past the root)
+    root = torch.asinh(y)
+    lower2 = torch.where(y > 0, root - 0.5, lower)
+    upper2 = torch.where(y > 0, root + 3.0, upper)
+    init2 = torch.where(y > 0, upper2 + 1.0, init)
+    first = (torch.where(y > 0, torch.full_like(y, -1e6), torch.sinh(init2)), torch.cosh(init2))
+    x2 = monotone_root(fn, y, init=init2, lower=lower2, upper=upper2, first=first)
+    assert (x2 - root).abs().max() < 1e-10

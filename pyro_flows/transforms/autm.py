@@ -55,7 +55,9 @@ direction makes no host synchronisation. The other direction solves :math:`E(u) 
 * coupling: one elementwise bracketed Newton/bisection solve
   (:func:`pyro_flows.solvers.monotone_root`) started from the paper's reversed integration, inside the
   bracket :math:`|q(u_0) - v|/m` given by the guaranteed slope floor
-  :math:`m = e^{\alpha}(1-\kappa_\gamma-\kappa_\gamma^2/2)^K`;
+  :math:`m = e^{\alpha}(1-\kappa_\gamma-\kappa_\gamma^2/2)^K` (padded by four tolerances; a root
+  that rounding put outside it sends the solve to a bracket search). The evaluation at :math:`u_0` is
+  the solver's first iterate and the evaluation at the result is the layer's log-det and certificate;
 * autoregressive: block Gauss-Jacobi passes, each solving all coordinates elementwise for the
   conditioner evaluated at the current iterate; it is exact after at most ``input_dim`` passes (the
   conditioner is strictly triangular) and stops earlier once a pass changes nothing.
@@ -63,8 +65,9 @@ direction makes no host synchronisation. The other direction solves :math:`E(u) 
 **Certified.** Every numerical result :math:`\hat u` is checked in the solved variable: with the
 residual :math:`r = |E(\hat u) - v|` (plus a rounding allowance) and the Jacobian :math:`J` of
 :math:`E` at :math:`\hat u` (diagonal, :math:`q'`, for coupling; lower triangular for the
-autoregressive layer, from one backward pass of the elementwise map and a forward-mode Jacobian of the
-conditioner), the error obeys, to first order, :math:`|\hat u - u^*| \le |J^{-1}|\,r` componentwise.
+autoregressive layer, from one backward pass of the elementwise map and the conditioner's analytic
+Jacobian, :meth:`~pyro_flows.nn.LipschitzMADE.output_and_jacobian`), the error obeys, to first
+order, :math:`|\hat u - u^*| \le |J^{-1}|\,r` componentwise.
 If that exceeds :math:`\sqrt{\epsilon}(1 + |\hat u|)` (:math:`\epsilon` the dtype's machine epsilon:
 1.5e-8 in float64, 3.5e-4 in float32) a :class:`~pyro_flows.solvers.ConvergenceWarning` names the
 bound reached; this is what flags, e.g., float32 inputs of size 1e3. The bound of the last numerical
@@ -570,15 +573,21 @@ class _AUTMBase(FlowTransform):
                                    self.log_scale_bound, self.nonlinear_bound)
 
     def _solve(self, target, coeffs, init=None):
-        """Elementwise root of ``q(u; coeffs) = target`` (no graph), in a guaranteed bracket."""
+        """Elementwise root of ``q(u; coeffs) = target`` (no graph), in a guaranteed bracket.
+
+        Returns ``(u, y, logd)`` with ``y, logd = self._map(u, coeffs)``: the solver's last evaluation
+        (the map is deterministic, so it is what a fresh call gives, bit for bit).
+        """
         fixed = tuple(None if c is None else c.detach() for c in coeffs)
         target = target.detach()
         if init is None:
             init = autm_reverse_integration(target, *fixed, self.g, self.num_steps, self.tail_bound)
             init = torch.where(torch.isfinite(init), init, target)
+        last = {}
 
         def fn(v):
             y, logd = self._map(v, fixed)
+            last.update(y=y, logd=logd)
             return y, torch.exp(logd)
 
         # q' >= m := exp(alpha) prod(1 - p - p^2/2) everywhere (p = h|gamma|M, each Heun step's bound),
@@ -588,19 +597,32 @@ class _AUTMBase(FlowTransform):
             hgm = fixed[2].abs() * (_slope_bound(self.g, self.tail_bound) / self.num_steps)
             log_m = log_m + self.num_steps * torch.log1p(-hgm - 0.5 * hgm * hgm)
         eps = torch.finfo(target.dtype).eps
-        slack = (fn(init)[0] - target).abs() + 64 * eps * (1 + target.abs())
-        width = slack * torch.exp(-log_m) * (1 + 1e-6)
-        lower, upper = init - width, init + width
-        # rounding in the evaluated map could in principle push the root out: verify (both ends in one
-        # evaluation), else search
-        y_ends = fn(torch.stack([lower, upper]))[0]
-        if not bool((torch.isfinite(width) & (y_ends[0] <= target) & (y_ends[1] >= target)).all()):
-            lower = upper = None
         tol = 64 * eps  # near rounding: a loose stop would be amplified by the layers that follow
+        first = fn(init)  # sizes the bracket and is the solver's first evaluation
+        slack = (first[0] - target).abs() + 64 * eps * (1 + target.abs())
+        # padded by four times the x-tolerance (so init is strictly inside, and a solve that ends
+        # within the tolerance of an end has met a root outside it, see below); a non-finite width
+        # gives the empty bracket [init, init], which the check below sends to the search
+        width = slack * torch.exp(-log_m) * (1 + 1e-6) + 4 * tol * (1 + init.abs())
+        finite = torch.isfinite(width)
+        lower = torch.where(finite, init - width, init)
+        upper = torch.where(finite, init + width, init)
         x, info = monotone_root(fn, target, init=init, lower=lower, upper=upper, atol=tol, rtol=tol,
-                                return_info=True)
+                                return_info=True, first=first, on_fail="ignore")
+        if not info.detail["at_last_evaluation"]:
+            fn(x)
+        # The bracket holds in exact arithmetic; rounding in the evaluated map could in principle put
+        # the evaluated root outside it. The solve then ends at a bracket end with its residual
+        # pointing outwards: search a bracket and solve again (one host synchronisation, as the
+        # up-front evaluation of both ends that this check replaces made).
+        y, near = last["y"], tol * (1 + x.abs())
+        out = ((x - lower <= near) & (y > target)) | ((upper - x <= near) & (y < target))
+        if not (info.converged and bool((finite & ~out).all())):
+            x, info = monotone_root(fn, target, init=init, atol=tol, rtol=tol, return_info=True)
+            if not info.detail["at_last_evaluation"]:
+                fn(x)
         self._iterations = max(self._iterations, info.iterations)
-        return x
+        return x, last["y"], last["logd"]
 
     def _certify(self, u, v, y, logd, jac=None):
         """Warn unless the certified error bound of the numerical result ``u`` is within tolerance.
@@ -622,11 +644,11 @@ class _AUTMBase(FlowTransform):
                 err = (inv.abs() @ r.unsqueeze(-1)).squeeze(-1)
             err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
             tol = _x_tolerance(u.dtype) * (1 + u.abs())
-            bound = float(err.max()) if err.numel() else 0.0
-            ok = bool((err <= tol).all())
-            self.last_solver_info = SolverInfo(
-                self._iterations, float(r.max()) if r.numel() else 0.0, ok, bound,
-                {"passes": self._passes})
+            bound, residual, ok = 0.0, 0.0, True
+            if err.numel():  # one host synchronisation
+                bound, residual, ok = torch.stack([err.max(), r.max(), (err <= tol).all().to(err.dtype)]).tolist()
+                ok = ok == 1.0
+            self.last_solver_info = SolverInfo(self._iterations, residual, ok, bound, {"passes": self._passes})
             if not ok:
                 worst = float((err / tol).max())
                 warnings.warn(
@@ -720,17 +742,14 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
             passes = 0
             for passes in range(1, D + 1):  # coordinates < passes are final after `passes` passes
                 raw = self.arn(torch.zeros_like(target) if u is None else u, ctx0, weights=fixed)
-                u_new = self._solve(target, self._coefficients(raw), init=u)
+                u_new = self._solve(target, self._coefficients(raw), init=u)[0]
                 done = u is not None and bool(
                     ((u_new - u).abs() <= _x_tolerance(u.dtype) ** 2 * (1 + u.abs())).all())
                 u = u_new
                 if done:
                     break
             self._passes = passes
-        with torch.no_grad():
-            raw = self.arn(u, ctx0, weights=fixed)
-            y, logd = self._map(u, self._coefficients(raw))
-        jac = self._jacobian(u, logd, weights, ctx)
+        y, logd, jac = self._map_and_jacobian(u, fixed, ctx0)
         self._certify(u, v, y, logd, jac)
         need_graph = torch.is_grad_enabled() and (
             v.requires_grad or (ctx is not None and ctx.requires_grad)
@@ -748,33 +767,25 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         _, logd = self._map_raw(u, raw)
         return u, logd.sum(-1)
 
-    def _jacobian(self, u, logd, weights, ctx):
-        """The (lower triangular) Jacobian of the explicit map at ``u``, ``(..., D, D)``, no graph.
+    def _map_and_jacobian(self, u, weights, ctx):
+        """``(y, logd, J)`` at ``u``, no graph: the explicit map, its log-slopes and its (lower triangular)
+        Jacobian ``(..., D, D)``.
 
         ``J[k, j] = q'_k [k = j] + sum_p (d q_k / d raw_pk) (d raw_pk / d u_j)``: one backward pass of
-        the elementwise map for the sensitivities and a forward-mode Jacobian of the conditioner alone.
+        the elementwise map for the sensitivities and the conditioner's Jacobian
+        (:meth:`~pyro_flows.nn.LipschitzMADE.output_and_jacobian`, analytic).
         """
-        from torch.func import jacfwd, vmap
-
-        fixed = [w.detach() for w in weights]
         u = u.detach()
-        ctx = None if ctx is None else ctx.detach()
+        with torch.no_grad():
+            raw, jr = self.arn.output_and_jacobian(u, ctx, weights)  # (..., P, D), (..., P, D, D)
         with torch.enable_grad():
-            raw = self.arn(u, ctx, weights=fixed).detach().requires_grad_(True)
-            y, _ = self._map_raw(u, raw)
+            raw = raw.requires_grad_(True)
+            y, logd = self._map_raw(u, raw)
             (sens,) = torch.autograd.grad(y.sum(), raw)  # (..., P, D)
         with torch.no_grad():
-            batch, D = u.shape[:-1], self.input_dim
-            flat_u = u.reshape(-1, D)
-            if ctx is None:
-                jr = vmap(jacfwd(lambda ui: self.arn(ui, None, weights=fixed)))(flat_u)
-            else:
-                flat_c = ctx.reshape(-1, ctx.shape[-1])
-                jr = vmap(jacfwd(lambda ui, ci: self.arn(ui, ci, weights=fixed), argnums=0))(
-                    flat_u, flat_c)
-            jr = jr.reshape(batch + jr.shape[-3:])  # (..., P, D, D)
             jac = (sens.unsqueeze(-1) * jr).sum(-3)
-            return jac + torch.diag_embed(torch.exp(logd.detach()))
+            logd = logd.detach()
+            return y.detach(), logd, jac + torch.diag_embed(torch.exp(logd))
 
 
 class AUTMAutoregressive(ConditionedAUTMAutoregressive, TransformModule):
@@ -985,7 +996,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
         v2 = v[..., self.split_dim:].expand(v1.shape[:-1] + (self.input_dim - self.split_dim,))
         coeffs = self._coefficients(raw)
         with torch.no_grad():
-            u2 = self._solve(v2, coeffs)
+            u2, y2, logd = self._solve(v2, coeffs)
 
         def fn_graph(w):
             y, logd = self._map(w, coeffs)
@@ -993,7 +1004,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
 
         if torch.is_grad_enabled() and (v.requires_grad or raw.requires_grad):
             u2 = implicit_monotone_root(fn_graph, u2, v2)
-        y2, logd = self._map(u2, coeffs)
+            y2, logd = self._map(u2, coeffs)  # with its graph
         self._certify(u2, v2, y2, logd)
         return torch.cat([v1, u2], -1), logd.sum(-1)
 
