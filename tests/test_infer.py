@@ -165,6 +165,29 @@ def test_autoflow_bad_arguments():
         ConditionalFlow(2, 3, _pyro_conditional_iaf_stack, loc=torch.zeros(2))
 
 
+def test_autoflow_widths_follow_one_rule():
+    """``AutoFlow`` gives the default family and the other families whose own default width is ``10 D``
+    (``WIDTH_RULE_FAMILIES``) the widths ``min(max(2 D, 64), 10 D)``; the other families keep their own;
+    ``hidden_dims`` given by the user wins."""
+    from pyro_flows.infer.autoguide import WIDTH_RULE_FAMILIES
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(12), 1.0).to_event(1))
+
+    def widths(*args, **kwargs):
+        pyro.clear_param_store()
+        guide = AutoFlow(model, *args, laplace=False, **kwargs)
+        guide()
+        return sum(p.numel() for p in guide.transform.parameters())
+
+    assert set(WIDTH_RULE_FAMILIES) == {"autm_autoregressive", "autm_coupling", "sinusoidal"}
+    for family in (None, *WIDTH_RULE_FAMILIES):
+        rule = widths(*(() if family is None else (family,)))
+        assert rule == widths(*(() if family is None else (family,)), hidden_dims=[64, 64]), family
+        assert rule != widths(*(() if family is None else (family,)), hidden_dims=[120, 120]), family
+    assert widths("qlf") == widths("qlf", hidden_dims=[48, 48])  # qlf's own default at D = 12
+
+
 @pytest.mark.parametrize("affine", ["output", "base"])
 def test_autoflow_init_at_model_init_point(affine):
     # init_to_median: loc starts at the prior medians (mu = 5, sigma = 2); with affine="output" the guide

@@ -147,6 +147,9 @@ DEFAULT_MIN_HIDDEN = 64
 #: never wider than the family's own default ``10 D`` (the 2-D banana at widths 64 and flow rate 0.01 reached
 #: KL 0.19 after 1500 steps against 0.03 at widths 16)
 MAX_HIDDEN_FACTOR = 10
+#: the families ``AutoFlow(model, family)`` gives the default family's widths (their own default is ``10 D`` too,
+#: so the rule only narrows them; ``docs/autoflow.md``); the others keep their own defaults
+WIDTH_RULE_FAMILIES = ("autm_autoregressive", "autm_coupling", "sinusoidal")
 #: ``warmup="plateau"``'s :class:`PlateauTest` ``patience``: the flow is also switched on after this many
 #: steps of a trajectory that keeps drifting
 DEFAULT_PATIENCE = 2000
@@ -473,7 +476,9 @@ class AutoFlow(AutoContinuous):
             trained parameters are in the param store. ``laplace_info`` says what happened.
             ``False``: the default start, as ``AutoMultivariateNormal``.
         num_quantile_samples: Monte Carlo draws used by :meth:`median` and :meth:`quantiles`.
-        **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``,
+        **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``: for the default
+            family and the others in :data:`WIDTH_RULE_FAMILIES` the default is
+            ``[min(max(2 D, 64), 10 D)] * 2``, for the rest the family's own;
             ``cache_size``). ``single_pass`` defaults to ``"sample"`` here: a guide draws
             (``rsample``) and scores its own draws, so that direction is the single-pass one.
 
@@ -508,7 +513,7 @@ class AutoFlow(AutoContinuous):
                  init_scale: float = 0.1, affine: str = "output", affine_rank: str = "full",
                  init: str = "identity", warmup="plateau", laplace=True, num_quantile_samples: int = 4000,
                  **flow_kwargs):
-        self._default_hidden = flow is None and "hidden_dims" not in flow_kwargs
+        self._default_hidden = "hidden_dims" not in flow_kwargs and (flow is None or flow in WIDTH_RULE_FAMILIES)
         if flow is None:
             flow = DEFAULT_FLOW
             for key, value in DEFAULT_FLOW_KWARGS.items():
