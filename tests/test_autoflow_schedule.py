@@ -122,3 +122,56 @@ def test_each_group_has_its_own_test_and_rate():
     assert opt.param_groups[0]["decays"] >= 2 and opt.param_groups[1]["lr"] == 0.001
     opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
     assert opt.param_groups[2]["min_lr"] == pytest.approx(0.001) and opt.param_groups[2]["reduce"] == "max"
+
+
+def _banana():
+    z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+    pyro.sample("z2", dist.Normal(z1 ** 2 - 1.0, 0.5))
+
+
+def _wide():
+    pyro.sample("z", dist.Normal(torch.zeros(10), 1.0).to_event(1))
+
+
+def _flow_rates(model, guide, optim):
+    """The learning rate Pyro's per-parameter optimisers got after one step, by parameter name."""
+    SVI(model, guide, optim, Trace_ELBO()).step()
+    store = pyro.get_param_store()
+    return {store.param_name(p): o.param_groups[0]["lr"] for p, o in optim.optim_objs.items()}
+
+
+def test_default_flow_rate_follows_the_width():
+    """Without ``flow_lr`` the flow's rate is DEFAULT_FLOW_LR * 64 / width for the width rule's narrow
+    conditioners (D = 2: width 20), the reference rate at width 64 (D = 10) and for families outside the rule
+    or user widths; an explicit ``flow_lr`` is used as given; a guide rebuilt from a saved store keeps the
+    scale (the tensors it reads from the store carry it), and the affine part keeps 0.02 throughout."""
+    from pyro_flows.infer.autoguide import DEFAULT_FLOW_LR, DEFAULT_LR, FLOW_LR_WIDTH
+
+    def check(model, expected_scale, optim=None, flow_lr=None, **kwargs):
+        guide = AutoFlow(model, warmup=0, laplace=False, **kwargs)
+        rates = _flow_rates(model, guide, optim or AutoFlow.optimizer(flow_lr=flow_lr))
+        flow = {k: v for k, v in rates.items() if ".transform$$$" in k}
+        assert flow and all(k.split("$$$")[0].endswith("transform") for k in flow)
+        want = flow_lr if flow_lr is not None else DEFAULT_FLOW_LR * expected_scale
+        assert all(v == pytest.approx(want, rel=1e-12) for v in flow.values()), flow
+        assert all(v == DEFAULT_LR for k, v in rates.items() if k not in flow)
+        assert guide.flow_lr_scale == pytest.approx(expected_scale)
+        return guide
+
+    pyro.clear_param_store()
+    check(_banana, FLOW_LR_WIDTH / 20)
+    pyro.clear_param_store()
+    check(_banana, FLOW_LR_WIDTH / 20, flow_lr=0.01)
+    pyro.clear_param_store()
+    check(_wide, 1.0)
+    pyro.clear_param_store()
+    check(_banana, 1.0, hidden_dims=[20, 20])
+    pyro.clear_param_store()
+    check(_banana, 1.0, flow="qlf")
+    # save, clear, load: a fresh guide reads its flow from the store and the new optimiser scales it again
+    pyro.clear_param_store()
+    check(_banana, FLOW_LR_WIDTH / 20)
+    state = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state)
+    check(_banana, FLOW_LR_WIDTH / 20)

@@ -158,6 +158,15 @@ DEFAULT_PATIENCE = 2000
 DEFAULT_LR = 0.02
 DEFAULT_FLOW_LR = 0.002
 DEFAULT_CLIP = 10.0
+#: the conditioner width :data:`DEFAULT_FLOW_LR` is the rate for. A guide whose width rule gives narrower
+#: conditioners (``D < 7``) trains its flow at ``DEFAULT_FLOW_LR * FLOW_LR_WIDTH / width`` when ``flow_lr`` is
+#: not given: one Adam step moves every weight by about the rate, so the network's output moves by about
+#: ``width x rate`` (the hidden-layer rule of Yang et al.'s muP for Adam); wider conditioners (``D > 32``) keep
+#: the reference rate (not measured there). ``docs/autoflow.md``, "The flow's rate and the width".
+FLOW_LR_WIDTH = 64
+#: the attribute of a flow parameter (set by ``AutoFlow``) that carries its rate's multiplier to
+#: :meth:`AutoFlow.optim_args`, which only sees parameter names
+_FLOW_LR_SCALE = "_pyro_flows_flow_lr_scale"
 
 
 def clear_transform_cache(obj) -> int:
@@ -340,6 +349,19 @@ def _has_permutation(module) -> bool:
     return any(_is_permutation(p) for p in _parts(module))
 
 
+def flow_lr_scale(module_name: str, param_name: str) -> float:
+    """The multiplier of the default flow rate for the parameter Pyro names ``(module_name, param_name)``: what
+    the ``AutoFlow`` that registered it set (``AutoFlow.flow_lr_scale``), 1 for any other parameter."""
+    store = pyro.get_param_store()
+    key = param_with_module_name(module_name, param_name)
+    if key not in store:
+        return 1.0
+    value = store[key]
+    unconstrained = getattr(value, "unconstrained", None)  # the registered tensor (the store returns its image)
+    tensor = unconstrained() if unconstrained is not None else value
+    return float(getattr(tensor, _FLOW_LR_SCALE, 1.0))
+
+
 class PlateauTest:
     """A noise-aware plateau test of a parameter trajectory (``update`` once per optimiser step).
 
@@ -484,6 +506,8 @@ class AutoFlow(AutoContinuous):
 
     Attributes:
         flow_on: whether the flow layers are in use (``False`` during the warmup).
+        flow_lr_scale: the multiplier of :data:`DEFAULT_FLOW_LR` that :meth:`optimizer` gives this guide's flow
+            (``FLOW_LR_WIDTH / width`` for the width rule's conditioners narrower than 64, else 1).
         laplace_info: the Laplace start's diagnostics (``accepted``, ``elbo_laplace``, ``elbo_default``,
             ``evals``, ``seconds``, ``reason`` when refused), or None (``laplace=False``).
         frame_loc, frame_tril: the fixed frame of the affine part (no gradient reaches them; saved and loaded
@@ -557,6 +581,7 @@ class AutoFlow(AutoContinuous):
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._user_model = model  # unwrapped by Pyro's init_loc_fn handler (for the Laplace start)
         self.transform = None
+        self.flow_lr_scale = 1.0
         self.flow_on = True
         self._plateau = None
         self._steps = 0
@@ -583,10 +608,12 @@ class AutoFlow(AutoContinuous):
         # build on the model's device (no allocation on the default device), then cast the dtype
         with torch.device(init_loc.device):
             kwargs = dict(self._flow_kwargs)
+            self.flow_lr_scale = 1.0
             if self._default_hidden:
                 d = self.latent_dim
                 width = min(max(DEFAULT_HIDDEN_FACTOR * d, DEFAULT_MIN_HIDDEN), MAX_HIDDEN_FACTOR * d)
                 kwargs["hidden_dims"] = [width] * 2
+                self.flow_lr_scale = max(FLOW_LR_WIDTH / width, 1.0)
             module = make_flow(self._flow_spec, self.latent_dim, self._num_layers, **kwargs)
         at_identity = False
         if isinstance(module, torch.nn.Module):
@@ -595,6 +622,8 @@ class AutoFlow(AutoContinuous):
                 at_identity = init_identity(module)
             # trained tensors loaded from the store: the flow is not at the identity
             at_identity = not _load_from_param_store(self._pyro_get_fullname("transform"), module) and at_identity
+            for p in module.parameters():  # the tensors the param store holds now: optim_args reads this
+                setattr(p, _FLOW_LR_SCALE, self.flow_lr_scale)
         self.transform = module
         skippable = at_identity and (self._affine == "output" or not _has_permutation(module))
         self.flow_on = not (skippable and self._warmup != 0)
@@ -678,10 +707,12 @@ class AutoFlow(AutoContinuous):
         return AffineTransform(loc, tril, event_dim=1, cache_size=1)
 
     @staticmethod
-    def optim_args(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float | None = None,
+    def optim_args(lr: float = DEFAULT_LR, flow_lr: float | None = None, clip: float | None = None,
                    schedule: bool = False, **extra):
         """Per-parameter arguments for a Pyro optimiser: ``lr`` for the affine part (``loc``,
-        ``scale``, ``scale_tril``), ``flow_lr`` for the flow's networks.
+        ``scale``, ``scale_tril``), ``flow_lr`` for the flow's networks (default: :data:`DEFAULT_FLOW_LR`
+        times the guide's ``flow_lr_scale``, which is ``FLOW_LR_WIDTH / width`` for the width rule's
+        conditioners narrower than 64, else 1; a number given is used as it is).
 
         The affine part must travel far (to the posterior's location and scale) while the flow's
         networks, with thousands of weights, change the map a lot per Adam step: in the posteriordb
@@ -698,7 +729,8 @@ class AutoFlow(AutoContinuous):
         """
         def args(module_name, param_name):
             if module_name.split(".")[-1] == "transform":
-                out = {"lr": flow_lr, **({} if clip is None else {"clip_norm": clip})}
+                rate = flow_lr if flow_lr is not None else DEFAULT_FLOW_LR * flow_lr_scale(module_name, param_name)
+                out = {"lr": rate, **({} if clip is None else {"clip_norm": clip})}
                 reduce = "mean"
             else:
                 out = {"lr": lr, **({} if clip is None else {"clip_norm": math.inf})}
@@ -708,7 +740,7 @@ class AutoFlow(AutoContinuous):
         return args
 
     @staticmethod
-    def optimizer(lr: float = DEFAULT_LR, flow_lr: float = DEFAULT_FLOW_LR, clip: float = DEFAULT_CLIP,
+    def optimizer(lr: float = DEFAULT_LR, flow_lr: float | None = None, clip: float = DEFAULT_CLIP,
                   schedule: bool = True, **extra):
         """The recommended optimiser: :func:`~pyro_flows.infer.PlateauAdam` (Pyro's ``ClippedAdam`` whose
         rate halves each time a parameter is stationary, down to 1/100 of its initial rate) with
@@ -716,7 +748,10 @@ class AutoFlow(AutoContinuous):
 
         Arguments:
             lr: the affine part's learning rate (default 0.02, as for ``AutoMultivariateNormal``).
-            flow_lr: the flow's learning rate.
+            flow_lr: the flow's learning rate (default: :data:`DEFAULT_FLOW_LR` = 0.002, the rate for
+                conditioners of width 64, scaled up to ``0.002 * 64 / width`` for the narrower ones the
+                width rule gives at ``D < 7``; read per parameter when Pyro builds its optimiser, i.e. at
+                the first step).
             clip: elementwise gradient clamp of the flow's parameters (the affine part is not
                 clipped).
             schedule: ``False`` for a constant-rate ``pyro.optim.ClippedAdam`` instead.
