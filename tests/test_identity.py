@@ -62,3 +62,22 @@ def test_init_identity_is_the_identity(name, D, conditional):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     total = sum(float(g.abs().sum()) for g in grads if g is not None)
     assert torch.isfinite(torch.tensor(total)) and total > 0
+
+
+@pytest.mark.parametrize("bound", ["spectral", "power", "frobenius"])
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("name", ["autm_autoregressive", "autm_coupling", "quar"])
+def test_identity_start_has_finite_gradients_with_every_bound(name, conditional, bound):
+    """Identity-initialised layers have zero weights (a conditioner's output layer): every Lipschitz bound must
+    have a finite gradient there, or the first training step is NaN (``AutoFlow(model, bound="frobenius")``
+    was, when the Frobenius norm was ``sqrt(sum of squares)``, whose gradient at 0 is inf * 0)."""
+    stack = pyro_flows.flow(name, 4, num_layers=2, context_dim=3 if conditional else None, bound=bound,
+                            single_pass="sample").double()
+    assert init_identity(stack)
+    t = stack.condition(torch.randn(6, 3, dtype=torch.float64)) if conditional else stack
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = t(x)
+    ((y.sin() * torch.arange(1.0, 5, dtype=torch.float64)).sum() + t.log_abs_det_jacobian(x, y).sum()).backward()
+    grads = [p.grad for p in stack.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads), f"{name}, bound={bound}: non-finite gradient"
+    assert any(g.abs().sum() > 0 for g in grads), f"{name}, bound={bound}: no gradient leaves the identity"

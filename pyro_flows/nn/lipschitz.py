@@ -663,7 +663,9 @@ def matrix_norm_bound(weight: torch.Tensor, bound: str = "spectral") -> torch.Te
     if bound not in _BOUNDS:
         raise ValueError(f"bound must be one of {_BOUNDS}, got {bound!r}")
     if bound == "frobenius":
-        return (weight.double().pow(2).sum().sqrt() * (1 + MARGIN)).to(weight.dtype)
+        # vector_norm, not sqrt(sum of squares): its gradient at a zero weight is 0 (a subgradient), where the
+        # square root's is inf * 0 = NaN; identity-initialised layers have zero weights
+        return (torch.linalg.vector_norm(weight.double()) * (1 + MARGIN)).to(weight.dtype)
     if bound == "power":
         return power_norm_product([weight])
     return spectral_norm_bounds([weight])[0]
