@@ -3,6 +3,8 @@
 A family that registers itself (``pyro_flows.registry.register_flow``) is checked here automatically.
 """
 
+import itertools
+
 import pytest
 import torch
 from conformance import (
@@ -49,15 +51,16 @@ def _cases():
                  lambda d, c, name=name, kw=kw: pyro_flows.flow(name, d, num_layers=2, context_dim=c, **kw),
                  conditional=True),
         ]
-    # the sync-free Lipschitz bound (no decomposition) of the families whose default bound is the exact one
-    for name in ("quar", "autm_coupling", "autm_autoregressive"):
+    # the other Lipschitz bounds of the families whose default bound is the exact one: the sync-free one (no
+    # decomposition) and the Frobenius norm (cheap, loose)
+    for name, bound in itertools.product(("quar", "autm_coupling", "autm_autoregressive"), ("power", "frobenius")):
         if name not in pyro_flows.FLOWS:
             continue
-        kw = {**get_flow(name).test_kwargs, "bound": "power"}
+        kw = {**get_flow(name).test_kwargs, "bound": bound}
         cases += [
-            Case(f"flow({name}, bound=power)",
+            Case(f"flow({name}, bound={bound})",
                  lambda d, name=name, kw=kw: pyro_flows.flow(name, d, num_layers=2, **kw)),
-            Case(f"flow({name}, bound=power, context)",
+            Case(f"flow({name}, bound={bound}, context)",
                  lambda d, c, name=name, kw=kw: pyro_flows.flow(name, d, num_layers=2, context_dim=c, **kw),
                  conditional=True),
         ]
