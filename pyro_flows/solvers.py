@@ -129,8 +129,9 @@ def refuse_jit_trace(name):
     if torch.jit.is_tracing():
         raise SolverError(
             f"{name}: an iterative inverse cannot be traced by torch.jit (JitTrace_ELBO, "
-            "torch.jit.trace): the trace would freeze its iteration count. Use Trace_ELBO, or build "
-            "the flow so this direction is single-pass (single_pass='sample' for a guide)"
+            "torch.jit.trace): the trace would freeze its iteration count. Use Trace_ELBO, or, for a "
+            "family with the direction switch, build the flow so this direction is single-pass "
+            "(single_pass='sample' for a guide; monotone solves in both directions and has no switch)"
         )
 
 

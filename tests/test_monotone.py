@@ -439,6 +439,23 @@ def test_in_place_edit_of_the_input_gives_the_new_value(grad):
     assert (block.log_abs_det_jacobian(x, y) - ladj_new).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_in_place_edit_of_a_sample_is_allowed_and_scored_at_the_new_value(grad):
+    """A sample is the output of the fused step (a custom autograd function): it must not be a view, or
+    autograd forbids ``z.add_(...)`` (and, after a no-grad edit, every later use of ``z``)."""
+    torch.manual_seed(0)
+    t = pyro_flows.flow("monotone", 3, num_layers=2, hidden_dims=[8]).double()
+    base = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1)
+    d = dist.TransformedDistribution(base, [t])
+    z = d.rsample((4,))
+    with torch.set_grad_enabled(grad):
+        z.add_(0.5)
+        got = d.log_prob(z)
+    want = d.log_prob(z.detach().clone())
+    assert (got - want).abs().max() < 1e-10
+    assert (2 * z).shape == (4, 3)
+
+
 def test_jit_trace_raises_an_error_naming_jit():
     t = pyro_flows.monotone(2, hidden_dims=[8])
     with pytest.raises(RuntimeError, match="torch.jit"):

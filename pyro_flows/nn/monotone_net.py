@@ -378,7 +378,8 @@ class _FoldedExactStep(torch.autograd.Function):
         y, ladj, saved, meta = _folded_step_forward(w, rhs, context, sign, act, n_hidden, params, True)
         ctx.save_for_backward(*saved)
         ctx.meta = meta
-        return y, ladj
+        # outputs that are views (of the reshaped batch) would forbid in-place edits of the user's sample
+        return (y.clone() if y._base is not None else y), (ladj.clone() if ladj._base is not None else ladj)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
