@@ -36,12 +36,14 @@ def kl_estimate(guide, seed):
     return float(-lw.mean())
 
 
-def fit(seed, steps, particles, flow_lr, decay, num_layers=None, schedule=True, warmup=None, checkpoints=()):
+def fit(seed, steps, particles, flow_lr, decay, num_layers=None, schedule=True, warmup=None, checkpoints=(),
+        **guide_kwargs):
     """``(KL after steps, process CPU seconds of training, {step count: KL})``: the dict has ``steps`` and each of
-    ``checkpoints`` below it (one run, evaluated on the way)."""
+    ``checkpoints`` below it (one run, evaluated on the way). ``guide_kwargs`` go to ``AutoFlow``."""
     pyro.clear_param_store()
     torch.manual_seed(seed)
-    guide = AutoFlow(banana_model, num_layers=num_layers, **({} if warmup is None else {"warmup": warmup}))
+    guide = AutoFlow(banana_model, num_layers=num_layers, **({} if warmup is None else {"warmup": warmup}),
+                     **guide_kwargs)
     extra = {"lrd": 0.1 ** (1.0 / steps)} if decay else {}
     svi = SVI(banana_model, guide, AutoFlow.optimizer(flow_lr=flow_lr, schedule=schedule, **extra),
               Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=0))
@@ -68,7 +70,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = [  # (label, particles, flow_lr, lrd decay, num_layers, schedule, warmup)
+    settings = [  # (label, particles, flow_lr, lrd decay, num_layers, schedule, warmup[, AutoFlow kwargs])
         ("defaults (PlateauAdam, flow lr 0.002 x 64 / width: 0.0064 at D = 2), 8 particles", 8, None, False, None,
          True, None),
         ("PlateauAdam, flow lr 0.01, 8 particles", 8, 0.01, False, None, True, None),
@@ -80,6 +82,8 @@ def main():
         ("flow lr 0.0064 and warmup=0, 8 particles", 8, 0.0064, False, None, True, 0),
         ("flow lr 0.002 (the default before it was scaled to the width), 8 particles", 8, 0.002, False, None, True,
          None),
+        ("defaults, `path_gradient=True` (the path-derivative gradient), 8 particles", 8, None, False, None, True, None,
+         {"path_gradient": True}),
     ]
     if args.settings:
         settings = [settings[int(i)] for i in args.settings.split(",")]
@@ -95,9 +99,9 @@ def main():
     stops = [c for c in checkpoints if c < args.steps] + [args.steps]
     trajectory = ["", f"KL after {' / '.join(str(c) for c in stops)} steps (one run per seed, evaluated on the way):",
                   "", "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    for label, particles, flow_lr, decay, layers, schedule, warmup in settings:
+    for label, particles, flow_lr, decay, layers, schedule, warmup, *guide_kwargs in settings:
         runs = [fit(s, args.steps, particles, flow_lr, decay, layers, schedule, warmup,
-                    checkpoints=checkpoints) for s in seeds]
+                    checkpoints=checkpoints, **(guide_kwargs[0] if guide_kwargs else {})) for s in seeds]
         lines.append(f"| {label} | " + " | ".join(f"{r[0]:.3f}" for r in runs)
                      + f" | {sum(r[1] for r in runs) / len(runs):.0f} |")
         print(lines[-1], flush=True)

@@ -126,6 +126,7 @@ from torch.distributions import Transform, biject_to
 from ..registry import get_flow
 from ..stacking import flow as _stack_flow
 from ..transforms._base import Permute
+from .path_gradient import PathGradientPosterior, frozen_log_prob
 
 __all__ = ["DEFAULT_FLOW", "AutoFlow", "PlateauTest", "clear_transform_cache", "init_identity", "make_flow"]
 
@@ -222,6 +223,41 @@ def clear_transform_cache(obj) -> int:
 
     visit(obj)
     return count
+
+
+class _VersionCheckedCache:
+    """A ``Transform`` cache that also checks version counters. Pyro's matches the cached pair by identity
+    alone, so after an in-place edit of a draw (``z.add_(1)``) ``log_prob(z)`` read the layer input of the
+    *old* values back: a silently wrong density. Here the pair is reused only while neither tensor has been
+    modified in place since it was cached (as in :class:`~pyro_flows.transforms._base.FlowTransform`)."""
+
+    _cached_versions = None
+
+    def _cached(self, t, position, compute):
+        """``t`` is element ``position`` of a pair (0: x, 1: y): the other element, from the cache while valid."""
+        if self._cache_size == 0:
+            return compute(t)
+        pair = self._cached_x_y
+        if pair[position] is t and self._cached_versions == (pair[0]._version, pair[1]._version):
+            return pair[1 - position]
+        out = compute(t)
+        pair = (t, out) if position == 0 else (out, t)
+        self._cached_x_y, self._cached_versions = pair, (pair[0]._version, pair[1]._version)
+        return out
+
+    def __call__(self, x):
+        return self._cached(x, 0, self._call)
+
+    def _inv_call(self, y):
+        return self._cached(y, 1, self._inverse)
+
+
+class _LowerCholeskyAffine(_VersionCheckedCache, LowerCholeskyAffine):
+    pass
+
+
+class _AffineTransform(_VersionCheckedCache, AffineTransform):
+    pass
 
 
 def make_flow(flow, input_dim: int, num_layers: int = 4, context_dim: int | None = None, **kwargs):
@@ -498,6 +534,13 @@ class AutoFlow(AutoContinuous):
             trained parameters are in the param store. ``laplace_info`` says what happened.
             ``False``: the default start, as ``AutoMultivariateNormal``.
         num_quantile_samples: Monte Carlo draws used by :meth:`median` and :meth:`quantiles`.
+        path_gradient: train with the path-derivative ("sticking the landing") gradient once the flow is on:
+            ``log q`` of each draw is differentiated with the parameters held fixed, which drops the score
+            term, a zero-mean noise that does not vanish at the optimum (:mod:`pyro_flows.infer.path_gradient`;
+            measurements in ``docs/autoflow.md``). Costs the flow's other direction once per step (for most
+            families a certified solve, warm-started at the draw: about twice the step for the default family);
+            families whose inverse is iterative then need ``Trace_ELBO`` (a JIT trace refuses the solve).
+            Default ``False``: the guide's loss value is the same either way.
         **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``: for the default
             family and the others in :data:`WIDTH_RULE_FAMILIES` the default is
             ``[min(max(2 D, 64), 10 D)] * 2``, for the rest the family's own;
@@ -536,7 +579,7 @@ class AutoFlow(AutoContinuous):
     def __init__(self, model, flow=None, num_layers: int | None = None, *, init_loc_fn=init_to_median,
                  init_scale: float = 0.1, affine: str = "output", affine_rank: str = "full",
                  init: str = "identity", warmup="plateau", laplace=True, num_quantile_samples: int = 4000,
-                 **flow_kwargs):
+                 path_gradient: bool = False, **flow_kwargs):
         self._default_hidden = "hidden_dims" not in flow_kwargs and (flow is None or flow in WIDTH_RULE_FAMILIES)
         if flow is None:
             flow = DEFAULT_FLOW
@@ -565,6 +608,8 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"laplace must be True, False or a positive number of evaluations, got {laplace!r}")
         if not isinstance(num_quantile_samples, numbers.Integral) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples must be an integer >= 2, got {num_quantile_samples!r}")
+        if not isinstance(path_gradient, bool):
+            raise ValueError(f"path_gradient must be True or False, got {path_gradient!r}")
         self._flow_spec = flow
         self._num_layers = int(num_layers)
         self._flow_kwargs = dict(flow_kwargs)
@@ -578,6 +623,7 @@ class AutoFlow(AutoContinuous):
         self._laplace = laplace
         self.laplace_info = None
         self.num_quantile_samples = int(num_quantile_samples)
+        self.path_gradient = path_gradient
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._user_model = model  # unwrapped by Pyro's init_loc_fn handler (for the Laplace start)
         self.transform = None
@@ -698,13 +744,15 @@ class AutoFlow(AutoContinuous):
     def get_base_dist(self):
         return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
 
-    def _affine_transform(self):
+    def _affine_transform(self, detach: bool = False):
         # cache_size=1: log_prob(z) of a fresh sample z then reads every layer's input back from the
         # caches instead of inverting the flow numerically
         loc, tril = self._loc_tril()
+        if detach:
+            loc, tril = loc.detach(), tril.detach()
         if self._affine_rank == "full":
-            return LowerCholeskyAffine(loc, tril, cache_size=1)
-        return AffineTransform(loc, tril, event_dim=1, cache_size=1)
+            return _LowerCholeskyAffine(loc, tril, cache_size=1)
+        return _AffineTransform(loc, tril, event_dim=1, cache_size=1)
 
     @staticmethod
     def optim_args(lr: float = DEFAULT_LR, flow_lr: float | None = None, clip: float | None = None,
@@ -790,7 +838,15 @@ class AutoFlow(AutoContinuous):
         # one guide call = one step: caches from a previous step may hold stale graphs
         clear_transform_cache(self._flow())
         # a list, not a ComposeTransform, so TransformedDistribution.log_prob walks the cached layers
+        if self.path_gradient and torch.is_grad_enabled():
+            return PathGradientPosterior(self.get_base_dist(), self._transforms(), self._frozen_log_prob)
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
+
+    def _frozen_log_prob(self, z):
+        """``log q(z)`` with every parameter held fixed, differentiable in ``z`` (``path_gradient``)."""
+        flow, affine = self._flow(), self._affine_transform(detach=True)
+        transforms = [flow, affine] if self._affine == "output" else [affine, flow]
+        return frozen_log_prob(flow, transforms, self.get_base_dist(), 1, z)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, num_samples: int | None = None, **kwargs):

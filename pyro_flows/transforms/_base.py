@@ -13,6 +13,7 @@ family raises the same ``ValueError`` naming expected and actual sizes. Families
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -23,7 +24,7 @@ from torch.distributions import Transform
 
 from ..validation import broadcast_context, check_context, check_dim, check_event, check_like
 
-__all__ = ["ConditionalFlowModule", "FlowTransform", "Permute"]
+__all__ = ["ConditionalFlowModule", "FlowTransform", "Permute", "warm_started"]
 
 
 class FlowTransform(Transform):
@@ -157,6 +158,21 @@ class FlowTransform(Transform):
             return None
         return last
 
+    def _warm_start(self, t, position):
+        """Inside :func:`warm_started`: the other element of the last remembered pair (detached, non-finite
+        entries zeroed) when its element ``position`` (0: x, 1: y) has ``t``'s shape, dtype and device, as
+        the start of a numerical solve for ``t``; else ``None`` (then the solver's own start). Any start
+        is safe: the solves are certified where they end."""
+        if not self.__dict__.get(_WARM):
+            return None
+        last = self.__dict__.get("_last_pair")
+        if last is None:
+            return None
+        ref, other = last[position], last[1 - position]
+        if ref.shape != t.shape or ref.dtype != t.dtype or ref.device != t.device or other.shape != t.shape:
+            return None
+        return torch.nan_to_num(other.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+
     def _map_with_cache(self, t, position, what, map_and_ladj):
         """Validate ``t`` (element ``position`` of a pair: 0 x, 1 y), answer from the cache if it
         holds ``t``, else compute the other element with ``map_and_ladj`` and remember the pair."""
@@ -201,6 +217,29 @@ class FlowTransform(Transform):
         state.pop("_last_pair", None)
         state.pop(_SLOTS, None)
         return state
+
+
+_WARM = "_warm_started"
+
+
+@contextlib.contextmanager
+def warm_started(module):
+    """Within the block, the numerical direction of each :class:`FlowTransform` in ``module`` (a transform,
+    a module, or a list of them) starts from the other element of the pair the transform computed last,
+    when the shapes match: an inverse of (nearly) the point a forward call just produced then ends after
+    one pass. Used by the path-derivative gradient (:mod:`pyro_flows.infer.path_gradient`), which inverts
+    each draw of a guide right after drawing it."""
+    marked = []
+    for m in module if isinstance(module, (list, tuple)) else [module]:
+        for t in m.modules() if isinstance(m, torch.nn.Module) else [m]:
+            if isinstance(t, FlowTransform) and not t.__dict__.get(_WARM):
+                t.__dict__[_WARM] = True
+                marked.append(t)
+    try:
+        yield
+    finally:
+        for t in marked:
+            t.__dict__.pop(_WARM, None)
 
 
 _SLOTS = "_flow_parameter_slots"

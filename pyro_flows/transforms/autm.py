@@ -738,7 +738,8 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
             fixed = [w.detach() for w in weights]
             ctx0 = None if ctx is None else ctx.detach()
             target = v.detach()
-            u = None
+            # a warm start (transforms._base.warm_started), else the first pass conditions on zeros
+            u = self._warm_start(v, 1 if self.single_pass == "sample" else 0)
             passes = 0
             for passes in range(1, D + 1):  # coordinates < passes are final after `passes` passes
                 raw = self.arn(torch.zeros_like(target) if u is None else u, ctx0, weights=fixed)
@@ -995,8 +996,10 @@ class ConditionedAUTMCoupling(_AUTMBase):
         v1, raw = self._raw(v[..., : self.split_dim])
         v2 = v[..., self.split_dim:].expand(v1.shape[:-1] + (self.input_dim - self.split_dim,))
         coeffs = self._coefficients(raw)
+        start = self._warm_start(v, 1 if self.single_pass == "sample" else 0)
         with torch.no_grad():
-            u2, y2, logd = self._solve(v2, coeffs)
+            init = None if start is None else start[..., self.split_dim:]
+            u2, y2, logd = self._solve(v2, coeffs, init=init if init is not None and init.shape == v2.shape else None)
 
         def fn_graph(w):
             y, logd = self._map(w, coeffs)

@@ -1,0 +1,129 @@
+"""Path-derivative gradients ("sticking the landing") for flow guides.
+
+The reparameterised ELBO gradient of a guide ``q_phi`` with draws ``z = T_phi(eps)`` has two parts: the *path*
+term, ``(grad_z log p(z) - grad_z log q_phi(z)) dz/dphi``, and the *score* term, ``grad_phi log q_phi(z)`` at
+fixed ``z``, whose expectation is zero. At the optimum (``q = p``) the path term vanishes for every draw, the
+score term does not: its noise is what keeps the final iterate moving. Roeder, Wu and Duvenaud (2017, "Sticking
+the landing") drop it: same expectation, and a variance that vanishes as ``q`` approaches ``p``. Agrawal,
+Sheldon and Domke (2020) found it helps normalizing-flow guides consistently.
+
+Here :class:`PathGradientPosterior` is a ``TransformedDistribution`` whose ``log_prob`` of the draw it has just
+made returns the usual value (exactly: the value is not changed) with the gradient of ``log q`` evaluated with
+the parameters held fixed, ``log q_{stop_grad(phi)}(z)``, differentiable in ``z`` only, so the ELBO's backward
+pass carries the path term alone. ``log q`` with fixed parameters needs the transforms' inverse at ``z``: the
+guide's flow runs its other direction once per step (for families whose sampling direction is the single-pass
+one that is an iterative, certified solve). Each numerical inverse starts from the input its layer has just
+mapped to (nearly) that point (:func:`~pyro_flows.transforms._base.warm_started`), so it ends after one
+certified pass. Other values (data, an earlier draw, a draw edited in place) get the ordinary ``log_prob``.
+
+Used by :class:`~pyro_flows.infer.AutoFlow` with ``path_gradient=True``.
+
+Example:
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro.distributions.transforms import AffineTransform
+    >>> loc = torch.zeros(2, requires_grad=True)
+    >>> frozen = lambda z: dist.Normal(loc.detach(), 1.0).to_event(1).log_prob(z)  # log q with loc held fixed
+    >>> q = PathGradientPosterior(dist.Normal(torch.zeros(2), 1.0).to_event(1), [AffineTransform(loc, 1.0)], frozen)
+    >>> z = q.rsample()
+    >>> lq = q.log_prob(z)  # the value of log q(z); its gradient in loc is the path term only
+    >>> g, = torch.autograd.grad(lq, loc)
+    >>> bool(torch.allclose(g, -(z - loc).detach()))  # the path term; the score term, z - loc, is dropped
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import TransformedDistribution
+from torch.distributions import Transform
+
+from ..transforms._base import _SLOTS, warm_started
+
+__all__ = ["PathGradientPosterior", "frozen_log_prob"]
+
+#: the attribute that holds the latest draw of a :class:`PathGradientPosterior`
+_DRAW = "_path_gradient_draw"
+#: a transform's records of its last pair (ours, ``FlowTransform``'s, and Pyro's cache) and the parameter list its
+#: cache key is built on (rebuilt, with a new key, when the parameters are swapped)
+_RECORDS = ("_last_pair", "_cached_x_y", _SLOTS)
+
+
+class PathGradientPosterior(TransformedDistribution):
+    """A ``TransformedDistribution`` whose ``log_prob`` of its own latest draw carries the path-derivative
+    gradient only (see the module docstring).
+
+    Arguments:
+        base_dist, transforms: as for ``TransformedDistribution``.
+        frozen_log_prob: ``z -> log q(z)`` computed with every parameter held fixed (detached), differentiable
+            in ``z``; called once per scored draw.
+    """
+
+    def __init__(self, base_dist, transforms, frozen_log_prob, validate_args=None):
+        super().__init__(base_dist, transforms, validate_args=validate_args)
+        self._frozen_log_prob = frozen_log_prob
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(PathGradientPosterior, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._frozen_log_prob = self._frozen_log_prob
+        return new
+
+    def rsample(self, sample_shape=torch.Size()):
+        z = super().rsample(sample_shape)
+        self.__dict__[_DRAW] = (z, z._version)
+        return z
+
+    def log_prob(self, value):
+        lp = super().log_prob(value)
+        draw = self.__dict__.get(_DRAW)
+        if draw is None or draw[0] is not value or draw[1] != value._version or not torch.is_grad_enabled():
+            return lp
+        path = self._frozen_log_prob(value)
+        # the usual value (to the last bit), the gradient of log q with the parameters held fixed
+        return lp.detach() + (path - path.detach())
+
+
+class _Frozen(torch.nn.Module):
+    """Holds a flow so that :func:`torch.func.functional_call` can run it with detached parameters."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, transforms, base_dist, event_dim, z):
+        return _log_prob(transforms, base_dist, event_dim, z)
+
+
+def _log_prob(transforms, base_dist, event_dim, y):
+    """``TransformedDistribution.log_prob``'s walk: the inverse of each transform, minus its log-det."""
+    from torch.distributions.utils import _sum_rightmost
+
+    lp = 0.0
+    for t in reversed(transforms):
+        x = t.inv(y)
+        event_dim += t.domain.event_dim - t.codomain.event_dim
+        lp = lp - _sum_rightmost(t.log_abs_det_jacobian(x, y), event_dim - t.domain.event_dim)
+        y = x
+    return lp + _sum_rightmost(base_dist.log_prob(y), event_dim - len(base_dist.event_shape))
+
+
+def frozen_log_prob(flow: torch.nn.Module, transforms, base_dist, event_dim: int, z: torch.Tensor) -> torch.Tensor:
+    """``log q(z)`` of ``TransformedDistribution(base_dist, transforms)`` with the parameters of ``flow`` (one
+    of ``transforms``, or a module they use) detached for the call, differentiable in ``z`` (and in nothing
+    else: the other transforms must hold detached tensors already). ``event_dim`` is the distribution's
+    ``len(event_shape)``."""
+    holder = _Frozen(flow)
+    params = {f"flow.{name}": p.detach() for name, p in flow.named_parameters()}
+    # the layers' records of the draw (their caches) are kept as they are: the frozen pass must not replace them
+    saved = [(t, dict(t.__dict__)) for t in flow.modules() if isinstance(t, Transform)]
+    try:
+        # the draw was just made by these very layers: their numerical inverses start from the inputs they saw
+        with warm_started(flow):
+            return torch.func.functional_call(holder, params, (transforms, base_dist, event_dim, z))
+    finally:
+        for t, state in saved:
+            for key in _RECORDS:
+                if key in state:
+                    t.__dict__[key] = state[key]
+                else:
+                    t.__dict__.pop(key, None)
