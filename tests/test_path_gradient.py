@@ -134,6 +134,16 @@ def test_warm_started_inverse_ends_after_one_pass_and_agrees():
     assert not layer.__dict__.get("_warm_started")  # the block cleans up
 
 
+def test_jit_trace_is_refused_with_an_error_naming_jit():
+    from pyro.infer import JitTrace_ELBO
+
+    pyro.clear_param_store()
+    guide = AutoFlow(gauss_model, "qlf", warmup=0, path_gradient=True)
+    svi = SVI(gauss_model, guide, AutoFlow.optimizer(), JitTrace_ELBO())
+    with pytest.raises(RuntimeError, match="JitTrace_ELBO"):
+        svi.step()
+
+
 def test_path_gradient_rejects_non_bool():
     with pytest.raises(ValueError, match="path_gradient"):
         AutoFlow(gauss_model, path_gradient="yes")

@@ -538,8 +538,8 @@ class AutoFlow(AutoContinuous):
             ``log q`` of each draw is differentiated with the parameters held fixed, which drops the score
             term, a zero-mean noise that does not vanish at the optimum (:mod:`pyro_flows.infer.path_gradient`;
             measurements in ``docs/autoflow.md``). Costs the flow's other direction once per step (for most
-            families a certified solve, warm-started at the draw: about twice the step for the default family);
-            families whose inverse is iterative then need ``Trace_ELBO`` (a JIT trace refuses the solve).
+            families a certified solve, warm-started at the draw: about twice the step for the default family).
+            Needs ``Trace_ELBO`` (or another non-JIT ELBO): ``JitTrace_ELBO`` raises an error naming JIT.
             Default ``False``: the guide's loss value is the same either way.
         **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``: for the default
             family and the others in :data:`WIDTH_RULE_FAMILIES` the default is

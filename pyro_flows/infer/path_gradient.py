@@ -112,6 +112,11 @@ def frozen_log_prob(flow: torch.nn.Module, transforms, base_dist, event_dim: int
     of ``transforms``, or a module they use) detached for the call, differentiable in ``z`` (and in nothing
     else: the other transforms must hold detached tensors already). ``event_dim`` is the distribution's
     ``len(event_shape)``."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "the path-derivative gradient (AutoFlow(path_gradient=True)) cannot be traced by torch.jit "
+            "(JitTrace_ELBO, torch.jit.trace): it runs the flow with its parameters swapped for detached copies, "
+            "which a trace cannot record. Use Trace_ELBO, or path_gradient=False under JIT")
     holder = _Frozen(flow)
     params = {f"flow.{name}": p.detach() for name, p in flow.named_parameters()}
     # the layers' records of the draw (their caches) are kept as they are: the frozen pass must not replace them
