@@ -846,7 +846,7 @@ class AutoFlow(AutoContinuous):
         """``log q(z)`` with every parameter held fixed, differentiable in ``z`` (``path_gradient``)."""
         flow, affine = self._flow(), self._affine_transform(detach=True)
         transforms = [flow, affine] if self._affine == "output" else [affine, flow]
-        return frozen_log_prob(flow, transforms, self.get_base_dist(), 1, z)
+        return frozen_log_prob(flow, transforms, self.get_base_dist(), z)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, num_samples: int | None = None, **kwargs):

@@ -90,28 +90,14 @@ class _Frozen(torch.nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, transforms, base_dist, event_dim, z):
-        return _log_prob(transforms, base_dist, event_dim, z)
+    def forward(self, transforms, base_dist, z):
+        return TransformedDistribution(base_dist, transforms, validate_args=False).log_prob(z)
 
 
-def _log_prob(transforms, base_dist, event_dim, y):
-    """``TransformedDistribution.log_prob``'s walk: the inverse of each transform, minus its log-det."""
-    from torch.distributions.utils import _sum_rightmost
-
-    lp = 0.0
-    for t in reversed(transforms):
-        x = t.inv(y)
-        event_dim += t.domain.event_dim - t.codomain.event_dim
-        lp = lp - _sum_rightmost(t.log_abs_det_jacobian(x, y), event_dim - t.domain.event_dim)
-        y = x
-    return lp + _sum_rightmost(base_dist.log_prob(y), event_dim - len(base_dist.event_shape))
-
-
-def frozen_log_prob(flow: torch.nn.Module, transforms, base_dist, event_dim: int, z: torch.Tensor) -> torch.Tensor:
+def frozen_log_prob(flow: torch.nn.Module, transforms, base_dist, z: torch.Tensor) -> torch.Tensor:
     """``log q(z)`` of ``TransformedDistribution(base_dist, transforms)`` with the parameters of ``flow`` (one
     of ``transforms``, or a module they use) detached for the call, differentiable in ``z`` (and in nothing
-    else: the other transforms must hold detached tensors already). ``event_dim`` is the distribution's
-    ``len(event_shape)``."""
+    else: the other transforms must hold detached tensors already)."""
     if torch.jit.is_tracing():
         raise RuntimeError(
             "the path-derivative gradient (AutoFlow(path_gradient=True)) cannot be traced by torch.jit "
@@ -120,15 +106,14 @@ def frozen_log_prob(flow: torch.nn.Module, transforms, base_dist, event_dim: int
     holder = _Frozen(flow)
     params = {f"flow.{name}": p.detach() for name, p in flow.named_parameters()}
     # the layers' records of the draw (their caches) are kept as they are: the frozen pass must not replace them
-    saved = [(t, dict(t.__dict__)) for t in flow.modules() if isinstance(t, Transform)]
+    saved = [(t, {k: t.__dict__[k] for k in _RECORDS if k in t.__dict__})
+             for t in flow.modules() if isinstance(t, Transform)]
     try:
         # the draw was just made by these very layers: their numerical inverses start from the inputs they saw
         with warm_started(flow):
-            return torch.func.functional_call(holder, params, (transforms, base_dist, event_dim, z))
+            return torch.func.functional_call(holder, params, (transforms, base_dist, z))
     finally:
-        for t, state in saved:
+        for t, records in saved:
             for key in _RECORDS:
-                if key in state:
-                    t.__dict__[key] = state[key]
-                else:
-                    t.__dict__.pop(key, None)
+                t.__dict__.pop(key, None)
+            t.__dict__.update(records)
