@@ -17,7 +17,7 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_flows.experiments import measure
+from pyro_flows.experiments import measure, reports
 from pyro_flows.experiments.vi import regression_data, regression_model
 from pyro_flows.infer import AutoFlow
 
@@ -60,10 +60,8 @@ def main():
              "`Trace_ELBO` with N vectorised particles, one thread, medians of interleaved steps.", "",
              "| N | step | step with `path_gradient=True` | ratio |", "|---|---|---|---|"]
     lines += [f"| {n} | {1e3 * a:.1f} ms | {1e3 * b:.1f} ms | {b / a:.2f} |" for n, a, b in rows]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    text = "\n".join(lines) + "\n"
+    print(f"wrote {reports.write_text(args.out, text)}")
 
 
 if __name__ == "__main__":
