@@ -125,7 +125,7 @@ from torch.distributions import Transform, biject_to
 
 from ..registry import get_flow
 from ..stacking import flow as _stack_flow
-from ..transforms._base import Permute
+from ..transforms._base import Permute, VersionCheckedCache
 from .path_gradient import PathGradientPosterior, frozen_log_prob
 
 __all__ = ["DEFAULT_FLOW", "AutoFlow", "PlateauTest", "clear_transform_cache", "init_identity", "make_flow"]
@@ -225,38 +225,11 @@ def clear_transform_cache(obj) -> int:
     return count
 
 
-class _VersionCheckedCache:
-    """A ``Transform`` cache that also checks version counters. Pyro's matches the cached pair by identity
-    alone, so after an in-place edit of a draw (``z.add_(1)``) ``log_prob(z)`` read the layer input of the
-    *old* values back: a silently wrong density. Here the pair is reused only while neither tensor has been
-    modified in place since it was cached (as in :class:`~pyro_flows.transforms._base.FlowTransform`)."""
-
-    _cached_versions = None
-
-    def _cached(self, t, position, compute):
-        """``t`` is element ``position`` of a pair (0: x, 1: y): the other element, from the cache while valid."""
-        if self._cache_size == 0:
-            return compute(t)
-        pair = self._cached_x_y
-        if pair[position] is t and self._cached_versions == (pair[0]._version, pair[1]._version):
-            return pair[1 - position]
-        out = compute(t)
-        pair = (t, out) if position == 0 else (out, t)
-        self._cached_x_y, self._cached_versions = pair, (pair[0]._version, pair[1]._version)
-        return out
-
-    def __call__(self, x):
-        return self._cached(x, 0, self._call)
-
-    def _inv_call(self, y):
-        return self._cached(y, 1, self._inverse)
-
-
-class _LowerCholeskyAffine(_VersionCheckedCache, LowerCholeskyAffine):
+class _LowerCholeskyAffine(VersionCheckedCache, LowerCholeskyAffine):
     pass
 
 
-class _AffineTransform(_VersionCheckedCache, AffineTransform):
+class _AffineTransform(VersionCheckedCache, AffineTransform):
     pass
 
 

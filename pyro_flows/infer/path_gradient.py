@@ -35,17 +35,13 @@ from __future__ import annotations
 
 import torch
 from pyro.distributions import TransformedDistribution
-from torch.distributions import Transform
 
-from ..transforms._base import _SLOTS, warm_started
+from ..transforms._base import kept_records, warm_started
 
 __all__ = ["PathGradientPosterior", "frozen_log_prob"]
 
 #: the attribute that holds the latest draw of a :class:`PathGradientPosterior`
 _DRAW = "_path_gradient_draw"
-#: a transform's records of its last pair (ours, ``FlowTransform``'s, and Pyro's cache) and the parameter list its
-#: cache key is built on (rebuilt, with a new key, when the parameters are swapped)
-_RECORDS = ("_last_pair", "_cached_x_y", _SLOTS)
 
 
 class PathGradientPosterior(TransformedDistribution):
@@ -105,15 +101,7 @@ def frozen_log_prob(flow: torch.nn.Module, transforms, base_dist, z: torch.Tenso
             "which a trace cannot record. Use Trace_ELBO, or path_gradient=False under JIT")
     holder = _Frozen(flow)
     params = {f"flow.{name}": p.detach() for name, p in flow.named_parameters()}
-    # the layers' records of the draw (their caches) are kept as they are: the frozen pass must not replace them
-    saved = [(t, {k: t.__dict__[k] for k in _RECORDS if k in t.__dict__})
-             for t in flow.modules() if isinstance(t, Transform)]
-    try:
-        # the draw was just made by these very layers: their numerical inverses start from the inputs they saw
-        with warm_started(flow):
-            return torch.func.functional_call(holder, params, (transforms, base_dist, z))
-    finally:
-        for t, records in saved:
-            for key in _RECORDS:
-                t.__dict__.pop(key, None)
-            t.__dict__.update(records)
+    # the draw was just made by these very layers: their numerical inverses start from the inputs they saw, and
+    # their records of the draw (caches, parameter list) are theirs again afterwards
+    with kept_records(flow), warm_started(flow):
+        return torch.func.functional_call(holder, params, (transforms, base_dist, z))

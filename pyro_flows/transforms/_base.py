@@ -24,7 +24,7 @@ from torch.distributions import Transform
 
 from ..validation import broadcast_context, check_context, check_dim, check_event, check_like
 
-__all__ = ["ConditionalFlowModule", "FlowTransform", "Permute", "warm_started"]
+__all__ = ["ConditionalFlowModule", "FlowTransform", "Permute", "VersionCheckedCache", "kept_records", "warm_started"]
 
 
 class FlowTransform(Transform):
@@ -217,6 +217,56 @@ class FlowTransform(Transform):
         state.pop("_last_pair", None)
         state.pop(_SLOTS, None)
         return state
+
+
+class VersionCheckedCache:
+    """Mixin for a Pyro/torch ``Transform``: its ``cache_size=1`` cache also checks version counters. Pyro's
+    matches the cached pair by identity alone, so after an in-place edit of a draw (``z.add_(1)``)
+    ``log_prob(z)`` reads the layer input of the *old* values back: a silently wrong density. Here the pair is
+    reused only while neither tensor has been modified in place since it was cached, as in
+    :class:`FlowTransform`'s record. (``AutoFlow``'s affine part is ``LowerCholeskyAffine`` with this mixin.)"""
+
+    _cached_versions = None
+
+    def _cached(self, t, position, compute):
+        """``t`` is element ``position`` of a pair (0: x, 1: y): the other element, from the cache while valid."""
+        if self._cache_size == 0:
+            return compute(t)
+        pair = self._cached_x_y
+        if pair[position] is t and self._cached_versions == (pair[0]._version, pair[1]._version):
+            return pair[1 - position]
+        out = compute(t)
+        pair = (t, out) if position == 0 else (out, t)
+        self._cached_x_y, self._cached_versions = pair, (pair[0]._version, pair[1]._version)
+        return out
+
+    def __call__(self, x):
+        return self._cached(x, 0, self._call)
+
+    def _inv_call(self, y):
+        return self._cached(y, 1, self._inverse)
+
+
+#: a transform's records of its last pair (``FlowTransform``'s; Pyro's cache and this module's version-checked
+#: one); :func:`kept_records` also keeps the parameter list the cache key is built on (``_SLOTS``)
+_RECORDS = ("_last_pair", "_cached_x_y", "_cached_versions")
+
+
+@contextlib.contextmanager
+def kept_records(module):
+    """Within the block the transforms in ``module`` may compute freely (e.g. with swapped parameters): on exit
+    each gets back the records of its last pair (its cache) and its parameter list as they were, so a caller's
+    later ``log_prob`` of a draw still reads that draw's pairs."""
+    keys = (*_RECORDS, _SLOTS)
+    transforms = [t for t in module.modules() if isinstance(t, Transform)]
+    saved = [{k: t.__dict__[k] for k in keys if k in t.__dict__} for t in transforms]
+    try:
+        yield
+    finally:
+        for t, records in zip(transforms, saved):
+            for key in keys:
+                t.__dict__.pop(key, None)
+            t.__dict__.update(records)
 
 
 _WARM = "_warm_started"

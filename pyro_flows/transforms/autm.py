@@ -518,6 +518,11 @@ class _AUTMBase(FlowTransform):
             return self._explicit(x)[1]
         return -self._explicit(y)[1]
 
+    def _numerical_start(self, v):
+        """The warm start of the numerical direction at ``v`` (``FlowTransform._warm_start``): ``v`` is a y
+        when that direction is the inverse (``single_pass="sample"``), an x otherwise."""
+        return self._warm_start(v, 1 if self.single_pass == "sample" else 0)
+
     def init_identity_(self):
         """Make the layer exactly the identity map: zero the conditioner's output layer.
 
@@ -739,7 +744,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
             ctx0 = None if ctx is None else ctx.detach()
             target = v.detach()
             # a warm start (transforms._base.warm_started), else the first pass conditions on zeros
-            u = self._warm_start(v, 1 if self.single_pass == "sample" else 0)
+            u = self._numerical_start(v)
             passes = 0
             for passes in range(1, D + 1):  # coordinates < passes are final after `passes` passes
                 raw = self.arn(torch.zeros_like(target) if u is None else u, ctx0, weights=fixed)
@@ -996,7 +1001,7 @@ class ConditionedAUTMCoupling(_AUTMBase):
         v1, raw = self._raw(v[..., : self.split_dim])
         v2 = v[..., self.split_dim:].expand(v1.shape[:-1] + (self.input_dim - self.split_dim,))
         coeffs = self._coefficients(raw)
-        start = self._warm_start(v, 1 if self.single_pass == "sample" else 0)
+        start = self._numerical_start(v)
         with torch.no_grad():
             init = None if start is None else start[..., self.split_dim:]
             u2, y2, logd = self._solve(v2, coeffs, init=init if init is not None and init.shape == v2.shape else None)
