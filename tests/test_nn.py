@@ -77,6 +77,28 @@ def test_bound_cache_follows_parameter_updates():
     assert layer.weight.grad is not None
 
 
+def test_kept_bounds_caches_a_bound_computed_with_a_graph():
+    """Inside ``kept_bounds`` a differentiable bound is also cached, so a later no-graph request with the same
+    weights (detached copies included: the path gradient's pass) reads it; outside, it is computed again."""
+    from pyro_flows.nn.lipschitz import kept_bounds
+
+    layer = LipschitzLinear(3, 3).double()
+    b_graph = layer.lipschitz()  # outside: nothing cached
+    with torch.no_grad():
+        b_fresh = layer.lipschitz()
+    assert b_fresh is not b_graph and torch.equal(b_fresh, b_graph.detach())
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    with kept_bounds():
+        b_graph = layer.lipschitz()
+    assert b_graph.requires_grad
+    with torch.no_grad():
+        b_read = layer.lipschitz()
+        assert torch.equal(b_read, b_graph.detach()) and layer.lipschitz() is b_read  # read, not recomputed
+        layer.weight.mul_(2.0)  # a change of the weights is still seen
+        assert torch.isclose(layer.lipschitz(), 2 * b_read)
+
+
 def test_mask_columns_excludes_context():
     layer = LipschitzLinear(5, 4, mask_columns=3).double()
     with torch.no_grad():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from pyro.distributions import TransformedDistribution
 
+from ..nn.lipschitz import kept_bounds
 from ..transforms._base import kept_records, warm_started
 
 __all__ = ["PathGradientPosterior", "frozen_log_prob"]
@@ -65,7 +66,9 @@ class PathGradientPosterior(TransformedDistribution):
         return new
 
     def rsample(self, sample_shape=torch.Size()):
-        z = super().rsample(sample_shape)
+        # the layers' guaranteed Lipschitz bounds are computed once: the pass with detached parameters reads them
+        with kept_bounds():
+            z = super().rsample(sample_shape)
         self.__dict__[_DRAW] = (z, z._version)
         return z
 

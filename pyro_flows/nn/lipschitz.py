@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LayerwiseBounds", "LipschitzDenseNN", "LipschitzLinear", "LipschitzMADE", "PackedBoundLayout",
-           "SharedBoundNetwork", "matrix_norm_bound", "packed_spectral_bounds", "power_norm_product", "shared_bounds",
-           "spectral_norm_bounds", "spectral_norm_product", "spectral_norm_segments"]
+           "SharedBoundNetwork", "kept_bounds", "matrix_norm_bound", "packed_spectral_bounds", "power_norm_product",
+           "shared_bounds", "spectral_norm_bounds", "spectral_norm_product", "spectral_norm_segments"]
 
 MARGIN = 1e-6
 _BOUNDS = ("spectral", "power", "frobenius")
@@ -524,6 +524,35 @@ def store_bound(owner, params, value):
     return value
 
 
+_KEEPING = [0]  # > 0 inside kept_bounds()
+
+
+class kept_bounds:  # noqa: N801 (a context manager, used like a function)
+    """Within the block, a bound computed *with* a graph is also cached (detached, as by :func:`store_bound`),
+    so a later request without a graph, with the same parameter values, reads it instead of computing it
+    again. Outside, only no-graph values are cached (storing costs a copy of the parameters, wasted when
+    the next request follows an optimiser step). Used by the path-derivative gradient, whose pass with
+    detached parameters follows the differentiable draw at the same values. Nests."""
+
+    def __enter__(self):
+        _KEEPING[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _KEEPING[0] -= 1
+        return False
+
+
+def _kept(owner, params, value, need_graph):
+    """``value`` as a bound computation returns it: cached and detached without a graph; with one, returned
+    as is, and also cached inside :class:`kept_bounds`."""
+    if not need_graph:
+        return store_bound(owner, params, value)
+    if _KEEPING[0]:
+        store_bound(owner, params, value)
+    return value
+
+
 class SharedBoundNetwork:
     """Mixin of networks whose guaranteed bound comes from their layers' spectral norms, so that a
     stack of layers can compute every network's bound in ONE batched call (:class:`shared_bounds`).
@@ -548,8 +577,7 @@ class SharedBoundNetwork:
             value = cached_bound(self, params)
             if value is not None:
                 return value
-        value = compute()
-        return value if need_graph else store_bound(self, params, value)
+        return _kept(self, params, compute(), need_graph)
 
     def _packed_layout(self):
         """A :class:`PackedBoundLayout` if the network's spectral bound can be taken straight from one
@@ -604,7 +632,7 @@ class _SharedPass:
                 raws = spectral_norm_segments(lists, products)
             for (net, params, need), raw in zip(todo, raws):
                 value = net._finish_bound(raw)
-                values[id(net)] = value if need else store_bound(net, params, value)
+                values[id(net)] = _kept(net, params, value, need)
         return values
 
     def value(self, net, need_graph):
@@ -731,8 +759,7 @@ class LipschitzLinear(nn.Module):
             cached = cached_bound(self, [self.weight])
             if cached is not None:
                 return cached
-        value = matrix_norm_bound(w[:, : self.mask_columns], self.bound)
-        return value if need_graph else store_bound(self, [self.weight], value)
+        return _kept(self, [self.weight], matrix_norm_bound(w[:, : self.mask_columns], self.bound), need_graph)
 
     def effective_weight(self):
         """``W * mask``, rescaled to Lipschitz ``coeff`` if ``coeff`` is set."""
