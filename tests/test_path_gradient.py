@@ -203,3 +203,32 @@ def test_the_pass_with_fixed_parameters_reads_the_draws_lipschitz_bounds(monkeyp
     assert drawn > 0 and len(calls) == drawn
     lq.sum().backward()  # and the gradient still flows
     assert all(torch.isfinite(p.grad).all() for p in guide.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("elbo, used", [
+    (lambda: Trace_ELBO(), True),
+    (lambda: Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0), True),
+    (lambda: pyro.infer.TraceMeanField_ELBO(), True),
+    (lambda: pyro.infer.RenyiELBO(alpha=0.5, num_particles=2), False),  # importance weighted: biased there
+    (lambda: pyro.infer.TraceTailAdaptive_ELBO(num_particles=4, vectorize_particles=True), False),
+    (lambda: pyro.infer.JitTrace_ELBO(), False),  # no error: the default quietly keeps the usual gradient
+])
+def test_auto_uses_the_path_gradient_under_the_kl_elbos_only(elbo, used):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    guide = AutoFlow(gauss_model, num_layers=2, warmup=0, laplace=False)  # path_gradient="auto", the default
+    assert guide.path_gradient == "auto"
+    calls = []
+    frozen = guide._frozen_log_prob
+    guide._frozen_log_prob = lambda z: calls.append(1) or frozen(z)
+    objective = elbo()
+    svi = SVI(gauss_model, guide, AutoFlow.optimizer(), objective)
+    for _ in range(2):
+        loss = svi.step()
+        # (TraceTailAdaptive_ELBO returns no loss value, inf; its gradient is what it computes)
+        assert math.isfinite(loss) or isinstance(objective, pyro.infer.TraceTailAdaptive_ELBO)
+    assert bool(calls) == used
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
+    calls.clear()
+    guide()  # called outside an ELBO (a hand-written loss): the usual gradient
+    assert not calls

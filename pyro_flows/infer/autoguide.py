@@ -126,7 +126,7 @@ from torch.distributions import Transform, biject_to
 from ..registry import get_flow
 from ..stacking import flow as _stack_flow
 from ..transforms._base import Permute, VersionCheckedCache
-from .path_gradient import PathGradientPosterior, frozen_log_prob
+from .path_gradient import PathGradientPosterior, frozen_log_prob, in_path_gradient_elbo
 
 __all__ = ["DEFAULT_FLOW", "AutoFlow", "PlateauTest", "clear_transform_cache", "init_identity", "make_flow"]
 
@@ -152,8 +152,10 @@ MAX_HIDDEN_FACTOR = 10
 #: so the rule only narrows them; ``docs/autoflow.md``); the others keep their own defaults
 WIDTH_RULE_FAMILIES = ("autm_autoregressive", "autm_coupling", "sinusoidal")
 #: ``warmup="plateau"``'s :class:`PlateauTest` ``patience``: the flow is also switched on after this many
-#: steps of a trajectory that keeps drifting
-DEFAULT_PATIENCE = 2000
+#: steps of a trajectory that keeps drifting (1000, not 2000, since the path gradient became the default: its
+#: flow steps cost about twice a plain one, and on eight_schools_centered at 30 s the later switch left one
+#: fit in six with 680 flow steps and mean errors of 0.15 sd; ``docs/autoflow.md``)
+DEFAULT_PATIENCE = 1000
 #: :meth:`AutoFlow.optimizer`'s defaults: the affine part's rate (``AutoMultivariateNormal``'s usual
 #: 0.02), the flow's rate and the flow's elementwise gradient clamp
 DEFAULT_LR = 0.02
@@ -511,9 +513,12 @@ class AutoFlow(AutoContinuous):
             ``log q`` of each draw is differentiated with the parameters held fixed, which drops the score
             term, a zero-mean noise that does not vanish at the optimum (:mod:`pyro_flows.infer.path_gradient`;
             measurements in ``docs/autoflow.md``). Costs the flow's other direction once per step (for most
-            families a certified solve, warm-started at the draw: about twice the step for the default family).
-            Needs ``Trace_ELBO`` (or another non-JIT ELBO): ``JitTrace_ELBO`` raises an error naming JIT.
-            Default ``False``: the guide's loss value is the same either way.
+            families a certified solve, warm-started at the draw: about 1.9 times the step for the default
+            family). ``"auto"`` (default): on under ``Trace_ELBO`` and ``TraceMeanField_ELBO``
+            (:data:`~pyro_flows.infer.path_gradient.PATH_GRADIENT_ELBOS`), off elsewhere: under JIT, and under
+            importance-weighted objectives (``RenyiELBO``, ``TraceTailAdaptive_ELBO``), for which the estimator is
+            biased, and for a guide called outside an ELBO. ``True``: always (``JitTrace_ELBO`` then raises an
+            error naming JIT). ``False``: never. The guide's loss value is the same either way.
         **flow_kwargs: passed to :func:`pyro_flows.flow` for a family name (e.g. ``hidden_dims``: for the default
             family and the others in :data:`WIDTH_RULE_FAMILIES` the default is
             ``[min(max(2 D, 64), 10 D)] * 2``, for the rest the family's own;
@@ -552,7 +557,7 @@ class AutoFlow(AutoContinuous):
     def __init__(self, model, flow=None, num_layers: int | None = None, *, init_loc_fn=init_to_median,
                  init_scale: float = 0.1, affine: str = "output", affine_rank: str = "full",
                  init: str = "identity", warmup="plateau", laplace=True, num_quantile_samples: int = 4000,
-                 path_gradient: bool = False, **flow_kwargs):
+                 path_gradient="auto", **flow_kwargs):
         self._default_hidden = "hidden_dims" not in flow_kwargs and (flow is None or flow in WIDTH_RULE_FAMILIES)
         if flow is None:
             flow = DEFAULT_FLOW
@@ -581,8 +586,8 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"laplace must be True, False or a positive number of evaluations, got {laplace!r}")
         if not isinstance(num_quantile_samples, numbers.Integral) or num_quantile_samples < 2:
             raise ValueError(f"num_quantile_samples must be an integer >= 2, got {num_quantile_samples!r}")
-        if not isinstance(path_gradient, bool):
-            raise ValueError(f"path_gradient must be True or False, got {path_gradient!r}")
+        if not (isinstance(path_gradient, bool) or path_gradient == "auto"):
+            raise ValueError(f"path_gradient must be True, False or 'auto', got {path_gradient!r}")
         self._flow_spec = flow
         self._num_layers = int(num_layers)
         self._flow_kwargs = dict(flow_kwargs)
@@ -811,7 +816,8 @@ class AutoFlow(AutoContinuous):
         # one guide call = one step: caches from a previous step may hold stale graphs
         clear_transform_cache(self._flow())
         # a list, not a ComposeTransform, so TransformedDistribution.log_prob walks the cached layers
-        if self.path_gradient and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (self.path_gradient is True or (
+                self.path_gradient == "auto" and in_path_gradient_elbo())):
             return PathGradientPosterior(self.get_base_dist(), self._transforms(), self._frozen_log_prob)
         return dist.TransformedDistribution(self.get_base_dist(), self._transforms())
 

@@ -16,7 +16,8 @@ one that is an iterative, certified solve). Each numerical inverse starts from t
 mapped to (nearly) that point (:func:`~pyro_flows.transforms._base.warm_started`), so it ends after one
 certified pass. Other values (data, an earlier draw, a draw edited in place) get the ordinary ``log_prob``.
 
-Used by :class:`~pyro_flows.infer.AutoFlow` with ``path_gradient=True``.
+Used by :class:`~pyro_flows.infer.AutoFlow` (by default, ``path_gradient="auto"``, under ``Trace_ELBO`` and
+``TraceMeanField_ELBO``: :func:`in_path_gradient_elbo`; always with ``path_gradient=True``).
 
 Example:
     >>> import torch, pyro.distributions as dist
@@ -33,13 +34,23 @@ Example:
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from pyro.distributions import TransformedDistribution
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from ..nn.lipschitz import kept_bounds
 from ..transforms._base import kept_records, warm_started
 
-__all__ = ["PathGradientPosterior", "frozen_log_prob"]
+__all__ = ["PATH_GRADIENT_ELBOS", "PathGradientPosterior", "frozen_log_prob", "in_path_gradient_elbo"]
+
+#: the ELBO classes (exact types, not subclasses) under which ``AutoFlow(path_gradient="auto")`` uses the path
+#: gradient: objectives whose gradient is ``E_q[grad(log p - log q)]`` with ``log q`` of the guide's own draws,
+#: for which dropping the score term is unbiased. Not the importance-weighted ones (``RenyiELBO``,
+#: ``TraceTailAdaptive_ELBO``: the path-derivative estimator is biased there, Tucker et al. 2019, "Doubly
+#: reparameterized gradient estimators"), and not the JIT ones (a trace cannot record the detached pass).
+PATH_GRADIENT_ELBOS = (Trace_ELBO, TraceMeanField_ELBO)
 
 #: the attribute that holds the latest draw of a :class:`PathGradientPosterior`
 _DRAW = "_path_gradient_draw"
@@ -80,6 +91,25 @@ class PathGradientPosterior(TransformedDistribution):
         path = self._frozen_log_prob(value)
         # the usual value (to the last bit), the gradient of log q with the parameters held fixed
         return lp.detach() + (path - path.detach())
+
+
+def in_path_gradient_elbo(max_depth: int = 64) -> bool:
+    """Whether the caller runs inside the trace of one of :data:`PATH_GRADIENT_ELBOS` (found as the ``self`` of
+    the nearest ``ELBO._get_trace`` frame on the call stack, within ``max_depth`` frames; a few microseconds),
+    and not under a JIT trace. Called by the guide once per step: a guide called outside an ELBO (a
+    hand-written loss, ``Predictive``) is not in one."""
+    if torch.jit.is_tracing():
+        return False
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_get_trace":
+            elbo = frame.f_locals.get("self")
+            if isinstance(elbo, ELBO):
+                return type(elbo) in PATH_GRADIENT_ELBOS
+        frame = frame.f_back
+    return False
 
 
 class _Frozen(torch.nn.Module):

@@ -757,10 +757,16 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
             self._passes = passes
         y, logd, jac = self._map_and_jacobian(u, fixed, ctx0)
         self._certify(u, v, y, logd, jac)
-        need_graph = torch.is_grad_enabled() and (
-            v.requires_grad or (ctx is not None and ctx.requires_grad)
-            or any(p.requires_grad for p in self.arn.parameters()))
-        if not need_graph:
+        theta_graph = torch.is_grad_enabled() and (
+            (ctx is not None and ctx.requires_grad) or any(p.requires_grad for p in self.arn.parameters()))
+        if not theta_graph:
+            if not (torch.is_grad_enabled() and v.requires_grad):
+                return u, logd.sum(-1)
+            # a graph in v alone (parameters held fixed, as in the path gradient's pass): the same Newton
+            # correction from the residual already evaluated, du/dv = J^{-1}; only log q' needs the conditioner
+            corr = torch.linalg.solve_triangular(jac, (y - v).unsqueeze(-1), upper=False).squeeze(-1)
+            u = u - corr
+            _, logd = self._map_raw(u, self.arn(u, ctx, weights=weights))
             return u, logd.sum(-1)
         # implicit gradients in one pass: u - J^{-1} (E(u) - v) with J (the Jacobian at the solution)
         # held fixed has the value u (plus a Newton correction of the order of the residual) and
