@@ -267,13 +267,13 @@ BANANA_DEFAULT_STEPS = 1500
 
 @pytest.mark.slow
 def test_banana_default_autoflow_kl():
-    """The default ``AutoFlow(model)`` (family, layers, widths, warmup) reaches KL(q || p) < 0.05 on the
-    banana in 1500 steps (8 vectorised particles), trained with ``AutoFlow.optimizer()`` and its defaults
-    (PlateauAdam: rates halve when a parameter is stationary, no step budget; the flow's rate 0.002 x 64 / width,
-    0.0064 for this guide's width-20 conditioners). Seed 0 of benchmarks/results/banana_width_rate.md; the
-    target does not hold on every seed (the table), and at the unscaled rate 0.002 seed 0 gives 0.078.
-    AutoMultivariateNormal's optimum is ~0.56. The KL is a Monte Carlo estimate on 8000 draws (s.e. ~0.01
-    nats)."""
+    """The default ``AutoFlow(model)`` (family, layers, widths, warmup, the path gradient under Trace_ELBO)
+    reaches KL(q || p) < 0.05 on the banana in 1500 steps (8 vectorised particles), trained with
+    ``AutoFlow.optimizer()`` and its defaults (PlateauAdam: rates halve when a parameter is stationary, no step
+    budget; the flow's rate 0.002 x 64 / width, 0.0064 for this guide's width-20 conditioners). Seed 0 of
+    benchmarks/results/banana_path_gradient.md (0.012; below 0.05 on 8 seeds of 8; with the usual gradient,
+    ``path_gradient=False``, 0.023 here and 4 of 8). AutoMultivariateNormal's optimum is ~0.56. The KL is a
+    Monte Carlo estimate on 8000 draws (s.e. ~0.01 nats)."""
     pyro.clear_param_store()
     torch.manual_seed(0)
     guide = AutoFlow(banana_model)
