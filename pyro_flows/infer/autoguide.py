@@ -513,8 +513,8 @@ class AutoFlow(AutoContinuous):
             ``log q`` of each draw is differentiated with the parameters held fixed, which drops the score
             term, a zero-mean noise that does not vanish at the optimum (:mod:`pyro_flows.infer.path_gradient`;
             measurements in ``docs/autoflow.md``). Costs the flow's other direction once per step (for most
-            families a certified solve, warm-started at the draw: about 1.9 times the step for the default
-            family). ``"auto"`` (default): on under ``Trace_ELBO`` and ``TraceMeanField_ELBO``
+            families a certified solve, warm-started at the draw: 1.7 to 2.1 times the step for the
+            default family). ``"auto"`` (default): on under ``Trace_ELBO`` and ``TraceMeanField_ELBO``
             (:data:`~pyro_flows.infer.path_gradient.PATH_GRADIENT_ELBOS`), off elsewhere: under JIT, and under
             importance-weighted objectives (``RenyiELBO``, ``TraceTailAdaptive_ELBO``), for which the estimator is
             biased, and for a guide called outside an ELBO. ``True``: always (``JitTrace_ELBO`` then raises an
