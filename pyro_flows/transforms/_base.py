@@ -158,12 +158,17 @@ class FlowTransform(Transform):
             return None
         return last
 
+    def _in_warm_pass(self) -> bool:
+        """Whether the transform runs inside :func:`warm_started` (the path gradient's pass with fixed
+        parameters, at the guide's own draw)."""
+        return bool(self.__dict__.get(_WARM))
+
     def _warm_start(self, t, position):
         """Inside :func:`warm_started`: the other element of the last remembered pair (detached, non-finite
         entries zeroed) when its element ``position`` (0: x, 1: y) has ``t``'s shape, dtype and device, as
         the start of a numerical solve for ``t``; else ``None`` (then the solver's own start). Any start
         is safe: the solves are certified where they end."""
-        if not self.__dict__.get(_WARM):
+        if not self._in_warm_pass():
             return None
         last = self.__dict__.get("_last_pair")
         if last is None:

@@ -755,10 +755,14 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
                 if done:
                     break
             self._passes = passes
-        y, logd, jac = self._map_and_jacobian(u, fixed, ctx0)
-        self._certify(u, v, y, logd, jac)
         theta_graph = torch.is_grad_enabled() and (
             (ctx is not None and ctx.requires_grad) or any(p.requires_grad for p in self.arn.parameters()))
+        if self._in_warm_pass() and not theta_graph and torch.is_grad_enabled() and v.requires_grad:
+            path = self._path_gradient_inverse(u, v, fixed, ctx0, weights)
+            if path is not None:
+                return path
+        y, logd, jac = self._map_and_jacobian(u, fixed, ctx0)
+        self._certify(u, v, y, logd, jac)
         if not theta_graph:
             if not (torch.is_grad_enabled() and v.requires_grad):
                 return u, logd.sum(-1)
@@ -777,6 +781,31 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
         u = u - corr
         raw = self.arn(u, ctx, weights=weights)
         _, logd = self._map_raw(u, raw)
+        return u, logd.sum(-1)
+
+    def _path_gradient_inverse(self, u, v, fixed, ctx, weights):
+        """The inverse at a warm-started solution ``u`` for the path gradient's pass (parameters held fixed, a
+        graph in ``v`` only), without forming the ``(..., D, D)`` Jacobian; ``None`` to take the certified path.
+
+        That pass differentiates ``log q`` at the guide's own draw, never shown to the user: what it needs is
+        a point whose image is the draw to within rounding, a *backward* error, checked here as
+        ``|E(u) - v| <= sqrt(eps) (1 + |v|)`` from one evaluation of the map (the forward-error certificate,
+        ``|J^{-1}| |E(u) - v|``, needs the Jacobian, whose analytic form costs ``D`` conditioner passes per
+        draw: most of this pass at thousands of particles). ``du/dv = J^{-1}`` is applied in the backward
+        pass by :class:`_TriangularInverseGradient`, and ``log q'`` at ``u`` is differentiated as usual.
+        """
+        with torch.no_grad():
+            y, logd = self._map(u, self._coefficients(self.arn(u, ctx, weights=fixed)))
+            r = (y - v).abs()
+            tol = _x_tolerance(u.dtype)
+            ok = (r <= tol * (1 + v.abs())).all() if r.numel() else torch.ones((), dtype=torch.bool)
+            residual, ok = torch.stack([r.max() if r.numel() else r.new_zeros(()), ok.to(r.dtype)]).tolist()
+        if ok != 1.0:
+            return None
+        self.last_solver_info = SolverInfo(self._iterations, residual, True, None,
+                                           {"passes": self._passes, "certified": "backward error"})
+        u = _TriangularInverseGradient.apply(v, u, self, fixed, ctx)
+        _, logd = self._map_raw(u, self.arn(u, ctx, weights=weights))
         return u, logd.sum(-1)
 
     def _map_and_jacobian(self, u, weights, ctx):
@@ -798,6 +827,39 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
             jac = (sens.unsqueeze(-1) * jr).sum(-3)
             logd = logd.detach()
             return y.detach(), logd, jac + torch.diag_embed(torch.exp(logd))
+
+
+class _TriangularInverseGradient(torch.autograd.Function):
+    """``u = E^{-1}(v)`` (computed already) with ``du/dv = J^{-1}``, ``J`` the lower triangular Jacobian of the
+    autoregressive layer's explicit map ``E`` at ``u`` (parameters fixed): the backward pass solves
+    ``J^T w = g`` by Jacobi sweeps ``w <- w + (g - J^T w) / diag(J)``, each one vector-Jacobian product of
+    ``E`` (one backward pass of the conditioner, no Jacobian formed). The iteration matrix is strictly
+    triangular, so the sweeps are exact after ``D`` of them; they stop earlier once a sweep changes ``w`` by
+    less than rounding."""
+
+    @staticmethod
+    def forward(ctx, v, u, layer, weights, context):
+        ctx.layer, ctx.weights, ctx.context = layer, weights, context
+        ctx.save_for_backward(u)
+        return u.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        layer = ctx.layer
+        with torch.enable_grad():
+            uu = u.detach().requires_grad_(True)
+            y, logd = layer._map_raw(uu, layer.arn(uu, ctx.context, weights=ctx.weights))
+        diag = torch.exp(logd.detach())  # J's diagonal: the conditioner of coordinate k does not read u_k
+        w = g / diag
+        eps = torch.finfo(g.dtype).eps
+        for _ in range(layer.input_dim - 1):
+            (jtw,) = torch.autograd.grad(y, uu, w, retain_graph=True)
+            delta = (g - jtw) / diag
+            w = w + delta
+            if bool((delta.abs() <= 16 * eps * w.abs().amax(-1, keepdim=True)).all()):
+                break
+        return w, None, None, None, None
 
 
 class AUTMAutoregressive(ConditionedAUTMAutoregressive, TransformModule):
