@@ -14,7 +14,10 @@ pass carries the path term alone. ``log q`` with fixed parameters needs the tran
 guide's flow runs its other direction once per step (for families whose sampling direction is the single-pass
 one that is an iterative, certified solve). Each numerical inverse starts from the input its layer has just
 mapped to (nearly) that point (:func:`~pyro_flows.transforms._base.warm_started`), so it ends after one
-certified pass. Other values (data, an earlier draw, a draw edited in place) get the ordinary ``log_prob``.
+checked pass. (The AUTM autoregressive layer checks there the backward error, ``|E(u) - z| <= sqrt(eps)
+(1 + |z|)``, rather than its usual forward-error certificate, whose Jacobian per draw costs ``D`` conditioner
+passes: this pass only differentiates ``log q`` at a point whose image is the draw to within rounding, and
+shows nothing to the user.) Other values (data, an earlier draw, a draw edited in place) get the ordinary ``log_prob``.
 
 Used by :class:`~pyro_flows.infer.AutoFlow` (by default, ``path_gradient="auto"``, under ``Trace_ELBO`` and
 ``TraceMeanField_ELBO``: :func:`in_path_gradient_elbo`; always with ``path_gradient=True``).
