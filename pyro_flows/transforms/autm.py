@@ -835,7 +835,7 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
 #: (:meth:`ConditionedAUTMAutoregressive._path_gradient_inverse`). Measured on one CPU thread
 #: (``benchmarks/bench_path_gradient_inverse.py``: default AutoFlow, D = 12, widths 64, path gradient step over
 #: the usual step, interleaved): sweeps 2.00x against 1.83x with the Jacobian at 1 draw, 1.98x against 1.82x at
-#: 16, 2.16x against 2.10x at 256, 2.73x against 3.88x at 4096. Each sweep is a pass of fixed overhead; the
+#: 16, 2.15x against 2.10x at 256, 2.73x against 3.88x at 4096. Each sweep is a pass of fixed overhead; the
 #: Jacobian costs ``D`` times the conditioner's arithmetic per draw.
 JACOBIAN_FREE_MIN_DRAWS = 512
 
