@@ -54,7 +54,7 @@ def _demo_parser(sub):
         "AutoFlow (the default family) and family names. Default: AutoNormal,AutoMultivariateNormal,AutoFlow",
     )
     p.add_argument(
-        "--svi-seconds", type=float, default=15.0, help="process CPU seconds of SVI training per guide"
+        "--svi-seconds", type=float, default=20.0, help="process CPU seconds of SVI training per guide"
     )
     p.add_argument("--steps", type=int, default=20000, help="at most this many training steps per density task")
     p.add_argument("--svi-steps", type=int, default=None, help="at most this many SVI steps per guide")
