@@ -4,8 +4,8 @@ The particle benchmark's regression model (D = 12), the default ``AutoFlow(model
 N vectorised particles, one thread. Three steps timed round robin in one process (medians): the usual gradient
 (``path_gradient=False``), the path gradient with each draw's Jacobian formed (the certified path), and the path
 gradient with the Jacobian applied by sweeps of vector-Jacobian products in the backward pass
-(``_TriangularInverseGradient``). The numbers behind ``pyro_flows.transforms.autm.JACOBIAN_FREE_MIN_DRAWS``.
-Writes ``benchmarks/results/path_gradient_inverse.md``.
+(the adjoint iteration of ``solvers.implicit_fixed_point``). The numbers behind
+``pyro_flows.transforms.autm.JACOBIAN_FREE_MIN_DRAWS``. Writes ``benchmarks/results/path_gradient_inverse.md``.
 
     python benchmarks/bench_path_gradient_inverse.py [--particles 1,16,256,4096]
 """

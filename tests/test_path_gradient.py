@@ -235,3 +235,13 @@ def test_auto_uses_the_path_gradient_under_the_kl_elbos_only(elbo, used):
     calls.clear()
     guide()  # called outside an ELBO (a hand-written loss): the usual gradient
     assert not calls
+
+
+def test_gradient_is_total_minus_score_with_the_jacobian_free_inverse(monkeypatch):
+    """From JACOBIAN_FREE_MIN_DRAWS draws on the default family's pass applies J^{-1} by the adjoint iteration of
+    solvers.implicit_fixed_point instead of forming Jacobians: the same gradient (forced here for 5 draws)."""
+    import pyro_flows.transforms.autm as autm
+
+    monkeypatch.setattr(autm, "JACOBIAN_FREE_MIN_DRAWS", 1)
+    test_value_unchanged_and_gradient_is_total_minus_score("autm_autoregressive", {})
+    test_value_unchanged_and_gradient_is_total_minus_score("autm_autoregressive", {"affine": "base"})

@@ -98,7 +98,7 @@ from pyro.distributions.torch_transform import TransformModule
 
 from ..nn import LipschitzDenseNN, LipschitzMADE
 from ..registry import register_flow
-from ..solvers import ConvergenceWarning, SolverInfo, implicit_monotone_root, monotone_root
+from ..solvers import ConvergenceWarning, SolverInfo, implicit_fixed_point, implicit_monotone_root, monotone_root
 from ..validation import broadcast_context, check_dim, check_finite, check_single_pass
 from ._base import ConditionalFlowModule, FlowTransform
 
@@ -790,24 +790,31 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
 
         That pass differentiates ``log q`` at the guide's own draw, never shown to the user: what it needs is
         a point whose image is the draw to within rounding, a *backward* error, checked here as
-        ``|E(u) - v| <= sqrt(eps) (1 + |v|)`` from one evaluation of the map (the forward-error certificate,
-        ``|J^{-1}| |E(u) - v|``, needs the Jacobian, whose analytic form costs ``D`` conditioner passes per
-        draw: most of this pass at thousands of particles). ``du/dv = J^{-1}`` is applied in the backward
-        pass by :class:`_TriangularInverseGradient`, and ``log q'`` at ``u`` is differentiated as usual.
+        ``|E(u) - v| <= sqrt(eps) (1 + |v|)`` (the forward-error certificate, ``|J^{-1}| |E(u) - v|``, needs
+        the Jacobian, whose analytic form costs ``D`` conditioner passes per draw: most of this pass at
+        thousands of particles). ``u`` is the fixed point of the Jacobi step ``u - (E(u) - v) / diag(J)``
+        (``J``'s diagonal is ``q'``: the conditioner of coordinate ``k`` does not read ``u_k``), so
+        :func:`~pyro_flows.solvers.implicit_fixed_point` gives it ``du/dv = J^{-1}``: its adjoint iteration
+        applies ``J^{-T}`` by vector-Jacobian products, exact after ``D - 1`` of them (the step's Jacobian is
+        strictly triangular). ``log q'`` at the result is differentiated as usual.
         """
         with torch.no_grad():
-            y, logd = self._map(u, self._coefficients(self.arn(u, ctx, weights=fixed)))
-            r = (y - v).abs()
-            tol = _x_tolerance(u.dtype)
-            ok = (r <= tol * (1 + v.abs())).all() if r.numel() else torch.ones((), dtype=torch.bool)
+            scale = torch.exp(self._map(u, self._coefficients(self.arn(u, ctx, weights=fixed)))[1])
+
+        def jacobi(w):
+            return w - (self._map_raw(w, self.arn(w, ctx, weights=weights))[0] - v) / scale
+
+        step = implicit_fixed_point(jacobi, u, check_every=1)
+        with torch.no_grad():  # the backward error, read from the step itself: r = scale (u - step)
+            r = ((u - step) * scale).abs()
+            ok = (r <= _x_tolerance(u.dtype) * (1 + v.abs())).all() if r.numel() else torch.ones((), dtype=torch.bool)
             residual, ok = torch.stack([r.max() if r.numel() else r.new_zeros(()), ok.to(r.dtype)]).tolist()
         if ok != 1.0:
             return None
         self.last_solver_info = SolverInfo(self._iterations, residual, True, None,
                                            {"passes": self._passes, "certified": "backward error"})
-        u = _TriangularInverseGradient.apply(v, u, self, fixed, ctx)
-        _, logd = self._map_raw(u, self.arn(u, ctx, weights=weights))
-        return u, logd.sum(-1)
+        _, logd = self._map_raw(step, self.arn(step, ctx, weights=weights))
+        return step, logd.sum(-1)
 
     def _map_and_jacobian(self, u, weights, ctx):
         """``(y, logd, J)`` at ``u``, no graph: the explicit map, its log-slopes and its (lower triangular)
@@ -831,46 +838,15 @@ class ConditionedAUTMAutoregressive(_AUTMBase):
 
 
 #: from this many draws (rows of ``D`` coordinates) on, the path gradient's pass applies the autoregressive
-#: layer's inverse Jacobian by sweeps of vector-Jacobian products instead of forming each draw's Jacobian
+#: layer's inverse Jacobian by vector-Jacobian products (the adjoint iteration of
+#: :func:`~pyro_flows.solvers.implicit_fixed_point`) instead of forming each draw's Jacobian
 #: (:meth:`ConditionedAUTMAutoregressive._path_gradient_inverse`). Measured on one CPU thread
 #: (``benchmarks/bench_path_gradient_inverse.py``: default AutoFlow, D = 12, widths 64, path gradient step over
-#: the usual step, interleaved): sweeps 2.00x against 1.83x with the Jacobian at 1 draw, 1.98x against 1.82x at
-#: 16, 2.15x against 2.10x at 256, 2.73x against 3.88x at 4096. Each sweep is a pass of fixed overhead; the
-#: Jacobian costs ``D`` times the conditioner's arithmetic per draw.
+#: the usual step, interleaved, on a machine shared with a CI run): without the Jacobian 2.19x against 1.86x with
+#: it at 1 draw, 1.83x against 1.60x at 16, 2.51x against 2.43x at 256, 2.91x against 3.91x at 4096. Each
+#: vector-Jacobian product is a pass of fixed overhead; the Jacobian costs ``D`` times the conditioner's
+#: arithmetic per draw.
 JACOBIAN_FREE_MIN_DRAWS = 512
-
-
-class _TriangularInverseGradient(torch.autograd.Function):
-    """``u = E^{-1}(v)`` (computed already) with ``du/dv = J^{-1}``, ``J`` the lower triangular Jacobian of the
-    autoregressive layer's explicit map ``E`` at ``u`` (parameters fixed): the backward pass solves
-    ``J^T w = g`` by Jacobi sweeps ``w <- w + (g - J^T w) / diag(J)``, each one vector-Jacobian product of
-    ``E`` (one backward pass of the conditioner, no Jacobian formed). The iteration matrix is strictly
-    triangular, so the sweeps are exact after ``D`` of them; they stop earlier once a sweep changes ``w`` by
-    less than rounding."""
-
-    @staticmethod
-    def forward(ctx, v, u, layer, weights, context):
-        ctx.layer, ctx.weights, ctx.context = layer, weights, context
-        ctx.save_for_backward(u)
-        return u.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        (u,) = ctx.saved_tensors
-        layer = ctx.layer
-        with torch.enable_grad():
-            uu = u.detach().requires_grad_(True)
-            y, logd = layer._map_raw(uu, layer.arn(uu, ctx.context, weights=ctx.weights))
-        diag = torch.exp(logd.detach())  # J's diagonal: the conditioner of coordinate k does not read u_k
-        w = g / diag
-        eps = torch.finfo(g.dtype).eps
-        for _ in range(layer.input_dim - 1):
-            (jtw,) = torch.autograd.grad(y, uu, w, retain_graph=True)
-            delta = (g - jtw) / diag
-            w = w + delta
-            if bool((delta.abs() <= 16 * eps * w.abs().amax(-1, keepdim=True)).all()):
-                break
-        return w, None, None, None, None
 
 
 class AUTMAutoregressive(ConditionedAUTMAutoregressive, TransformModule):
